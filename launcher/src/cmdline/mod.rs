@@ -562,6 +562,8 @@ mod tests {
             &["-m", "256,help"],
             &["-name", "foo,help"],
             &["-nic", "model=help"],
+            &["-nic", "help"],
+            &["-plugin", "?"],
             &["-net", "nic,model=help"],
             &["-sandbox", "on,help"],
             &["-mon", "chardev=x,help"],

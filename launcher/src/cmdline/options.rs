@@ -1,9 +1,9 @@
 //! The table of QEMU system-emulator options: which take an argument, what syntax that
 //! argument has, and which key QEMU gives a keyless first value.
 //!
-//! Built from the union of two sources: the `qemu_options[]` table compiled into Debian's
-//! qemu-system-x86_64 7.2.22 (read out of the binary), and `qemu-options.hx` of QEMU 10.2, so
-//! every option of 7.2, 10.0 and the versions between is known. The table holds every
+//! Built from the union of the `qemu_options[]` tables compiled into Debian's
+//! qemu-system-x86_64 7.2.22 and 10.0.2 (read out of the binaries) and `qemu-options.hx` of
+//! QEMU 10.2, so every option of 7.2, 10.0 and the versions between is known. The table holds every
 //! target's options, not only x86's: QEMU itself knows them all and refuses foreign ones only
 //! after parsing ("Option not supported for this target"), so they group the same way.
 //!
@@ -25,9 +25,10 @@ pub enum ArgKind {
 }
 
 /// Where a `help` or `?` element makes QEMU print a list or option help and exit instead of
-/// starting a VM. Measured with qemu-system-x86_64 7.2 (each case run with
+/// starting a VM. Measured with qemu-system-x86_64 7.2.22 and 10.0.2 (each case run with
 /// `-machine none -nodefaults -display none -S` after it: a help case exits, the others keep
-/// running) and read in QEMU 10.2's `vl.c`.
+/// running) and read in QEMU 10.2's `vl.c`. Where the versions differ, the entry follows the
+/// one that prints help if the other exits with an error, as neither starts a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HelpAt {
     /// `help` never makes this option print help.
@@ -162,7 +163,8 @@ static OPTIONS: &[OptionSpec] = &[
     o("smbios", List(None), Never),
     // Network, character and TPM devices.
     o("netdev", List(Some("type")), First),
-    o("nic", List(Some("type")), Never),
+    // `-nic help` lists backends from 10.0 on; 7.2 rejects it, also without a VM.
+    o("nic", List(Some("type")), First),
     o("net", List(Some("type")), Never),
     o("chardev", List(Some("backend")), Anywhere),
     o("tpmdev", List(Some("type")), Whole),
@@ -222,7 +224,8 @@ static OPTIONS: &[OptionSpec] = &[
     o("readconfig", Raw, Never),
     o("no-user-config", NoArg, Never),
     o("trace", List(Some("enable")), Anywhere),
-    o("plugin", List(Some("file")), Never),
+    // `-plugin help` lists plugin options from 10.0 on; 7.2 fails to load "help.so".
+    o("plugin", List(Some("file")), Whole),
     o("qtest", List(Some("dev")), Never),
     o("qtest-log", Raw, Never),
     o("async-teardown", NoArg, Never),
