@@ -1,0 +1,473 @@
+//! Where one command or one message ends on a monitor stream, and which messages a swap hides.
+//!
+//! Client input is forwarded in whole units (a QMP JSON value, an HMP line) so that a swap never
+//! leaves half a command in the old QEMU and the other half for the new one. QEMU's output is
+//! split into whole messages so that events the swap causes can be dropped; everything else is
+//! passed on byte for byte.
+
+use serde_json::Value;
+
+use super::Mode;
+
+/// How much may wait in one direction before the proxy stops reading the side that fills it.
+pub(super) const CAP: usize = 1 << 20;
+
+/// The prompt HMP prints when it is ready for the next line (QEMU's `monitor/hmp.c`).
+const PROMPT: &[u8] = b"(qemu) ";
+
+/// A piece at the front of a buffer, by length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Piece {
+    /// Bytes between top-level values (whitespace, stray characters).
+    Gap(usize),
+    /// One complete top-level object or array.
+    Value(usize),
+}
+
+/// Finds the ends of top-level JSON values in a stream, across reads.
+///
+/// Only brackets and strings are tracked, as QEMU's own JSON streamer does to decide when a
+/// value is complete (`qobject/json-streamer.c`). QEMU also accepts single-quoted strings, so
+/// both quote characters open a string.
+#[derive(Debug, Default)]
+pub(super) struct JsonScan {
+    depth: usize,
+    quote: u8,
+    escape: bool,
+    /// How far into the current unfinished value the scan has looked.
+    pos: usize,
+}
+
+impl JsonScan {
+    /// The next complete piece at the front of `buf`, which must start where the previous piece
+    /// ended. `None` when `buf` holds only part of a value (or nothing).
+    pub(super) fn next(&mut self, buf: &[u8]) -> Option<Piece> {
+        if self.depth == 0 {
+            let gap = buf
+                .iter()
+                .position(|&b| b == b'{' || b == b'[')
+                .unwrap_or(buf.len());
+            if gap > 0 {
+                return Some(Piece::Gap(gap));
+            }
+        }
+        while self.pos < buf.len() {
+            let b = buf[self.pos];
+            self.pos += 1;
+            if self.quote != 0 {
+                if self.escape {
+                    self.escape = false;
+                } else if b == b'\\' {
+                    self.escape = true;
+                } else if b == self.quote {
+                    self.quote = 0;
+                }
+                continue;
+            }
+            match b {
+                b'"' | b'\'' => self.quote = b,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        let end = self.pos;
+                        self.pos = 0;
+                        return Some(Piece::Value(end));
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// The caller took the whole buffer without a complete value (an oversized or endless one).
+    /// The lexical state stays, so the scan resumes in the middle of that value.
+    pub(super) fn consumed(&mut self) {
+        self.pos = 0;
+    }
+}
+
+/// One unit of client input ready to forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Unit {
+    /// Its length at the front of the buffer.
+    pub len: usize,
+    /// Whether QEMU answers it: QMP answers every top-level value with one `return` or `error`
+    /// (`monitor/qmp.c`), HMP prints a prompt after every CR or LF (`util/readline.c`).
+    pub answered: bool,
+    /// Whether it is `qmp_capabilities`, whose arguments a new generation must be given again.
+    pub caps: bool,
+}
+
+/// Splits client input into units.
+#[derive(Debug)]
+pub(super) enum Inbound {
+    Qmp(JsonScan),
+    Hmp,
+    Raw,
+}
+
+impl Inbound {
+    pub(super) fn new(mode: Mode) -> Inbound {
+        match mode {
+            Mode::Qmp => Inbound::Qmp(JsonScan::default()),
+            Mode::Hmp => Inbound::Hmp,
+            Mode::Raw => Inbound::Raw,
+        }
+    }
+
+    /// The next complete unit at the front of `buf`.
+    pub(super) fn next(&mut self, buf: &[u8]) -> Option<Unit> {
+        let plain = |len| Unit {
+            len,
+            answered: false,
+            caps: false,
+        };
+        match self {
+            Inbound::Raw => (!buf.is_empty()).then(|| plain(buf.len())),
+            Inbound::Hmp => buf
+                .iter()
+                .position(|&b| b == b'\n' || b == b'\r')
+                .map(|i| Unit {
+                    len: i + 1,
+                    answered: true,
+                    caps: false,
+                }),
+            Inbound::Qmp(scan) => match scan.next(buf)? {
+                Piece::Gap(len) => Some(plain(len)),
+                Piece::Value(len) => Some(Unit {
+                    len,
+                    answered: true,
+                    caps: is_capabilities(&buf[..len]),
+                }),
+            },
+        }
+    }
+
+    /// The caller forwarded the whole buffer although no unit was complete.
+    pub(super) fn consumed(&mut self) {
+        if let Inbound::Qmp(scan) = self {
+            scan.consumed();
+        }
+    }
+}
+
+fn is_capabilities(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("execute")?.as_str().map(|c| c == "qmp_capabilities"))
+        .unwrap_or(false)
+}
+
+/// Which events to hide, by the role of the QEMU generation the stream comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Filter {
+    /// The generation serving the client, no swap under way.
+    Live,
+    /// The generation being left, from `hold` until the swap ends. Its STOP would make libvirt
+    /// mark the domain paused and release its leases, SHUTDOWN would make it send SIGTERM;
+    /// MIGRATION is about a migration libvirt never started. The RESUME it sends when a failed
+    /// migration restarts the guest answers a STOP the client never saw.
+    Leaving,
+    /// The generation being moved to, before commit: its RESUME and migration events belong
+    /// to the swap, not to the client.
+    Arriving,
+}
+
+/// What a connection still expects at its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Greeting {
+    /// The greeting (QMP) or banner up to the first prompt (HMP) goes to the client.
+    Pass,
+    /// It is swallowed: the client already saw the previous generation's.
+    Drop,
+    /// It has been seen.
+    Done,
+}
+
+/// Splits QEMU's output into messages, drops those the swap hides, counts answers.
+#[derive(Debug)]
+pub(super) struct Outbound {
+    mode: Mode,
+    scan: JsonScan,
+    /// After a message: whether the whitespace ending its line goes too (`Some(true)`).
+    trailer: Option<bool>,
+    /// How much of [`PROMPT`] the last bytes matched.
+    prompt: usize,
+    pub greeting: Greeting,
+    pub filter: Filter,
+    /// Hide the next RESUME: the one the swap causes after commit or abort.
+    pub drop_resume: bool,
+    /// A STOP was hidden while leaving and no RESUME since.
+    pub hidden_stop: bool,
+    /// Swallow the next reply: the answer to a replayed `qmp_capabilities`.
+    pub swallow: bool,
+    /// What the swallowed reply said: `Ok` for `return`, else the error's text.
+    pub replayed: Option<Result<(), String>>,
+}
+
+impl Outbound {
+    pub(super) fn new(mode: Mode, greeting: Greeting, filter: Filter) -> Outbound {
+        let greeting = if mode == Mode::Raw {
+            Greeting::Done
+        } else {
+            greeting
+        };
+        Outbound {
+            mode,
+            scan: JsonScan::default(),
+            trailer: None,
+            prompt: 0,
+            greeting,
+            filter,
+            drop_resume: false,
+            hidden_stop: false,
+            swallow: false,
+            replayed: None,
+        }
+    }
+
+    /// Moves every complete message from `rx` to `out` (or drops it), and returns one entry per
+    /// answer seen: `true` for a QMP `return` or an HMP prompt, `false` for a QMP `error`.
+    pub(super) fn process(&mut self, rx: &mut Vec<u8>, out: &mut Vec<u8>) -> Vec<bool> {
+        let mut answers = Vec::new();
+        match self.mode {
+            Mode::Raw => out.append(rx),
+            Mode::Hmp => self.process_hmp(rx, out, &mut answers),
+            Mode::Qmp => self.process_qmp(rx, out, &mut answers),
+        }
+        answers
+    }
+
+    fn process_hmp(&mut self, rx: &mut Vec<u8>, out: &mut Vec<u8>, answers: &mut Vec<bool>) {
+        let mut start = 0;
+        for (i, &b) in rx.iter().enumerate() {
+            if b == PROMPT[self.prompt] {
+                self.prompt += 1;
+            } else {
+                self.prompt = usize::from(b == PROMPT[0]);
+            }
+            if self.prompt < PROMPT.len() {
+                continue;
+            }
+            self.prompt = 0;
+            match self.greeting {
+                // The banner ends at the first prompt ("QEMU x.y.z monitor - type 'help'...").
+                Greeting::Drop => start = i + 1,
+                Greeting::Pass => {}
+                Greeting::Done => answers.push(true),
+            }
+            self.greeting = Greeting::Done;
+        }
+        if self.greeting != Greeting::Drop {
+            out.extend_from_slice(&rx[start..]);
+        }
+        rx.clear();
+    }
+
+    fn process_qmp(&mut self, rx: &mut Vec<u8>, out: &mut Vec<u8>, answers: &mut Vec<bool>) {
+        let mut at = 0;
+        while let Some(piece) = self.scan.next(&rx[at..]) {
+            match piece {
+                Piece::Gap(n) => {
+                    let gap = &rx[at..at + n];
+                    let mut from = 0;
+                    if let Some(drop) = self.trailer {
+                        // QEMU ends every message with "\r\n"; a hidden message takes its line
+                        // end with it, so the client sees no empty line.
+                        let mut end = false;
+                        while from < gap.len() {
+                            let b = gap[from];
+                            if !b.is_ascii_whitespace() {
+                                end = true;
+                                break;
+                            }
+                            from += 1;
+                            if b == b'\n' {
+                                end = true;
+                                break;
+                            }
+                        }
+                        if !drop {
+                            out.extend_from_slice(&gap[..from]);
+                        }
+                        if end {
+                            self.trailer = None;
+                        }
+                    }
+                    out.extend_from_slice(&gap[from..]);
+                    at += n;
+                }
+                Piece::Value(n) => {
+                    let keep = self.judge(&rx[at..at + n], answers);
+                    if keep {
+                        out.extend_from_slice(&rx[at..at + n]);
+                    }
+                    self.trailer = Some(!keep);
+                    at += n;
+                }
+            }
+        }
+        rx.drain(..at);
+    }
+
+    /// Whether one message from QEMU goes to the client. Only the envelope is looked at.
+    fn judge(&mut self, bytes: &[u8], answers: &mut Vec<bool>) -> bool {
+        let Ok(Value::Object(msg)) = serde_json::from_slice::<Value>(bytes) else {
+            return true;
+        };
+        if msg.contains_key("QMP") {
+            let keep = self.greeting != Greeting::Drop;
+            self.greeting = Greeting::Done;
+            return keep;
+        }
+        if msg.contains_key("return") || msg.contains_key("error") {
+            if self.swallow {
+                self.swallow = false;
+                self.replayed = Some(match msg.get("error") {
+                    None => Ok(()),
+                    Some(e) => Err(e.get("desc").and_then(Value::as_str).unwrap_or("").into()),
+                });
+                return false;
+            }
+            answers.push(msg.contains_key("return"));
+            return true;
+        }
+        match msg.get("event").and_then(Value::as_str) {
+            Some(name) => self.keep_event(name),
+            None => true,
+        }
+    }
+
+    fn keep_event(&mut self, name: &str) -> bool {
+        match (self.filter, name) {
+            (Filter::Leaving, "STOP") => {
+                self.hidden_stop = true;
+                false
+            }
+            (Filter::Leaving, "RESUME") => {
+                self.hidden_stop = false;
+                false
+            }
+            (Filter::Leaving, "MIGRATION" | "MIGRATION_PASS" | "SHUTDOWN") => false,
+            (Filter::Arriving, "RESUME" | "MIGRATION" | "MIGRATION_PASS") => false,
+            (Filter::Live, "RESUME") if self.drop_resume => {
+                self.drop_resume = false;
+                false
+            }
+            // A STOP the client sees means the next RESUME is the client's own.
+            (Filter::Live, "STOP") => {
+                self.drop_resume = false;
+                true
+            }
+            _ => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pieces(scan: &mut JsonScan, mut buf: &[u8]) -> Vec<Piece> {
+        let mut v = Vec::new();
+        while let Some(p) = scan.next(buf) {
+            let (Piece::Gap(n) | Piece::Value(n)) = p;
+            buf = &buf[n..];
+            v.push(p);
+        }
+        v
+    }
+
+    #[test]
+    fn json_values_end_at_the_closing_bracket_outside_strings() {
+        let mut s = JsonScan::default();
+        let got = pieces(&mut s, br#" {"a":"}\"{"} ['}',[1]]x"#);
+        let want = [
+            Piece::Gap(1),
+            Piece::Value(12),
+            Piece::Gap(1),
+            Piece::Value(9),
+            Piece::Gap(1),
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn json_values_split_across_reads() {
+        let mut s = JsonScan::default();
+        let whole = br#"{"execute":"x","arguments":{"s":"{"}}"#;
+        let mut buf = whole[..10].to_vec();
+        assert_eq!(s.next(&buf), None);
+        buf.extend_from_slice(&whole[10..]);
+        assert_eq!(s.next(&buf), Some(Piece::Value(whole.len())));
+    }
+
+    #[test]
+    fn hmp_lines_end_at_cr_or_lf() {
+        let mut i = Inbound::new(Mode::Hmp);
+        assert_eq!(i.next(b"info st"), None);
+        assert_eq!(i.next(b"info status\r\n").map(|u| u.len), Some(12));
+        assert_eq!(i.next(b"\n").map(|u| u.answered), Some(true));
+    }
+
+    #[test]
+    fn qmp_capabilities_is_recognised() {
+        let mut i = Inbound::new(Mode::Qmp);
+        let cmd = br#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#;
+        assert_eq!(
+            i.next(cmd),
+            Some(Unit {
+                len: cmd.len(),
+                answered: true,
+                caps: true
+            })
+        );
+        let other = br#"{"execute":"query-status"}"#;
+        assert!(!i.next(other).unwrap().caps);
+    }
+
+    #[test]
+    fn hidden_events_take_their_line_end() {
+        let mut o = Outbound::new(Mode::Qmp, Greeting::Pass, Filter::Leaving);
+        let mut rx = b"{\"event\":\"STOP\"}\r".to_vec();
+        let mut out = Vec::new();
+        o.process(&mut rx, &mut out);
+        rx.extend_from_slice(b"\n{\"event\":\"X\"}\r\n{\"return\":{}}\r\n");
+        let answers = o.process(&mut rx, &mut out);
+        assert_eq!(out, b"{\"event\":\"X\"}\r\n{\"return\":{}}\r\n");
+        assert_eq!(answers, vec![true]);
+        assert!(o.hidden_stop);
+    }
+
+    #[test]
+    fn hmp_banner_is_dropped_and_prompts_counted() {
+        let mut o = Outbound::new(Mode::Hmp, Greeting::Drop, Filter::Arriving);
+        let mut rx = b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qe".to_vec();
+        let mut out = Vec::new();
+        assert!(o.process(&mut rx, &mut out).is_empty());
+        rx.extend_from_slice(b"mu) info x\r\nok\r\n(qemu) ");
+        assert_eq!(o.process(&mut rx, &mut out), vec![true]);
+        assert_eq!(out, b"info x\r\nok\r\n(qemu) ");
+    }
+
+    #[test]
+    fn resume_after_commit_is_hidden_once_unless_a_stop_came_first() {
+        let mut o = Outbound::new(Mode::Qmp, Greeting::Done, Filter::Live);
+        o.drop_resume = true;
+        let mut out = Vec::new();
+        o.process(
+            &mut b"{\"event\":\"RESUME\"}\r\n{\"event\":\"RESUME\"}\r\n".to_vec(),
+            &mut out,
+        );
+        assert_eq!(out, b"{\"event\":\"RESUME\"}\r\n");
+        o.drop_resume = true;
+        out.clear();
+        o.process(
+            &mut b"{\"event\":\"STOP\"}\r\n{\"event\":\"RESUME\"}\r\n".to_vec(),
+            &mut out,
+        );
+        assert_eq!(out, b"{\"event\":\"STOP\"}\r\n{\"event\":\"RESUME\"}\r\n");
+    }
+}

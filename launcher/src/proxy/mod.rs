@@ -1,0 +1,576 @@
+//! The monitor proxy: client connections to QEMU's monitors and chardevs that outlive QEMU.
+//!
+//! libvirt holds one QMP connection for a domain's whole life and declares the domain crashed
+//! on monitor EOF without a SHUTDOWN event; a serial console user holds theirs. So the launcher
+//! owns the sockets clients connect to and the connections it accepted, and relays bytes to
+//! the current QEMU generation. Each generation gets, per proxied monitor, a listening socket
+//! of its own (`-chardev socket,fd=N,server=on,wait=off`, which QEMU accepts as libvirt passes
+//! it), and the proxy connects there once per client.
+//!
+//! A QEMU socket chardev serves one connection at a time and leaves the next in its backlog
+//! until the current one closes. The proxy does the same: one client per monitor is served,
+//! the others are accepted and wait, unread, until it leaves.
+//!
+//! A swap moves every served client to the new generation without the client noticing:
+//! [`Proxy::hold`] stops forwarding client input at a command boundary, the old generation
+//! answers what it already has ([`Proxy::drained`]), [`Proxy::prepare`] opens each client's
+//! connection to the new generation and replays its capability negotiation, and
+//! [`Proxy::commit`] switches over. Events the swap itself causes are hidden.
+//!
+//! Everything runs from the supervisor's single `mio::Poll`; only `prepare` blocks, with a
+//! deadline, on a new QEMU that answers at once.
+
+mod conn;
+mod framing;
+mod sockets;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use mio::net::UnixListener;
+use mio::{Interest, Registry, Token};
+use nix::poll::PollFlags;
+
+use conn::{Backend, Conn, Handshake};
+use framing::{Filter, Greeting};
+use sockets::{BackendDir, BoundPath};
+
+/// What a proxied chardev carries, which decides how the proxy frames it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A QMP monitor (`-mon mode=control`, `-qmp`): JSON both ways.
+    Qmp,
+    /// A human monitor (`-mon mode=readline`, `-monitor`): lines in, text and prompts out.
+    Hmp,
+    /// Any other chardev (serial, console, channel): bytes only.
+    Raw,
+}
+
+/// Where clients connect.
+#[derive(Debug)]
+pub enum Listen {
+    /// A unix socket path the launcher binds. A stale socket there is unlinked first, and the
+    /// path is unlinked when the proxy is dropped, as QEMU does for `server=on`.
+    Path(PathBuf),
+    /// An inherited listening unix socket, as libvirt passes with `fd=N,server=on`.
+    Fd(OwnedFd),
+}
+
+/// A failure to prepare a swap; the supervisor then aborts the upgrade.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// [`Proxy::backends_for`] was not called for the generation.
+    #[error("no backend sockets for generation {gen}")]
+    NoBackends {
+        /// The generation.
+        gen: u32,
+    },
+    /// A client's `qmp_capabilities` stayed unanswered by the old generation.
+    #[error("monitor {index}: capability negotiation unanswered")]
+    Negotiation {
+        /// The monitor, in `add` order.
+        index: usize,
+        /// Usually a timeout.
+        #[source]
+        source: io::Error,
+    },
+    /// Connecting to the new generation's backend failed.
+    #[error("monitor {index}: cannot connect to generation {gen}")]
+    Connect {
+        /// The monitor, in `add` order.
+        index: usize,
+        /// The new generation.
+        gen: u32,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The new generation's greeting, or its answer to the replayed `qmp_capabilities`, did
+    /// not come.
+    #[error("monitor {index}: no greeting from generation {gen}")]
+    Greeting {
+        /// The monitor, in `add` order.
+        index: usize,
+        /// The new generation.
+        gen: u32,
+        /// A timeout, EOF, or I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The new generation refused the capabilities the old one accepted.
+    #[error("monitor {index}: generation {gen} refused qmp_capabilities: {desc}")]
+    Capabilities {
+        /// The monitor, in `add` order.
+        index: usize,
+        /// The new generation.
+        gen: u32,
+        /// QEMU's error description.
+        desc: String,
+    },
+    /// Registering a new connection with the event loop failed.
+    #[error("cannot register a monitor connection")]
+    Register(#[source] io::Error),
+}
+
+#[derive(Debug)]
+struct Monitor {
+    mode: Mode,
+    listener: UnixListener,
+    _path: Option<BoundPath>,
+    /// The client being served.
+    active: Option<u64>,
+    /// Accepted clients waiting their turn, oldest first.
+    waiting: VecDeque<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    Listener(usize),
+    Conn(u64),
+}
+
+/// All proxied monitors and chardevs of one VM, and their clients.
+#[derive(Debug)]
+pub struct Proxy {
+    token_base: usize,
+    next_token: usize,
+    routes: HashMap<usize, Route>,
+    monitors: Vec<Monitor>,
+    conns: BTreeMap<u64, Conn>,
+    next_conn: u64,
+    /// Backend socket paths by generation, one per monitor in `add` order.
+    backends: BTreeMap<u32, Vec<PathBuf>>,
+    dir: BackendDir,
+    live: Option<u32>,
+    /// A swap is under way (from `hold` to `commit` or `abort`).
+    swapping: bool,
+    swap_running: bool,
+}
+
+impl Proxy {
+    /// A proxy with no monitors. It uses tokens `token_base` and up, one per socket, never
+    /// reused; the supervisor routes every token at or above `token_base` to [`Proxy::handle`].
+    /// Backend sockets go in a private directory under `$XDG_RUNTIME_DIR`, or the temporary
+    /// directory, unless [`Proxy::set_backend_dir`] says otherwise.
+    pub fn new(token_base: usize) -> Proxy {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|d| d.is_absolute() && d.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        Proxy {
+            token_base,
+            next_token: token_base,
+            routes: HashMap::new(),
+            monitors: Vec::new(),
+            conns: BTreeMap::new(),
+            next_conn: 0,
+            backends: BTreeMap::new(),
+            dir: BackendDir::new(base),
+            live: None,
+            swapping: false,
+            swap_running: false,
+        }
+    }
+
+    /// Puts the private directory of backend sockets under `base` instead. Call before the
+    /// first [`Proxy::backends_for`]; socket paths must stay under 108 bytes.
+    pub fn set_backend_dir(&mut self, base: &Path) {
+        self.dir = BackendDir::new(base.to_owned());
+    }
+
+    /// Starts listening for clients of one monitor or chardev and returns its index.
+    pub fn add(&mut self, registry: &Registry, listen: Listen, mode: Mode) -> io::Result<usize> {
+        let (listener, path) = match listen {
+            Listen::Path(p) => {
+                let (l, bound) = BoundPath::bind(&p)?;
+                (l, Some(bound))
+            }
+            Listen::Fd(fd) => (sockets::inherited(fd)?, None),
+        };
+        listener.set_nonblocking(true)?;
+        let mut listener = UnixListener::from_std(listener);
+        let index = self.monitors.len();
+        let token = self.token(Route::Listener(index));
+        registry.register(&mut listener, token, Interest::READABLE)?;
+        self.monitors.push(Monitor {
+            mode,
+            listener,
+            _path: path,
+            active: None,
+            waiting: VecDeque::new(),
+        });
+        Ok(index)
+    }
+
+    /// How many monitors and chardevs are proxied.
+    pub fn len(&self) -> usize {
+        self.monitors.len()
+    }
+
+    /// Whether nothing is proxied.
+    pub fn is_empty(&self) -> bool {
+        self.monitors.is_empty()
+    }
+
+    /// The generation clients are served by.
+    pub fn live(&self) -> Option<u32> {
+        self.live
+    }
+
+    /// Makes the listening backend sockets for generation `gen`, one per monitor in `add`
+    /// order, and returns them for that QEMU as `-chardev socket,fd=N,server=on,wait=off`.
+    /// They are close-on-exec; the supervisor places them for the child and then drops its
+    /// copies, so that a dead QEMU refuses connections instead of leaving them queued.
+    pub fn backends_for(&mut self, gen: u32) -> io::Result<Vec<OwnedFd>> {
+        let mut paths = Vec::new();
+        let mut fds = Vec::new();
+        for index in 0..self.monitors.len() {
+            match self.dir.listener(gen, index) {
+                Ok((path, fd)) => {
+                    paths.push(path);
+                    fds.push(fd);
+                }
+                Err(e) => {
+                    unlink_all(&paths);
+                    return Err(e);
+                }
+            }
+        }
+        if let Some(old) = self.backends.insert(gen, paths) {
+            unlink_all(&old);
+        }
+        Ok(fds)
+    }
+
+    /// Makes `gen` the live generation at start: clients accepted so far and from now on are
+    /// connected to it.
+    pub fn activate_first(&mut self, registry: &Registry, gen: u32) -> io::Result<()> {
+        if !self.backends.contains_key(&gen) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no backend sockets for generation {gen}"),
+            ));
+        }
+        self.live = Some(gen);
+        for m in 0..self.monitors.len() {
+            self.promote(registry, m);
+        }
+        Ok(())
+    }
+
+    /// Whether `token` is one of the proxy's.
+    pub fn owns(&self, token: Token) -> bool {
+        token.0 >= self.token_base
+    }
+
+    /// Handles one readiness event for one of the proxy's tokens.
+    pub fn handle(&mut self, registry: &Registry, event: &mio::event::Event) {
+        match self.routes.get(&event.token().0).copied() {
+            Some(Route::Listener(m)) => self.accept(registry, m),
+            Some(Route::Conn(id)) => self.service(registry, id),
+            // A socket closed earlier in the same batch of events.
+            None => {}
+        }
+    }
+
+    /// Says whether the guest was running when the swap began: then the new generation's
+    /// first RESUME after commit is the swap's own and is hidden.
+    pub fn set_swap_running(&mut self, running: bool) {
+        self.swap_running = running;
+    }
+
+    /// Swap step 1, before migration starts: stops forwarding client input (it waits in the
+    /// proxy's buffers and the kernel, unanswered, never failed) while QEMU's answers and
+    /// events still reach the clients, and starts hiding the old generation's STOP, RESUME,
+    /// MIGRATION, MIGRATION_PASS and SHUTDOWN events.
+    pub fn hold(&mut self, _registry: &Registry) {
+        if self.swapping {
+            return;
+        }
+        self.swapping = true;
+        for conn in self.conns.values_mut() {
+            if let Some(b) = &mut conn.back {
+                b.out.filter = Filter::Leaving;
+            }
+        }
+    }
+
+    /// Opens each served client's connection to generation `gen`, reads and drops its
+    /// greeting (QMP) or banner (HMP), and replays the client's accepted `qmp_capabilities`
+    /// exactly, swallowing the answer. A negotiation the old generation has not answered yet
+    /// is waited for first. Blocks until `deadline` at most. Calls [`Proxy::hold`] if the
+    /// caller did not. On error the caller aborts the swap with [`Proxy::abort`].
+    pub fn prepare(
+        &mut self,
+        registry: &Registry,
+        gen: u32,
+        deadline: Instant,
+    ) -> Result<(), ProxyError> {
+        self.hold(registry);
+        let paths = self
+            .backends
+            .get(&gen)
+            .cloned()
+            .ok_or(ProxyError::NoBackends { gen })?;
+        let ids: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.back.is_some() && c.next.is_none() && !c.closing)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            let token = self.token(Route::Conn(id));
+            let result = self.prepare_one(id, &paths, gen, token, deadline);
+            let conn = self.conns.get_mut(&id).expect("prepared conn exists");
+            match result {
+                Ok(mut b) => {
+                    registry
+                        .register(
+                            &mut b.stream,
+                            token,
+                            Interest::READABLE | Interest::WRITABLE,
+                        )
+                        .map_err(ProxyError::Register)?;
+                    conn.next = Some(b);
+                }
+                Err(e) => {
+                    self.routes.remove(&token.0);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn prepare_one(
+        &mut self,
+        id: u64,
+        paths: &[PathBuf],
+        gen: u32,
+        token: Token,
+        deadline: Instant,
+    ) -> Result<Backend, ProxyError> {
+        let conn = self.conns.get_mut(&id).expect("prepared conn exists");
+        let index = conn.monitor;
+        // Whether the client negotiated capabilities is known only once QEMU answered.
+        loop {
+            conn.pump(true);
+            let Some(back) = conn.back.as_ref().filter(|_| conn.caps_pending()) else {
+                break;
+            };
+            sockets::wait_fd(back.stream.as_fd(), PollFlags::POLLIN, deadline)
+                .map_err(|source| ProxyError::Negotiation { index, source })?;
+        }
+        let mode = self.monitors[index].mode;
+        let mut b = Backend::connect(&paths[index], mode, Greeting::Drop, Filter::Arriving, token)
+            .map_err(|source| ProxyError::Connect { index, gen, source })?;
+        b.handshake(conn.caps.as_deref(), deadline)
+            .map_err(|e| match e {
+                Handshake::Io(source) => ProxyError::Greeting { index, gen, source },
+                Handshake::Refused(desc) => ProxyError::Capabilities { index, gen, desc },
+            })?;
+        Ok(b)
+    }
+
+    /// True once every command forwarded to the old generation has been written and
+    /// answered (or that QEMU is gone). QMP counts one answer per JSON value sent, HMP one
+    /// prompt per line.
+    pub fn drained(&self) -> bool {
+        self.conns.values().all(Conn::drained)
+    }
+
+    /// Swap step 2, once the new generation runs the guest: every served client continues on
+    /// its prepared connection to `gen` (after the old generation's last output, then what the
+    /// new one said meanwhile), the old connections and backend sockets go, and held client
+    /// input flows to the new generation in order. Clients that came during the swap are
+    /// served now, with the new generation's greeting. Assumes [`Proxy::drained`]: answers
+    /// the old generation still owed are lost.
+    pub fn commit(&mut self, registry: &Registry, gen: u32) {
+        let resumed_by_swap = self.swap_running;
+        let mut old = Vec::new();
+        for conn in self.conns.values_mut().filter(|c| c.back.is_some()) {
+            old.extend(conn.switch(resumed_by_swap));
+        }
+        for b in old {
+            self.drop_backend(registry, b);
+        }
+        self.live = Some(gen);
+        self.end_swap(registry);
+    }
+
+    /// The upgrade failed: drops the connections and backend sockets of the new generation,
+    /// and resumes forwarding client input to the old one. A client whose old connection
+    /// ended meanwhile is closed, as QEMU's exit would have.
+    pub fn abort(&mut self, registry: &Registry) {
+        let mut prepared = Vec::new();
+        for conn in self.conns.values_mut() {
+            prepared.extend(conn.unswitch());
+        }
+        for b in prepared {
+            self.drop_backend(registry, b);
+        }
+        self.end_swap(registry);
+    }
+
+    fn end_swap(&mut self, registry: &Registry) {
+        self.swapping = false;
+        let live = self.live;
+        self.backends.retain(|&gen, paths| {
+            let keep = Some(gen) == live;
+            if !keep {
+                unlink_all(paths);
+            }
+            keep
+        });
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            self.service(registry, id);
+        }
+        for m in 0..self.monitors.len() {
+            self.promote(registry, m);
+        }
+    }
+
+    fn token(&mut self, route: Route) -> Token {
+        let t = self.next_token;
+        self.next_token += 1;
+        self.routes.insert(t, route);
+        Token(t)
+    }
+
+    fn accept(&mut self, registry: &Registry, m: usize) {
+        loop {
+            match self.monitors[m].listener.accept() {
+                Ok((mut stream, _)) => {
+                    let id = self.next_conn;
+                    self.next_conn += 1;
+                    let token = self.token(Route::Conn(id));
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    if registry.register(&mut stream, token, interest).is_err() {
+                        self.routes.remove(&token.0);
+                        continue;
+                    }
+                    let mode = self.monitors[m].mode;
+                    self.conns.insert(id, Conn::new(m, mode, stream, token));
+                    self.monitors[m].waiting.push_back(id);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                // Out of fds or memory: the rest stay in the backlog until the next client
+                // arrives, as they would with QEMU itself.
+                Err(_) => break,
+            }
+        }
+        self.promote(registry, m);
+    }
+
+    fn service(&mut self, registry: &Registry, id: u64) {
+        let Some(m) = self.conns.get(&id).map(|c| c.monitor) else {
+            return;
+        };
+        if self.settle(registry, id) {
+            self.promote(registry, m);
+        }
+    }
+
+    /// Moves what can move for one client; closes it when it is finished. Returns whether it
+    /// was removed.
+    fn settle(&mut self, registry: &Registry, id: u64) -> bool {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        if conn.back.is_none() && !conn.closing {
+            // Waiting its turn: left unread, as in QEMU's backlog.
+            return false;
+        }
+        conn.pump(self.swapping);
+        // QEMU closed the connection, so it exited: close the client too, once it has all
+        // QEMU said. During a swap the old generation's end is expected.
+        if !self.swapping && conn.back.as_ref().is_some_and(|b| b.eof) {
+            conn.closing = true;
+        }
+        if !conn.done() {
+            return false;
+        }
+        self.remove(registry, id);
+        true
+    }
+
+    /// Serves the next waiting client of monitor `m` if none is served.
+    fn promote(&mut self, registry: &Registry, m: usize) {
+        loop {
+            let Some(gen) = self.live.filter(|_| !self.swapping) else {
+                return;
+            };
+            if self.monitors[m].active.is_some() {
+                return;
+            }
+            let Some(id) = self.monitors[m].waiting.pop_front() else {
+                return;
+            };
+            let token = self.token(Route::Conn(id));
+            let mode = self.monitors[m].mode;
+            let path = self.backends.get(&gen).and_then(|p| p.get(m));
+            let backend = match path {
+                Some(p) => Backend::connect(p, mode, Greeting::Pass, Filter::Live, token),
+                None => Err(io::ErrorKind::NotFound.into()),
+            };
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            match backend.and_then(|mut b| {
+                registry
+                    .register(&mut b.stream, token, interest)
+                    .map(|()| b)
+            }) {
+                Ok(b) => {
+                    self.conns.get_mut(&id).expect("waiting conn exists").back = Some(b);
+                    self.monitors[m].active = Some(id);
+                    if !self.settle(registry, id) {
+                        return;
+                    }
+                }
+                // The generation is gone: its socket refuses connections. QEMU's exit would
+                // have closed the clients in its backlog.
+                Err(_) => {
+                    self.routes.remove(&token.0);
+                    self.remove(registry, id);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, registry: &Registry, id: u64) {
+        let Some(mut conn) = self.conns.remove(&id) else {
+            return;
+        };
+        let _ = registry.deregister(&mut conn.client);
+        self.routes.remove(&conn.token.0);
+        for b in [conn.back.take(), conn.next.take()].into_iter().flatten() {
+            self.drop_backend(registry, b);
+        }
+        let mon = &mut self.monitors[conn.monitor];
+        if mon.active == Some(id) {
+            mon.active = None;
+        }
+        mon.waiting.retain(|&w| w != id);
+    }
+
+    fn drop_backend(&mut self, registry: &Registry, mut b: Backend) {
+        let _ = registry.deregister(&mut b.stream);
+        self.routes.remove(&b.token.0);
+    }
+}
+
+fn unlink_all(paths: &[PathBuf]) {
+    for p in paths {
+        let _ = std::fs::remove_file(p);
+    }
+}

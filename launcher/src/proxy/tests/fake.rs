@@ -1,0 +1,187 @@
+//! A scripted QEMU monitor for the proxy's tests: a thread serving one backend listening
+//! socket one connection at a time, as a QEMU socket chardev does.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::proxy::Mode;
+
+#[derive(Default)]
+struct Shared {
+    stop: AtomicBool,
+    /// The connection being served, for output on demand.
+    writer: Mutex<Option<UnixStream>>,
+    /// What it was sent: QMP commands as received text, HMP and raw lines.
+    got: Mutex<Vec<String>>,
+    accepted: AtomicUsize,
+}
+
+/// One generation's fake monitor.
+pub(super) struct Fake {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How the fake behaves.
+#[derive(Clone, Copy)]
+pub(super) struct Script {
+    pub gen: u32,
+    pub mode: Mode,
+    /// Answer `qmp_capabilities` with an error.
+    pub refuse_caps: bool,
+}
+
+impl Fake {
+    pub(super) fn spawn(fd: OwnedFd, script: Script) -> Fake {
+        let shared = Arc::new(Shared::default());
+        let s = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let listener = UnixListener::from(fd);
+            listener.set_nonblocking(true).unwrap();
+            while !s.stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        s.accepted.fetch_add(1, Ordering::SeqCst);
+                        serve(&s, conn, script);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("fake accept: {e}"),
+                }
+            }
+        });
+        Fake {
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// Writes raw output on the current connection.
+    pub(super) fn emit(&self, bytes: &[u8]) {
+        let mut w = self.shared.writer.lock().unwrap();
+        w.as_mut()
+            .expect("fake has a connection")
+            .write_all(bytes)
+            .unwrap();
+    }
+
+    /// Emits a QMP event.
+    pub(super) fn event(&self, name: &str) {
+        let ev = json!({"timestamp": {"seconds": 1, "microseconds": 2}, "event": name});
+        self.emit(format!("{ev}\r\n").as_bytes());
+    }
+
+    /// What it was sent so far.
+    pub(super) fn got(&self) -> Vec<String> {
+        self.shared.got.lock().unwrap().clone()
+    }
+
+    /// How many connections it accepted.
+    pub(super) fn accepted(&self) -> usize {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Whether a connection is being served.
+    pub(super) fn connected(&self) -> bool {
+        self.shared.writer.lock().unwrap().is_some()
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(s: &Shared, mut conn: UnixStream, script: Script) {
+    conn.set_read_timeout(Some(Duration::from_millis(10)))
+        .unwrap();
+    *s.writer.lock().unwrap() = Some(conn.try_clone().unwrap());
+    let say = |text: String| {
+        let mut w = s.writer.lock().unwrap();
+        let _ = w.as_mut().unwrap().write_all(text.as_bytes());
+    };
+    let gen = script.gen;
+    match script.mode {
+        Mode::Qmp => say(format!(
+            "{}\r\n",
+            json!({"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 22}},
+                           "capabilities": ["oob"]}})
+        )),
+        Mode::Hmp => say(format!(
+            "QEMU 7.2.{gen} monitor - type 'help' for more information\r\n(qemu) "
+        )),
+        Mode::Raw => {}
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !s.stop.load(Ordering::SeqCst) {
+        match conn.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(_) => break,
+        }
+        match script.mode {
+            Mode::Qmp => {
+                let mut values = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
+                let mut used = 0;
+                while let Some(Ok(cmd)) = values.next() {
+                    let text = String::from_utf8_lossy(&buf[used..values.byte_offset()]);
+                    s.got.lock().unwrap().push(text.trim().to_owned());
+                    used = values.byte_offset();
+                    say(format!("{}\r\n", answer(&cmd, script)));
+                }
+                buf.drain(..used);
+            }
+            Mode::Hmp | Mode::Raw => {
+                while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                    let line = String::from_utf8_lossy(&buf[..end]).trim_end().to_owned();
+                    buf.drain(..=end);
+                    s.got.lock().unwrap().push(line.clone());
+                    if script.mode == Mode::Raw {
+                        say(format!("g{gen}:{line}\n"));
+                    } else {
+                        let out = if line == "info version" {
+                            format!("7.2.{gen}\r\n")
+                        } else {
+                            String::new()
+                        };
+                        say(format!("{line}\r\n{out}(qemu) "));
+                    }
+                }
+            }
+        }
+    }
+    *s.writer.lock().unwrap() = None;
+}
+
+fn answer(cmd: &Value, script: Script) -> Value {
+    let mut reply = match cmd["execute"].as_str().unwrap_or("") {
+        "qmp_capabilities" if script.refuse_caps => {
+            json!({"error": {"class": "GenericError", "desc": "no oob here"}})
+        }
+        "query-version" => json!({"return": {
+            "qemu": {"major": 7, "minor": 2, "micro": script.gen}, "package": ""}}),
+        "slow" => {
+            std::thread::sleep(Duration::from_millis(200));
+            json!({"return": {}})
+        }
+        _ => json!({"return": {}}),
+    };
+    if let Some(id) = cmd.get("id") {
+        reply["id"] = id.clone();
+    }
+    reply
+}

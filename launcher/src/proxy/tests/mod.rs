@@ -1,0 +1,515 @@
+//! The proxy driven by a real `mio::Poll`, with real sockets and fake QEMU monitors.
+
+mod fake;
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use mio::{Events, Poll};
+use serde_json::{json, Value};
+
+use super::{Listen, Mode, Proxy, ProxyError};
+use fake::{Fake, Script};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+struct Client {
+    s: UnixStream,
+    buf: Vec<u8>,
+    eof: bool,
+}
+
+struct H {
+    // Dropped in this order: the proxy before the fakes, the directory last.
+    proxy: Proxy,
+    fakes: Vec<(u32, Vec<Fake>)>,
+    poll: Poll,
+    events: Events,
+    modes: Vec<Mode>,
+    dir: PathBuf,
+}
+
+impl Drop for H {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn temp_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("qlu-proxy-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl H {
+    fn new(modes: &[Mode]) -> H {
+        let dir = temp_dir();
+        let poll = Poll::new().unwrap();
+        let mut proxy = Proxy::new(100);
+        proxy.set_backend_dir(&dir);
+        for (i, &mode) in modes.iter().enumerate() {
+            let listen = Listen::Path(dir.join(format!("mon{i}.sock")));
+            assert_eq!(proxy.add(poll.registry(), listen, mode).unwrap(), i);
+        }
+        H {
+            proxy,
+            fakes: Vec::new(),
+            poll,
+            events: Events::with_capacity(64),
+            modes: modes.to_vec(),
+            dir,
+        }
+    }
+
+    /// Starts generation `gen`'s fake QEMU on the proxy's backends.
+    fn spawn(&mut self, gen: u32, refuse_caps: bool) {
+        let fds = self.proxy.backends_for(gen).unwrap();
+        let fakes = fds
+            .into_iter()
+            .zip(&self.modes)
+            .map(|(fd, &mode)| {
+                Fake::spawn(
+                    fd,
+                    Script {
+                        gen,
+                        mode,
+                        refuse_caps,
+                    },
+                )
+            })
+            .collect();
+        self.fakes.push((gen, fakes));
+    }
+
+    /// Generation 1 with one client per monitor, QMP ones past capability negotiation.
+    fn started(modes: &[Mode]) -> (H, Vec<Client>) {
+        let mut h = H::new(modes);
+        h.spawn(1, false);
+        h.proxy.activate_first(h.poll.registry(), 1).unwrap();
+        let mut clients = Vec::new();
+        for (i, &mode) in modes.iter().enumerate() {
+            let mut c = h.connect(i);
+            if mode == Mode::Qmp {
+                assert!(h.msg(&mut c).get("QMP").is_some());
+                let r = h.cmd(
+                    &mut c,
+                    r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":"caps"}"#,
+                );
+                assert_eq!(r, json!({"return": {}, "id": "caps"}));
+            }
+            clients.push(c);
+        }
+        (h, clients)
+    }
+
+    fn fake(&self, gen: u32, index: usize) -> &Fake {
+        &self.fakes.iter().find(|(g, _)| *g == gen).unwrap().1[index]
+    }
+
+    fn turn(&mut self, timeout: Duration) {
+        self.poll.poll(&mut self.events, Some(timeout)).unwrap();
+        for ev in self.events.iter() {
+            assert!(self.proxy.owns(ev.token()));
+            self.proxy.handle(self.poll.registry(), ev);
+        }
+    }
+
+    fn idle(&mut self, d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            self.turn(Duration::from_millis(5));
+        }
+    }
+
+    fn until(&mut self, what: &str, mut cond: impl FnMut(&mut H) -> bool) {
+        let end = Instant::now() + WAIT;
+        while !cond(self) {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            self.turn(Duration::from_millis(5));
+        }
+    }
+
+    fn connect(&mut self, index: usize) -> Client {
+        let s = UnixStream::connect(self.dir.join(format!("mon{index}.sock"))).unwrap();
+        s.set_nonblocking(true).unwrap();
+        Client {
+            s,
+            buf: Vec::new(),
+            eof: false,
+        }
+    }
+
+    fn fill(&mut self, c: &mut Client) {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match c.s.read(&mut chunk) {
+                Ok(0) => {
+                    c.eof = true;
+                    return;
+                }
+                Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => panic!("client read: {e}"),
+            }
+        }
+    }
+
+    /// Reads until `text` arrived and returns everything up to and including it.
+    fn upto(&mut self, c: &mut Client, text: &str) -> String {
+        let end = Instant::now() + WAIT;
+        loop {
+            self.fill(c);
+            if let Some(i) = c.buf.windows(text.len()).position(|w| w == text.as_bytes()) {
+                let got: Vec<u8> = c.buf.drain(..i + text.len()).collect();
+                return String::from_utf8(got).unwrap();
+            }
+            assert!(!c.eof, "client got EOF waiting for {text:?}");
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {text:?}, have {:?}",
+                c.buf
+            );
+            self.turn(Duration::from_millis(5));
+        }
+    }
+
+    fn msg(&mut self, c: &mut Client) -> Value {
+        serde_json::from_str(&self.upto(c, "\r\n")).unwrap()
+    }
+
+    fn cmd(&mut self, c: &mut Client, text: &str) -> Value {
+        send(c, text);
+        self.msg(c)
+    }
+
+    /// Asserts the client gets nothing for a while.
+    fn quiet(&mut self, c: &mut Client) {
+        self.idle(Duration::from_millis(100));
+        self.fill(c);
+        assert!(
+            c.buf.is_empty(),
+            "unexpected {:?}",
+            String::from_utf8_lossy(&c.buf)
+        );
+    }
+
+    fn swap(&mut self, gen: u32) {
+        self.spawn(gen, false);
+        self.proxy.hold(self.poll.registry());
+        let deadline = Instant::now() + WAIT;
+        self.proxy
+            .prepare(self.poll.registry(), gen, deadline)
+            .unwrap();
+        self.until("drained", |h| h.proxy.drained());
+        self.proxy.commit(self.poll.registry(), gen);
+    }
+}
+
+fn send(c: &mut Client, text: &str) {
+    c.s.write_all(format!("{text}\n").as_bytes()).unwrap();
+}
+
+fn version(reply: &Value) -> u64 {
+    reply["return"]["qemu"]["micro"].as_u64().unwrap()
+}
+
+const CAPS: &str = r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":"caps"}"#;
+
+#[test]
+fn qmp_client_continues_on_the_new_generation() {
+    let (mut h, mut c) = H::started(&[Mode::Qmp]);
+    let r = h.cmd(&mut c[0], r#"{"execute":"query-version","id":1}"#);
+    assert_eq!((version(&r), &r["id"]), (1, &json!(1)));
+
+    h.swap(2);
+    let r = h.cmd(&mut c[0], r#"{"execute":"query-version","id":2}"#);
+    assert_eq!((version(&r), &r["id"]), (2, &json!(2)));
+    // The capabilities were replayed byte for byte, and nothing else went to generation 2
+    // before the client's own command.
+    assert_eq!(
+        h.fake(2, 0).got(),
+        vec![
+            CAPS.to_owned(),
+            r#"{"execute":"query-version","id":2}"#.into()
+        ]
+    );
+    assert_eq!(h.fake(1, 0).got().len(), 2);
+    h.until("old connection closed", |h| !h.fake(1, 0).connected());
+    h.quiet(&mut c[0]);
+}
+
+#[test]
+fn commands_held_during_a_swap_reach_the_new_generation_in_order() {
+    let (mut h, mut c) = H::started(&[Mode::Qmp]);
+    h.spawn(2, false);
+    h.proxy.hold(h.poll.registry());
+    for id in 10..13 {
+        send(
+            &mut c[0],
+            &format!(r#"{{"execute":"query-version","id":{id}}}"#),
+        );
+    }
+    // Half a command: it must not be split between generations.
+    c[0].s.write_all(br#"{"execute":"query-"#).unwrap();
+    h.quiet(&mut c[0]);
+    assert_eq!(h.fake(1, 0).got().len(), 1);
+    let deadline = Instant::now() + WAIT;
+    h.proxy.prepare(h.poll.registry(), 2, deadline).unwrap();
+    assert!(h.proxy.drained());
+    h.proxy.commit(h.poll.registry(), 2);
+    c[0].s.write_all(br#"version","id":13}"#).unwrap();
+    for id in 10..14 {
+        let r = h.msg(&mut c[0]);
+        assert_eq!((version(&r), r["id"].as_u64()), (2, Some(id)));
+    }
+    assert_eq!(h.fake(1, 0).got().len(), 1);
+}
+
+#[test]
+fn drained_waits_for_answers_owed_by_the_old_generation() {
+    let (mut h, mut c) = H::started(&[Mode::Qmp]);
+    send(&mut c[0], r#"{"execute":"slow","id":"s"}"#);
+    h.until("slow received", |h| h.fake(1, 0).got().len() == 2);
+    h.proxy.hold(h.poll.registry());
+    assert!(!h.proxy.drained());
+    h.until("drained", |h| h.proxy.drained());
+    assert_eq!(h.msg(&mut c[0]), json!({"return": {}, "id": "s"}));
+    h.spawn(2, false);
+    h.proxy
+        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
+        .unwrap();
+    h.proxy.commit(h.poll.registry(), 2);
+    assert_eq!(
+        version(&h.cmd(&mut c[0], r#"{"execute":"query-version"}"#)),
+        2
+    );
+}
+
+#[test]
+fn events_caused_by_the_swap_are_hidden() {
+    let (mut h, mut c) = H::started(&[Mode::Qmp]);
+    h.proxy.set_swap_running(true);
+    h.spawn(2, false);
+    h.proxy.hold(h.poll.registry());
+    for ev in [
+        "STOP",
+        "MIGRATION",
+        "BLOCK_JOB_READY",
+        "MIGRATION_PASS",
+        "SHUTDOWN",
+        "MARK1",
+    ] {
+        h.fake(1, 0).event(ev);
+    }
+    let names = |h: &mut H, c: &mut Client, until: &str| {
+        let mut seen = Vec::new();
+        loop {
+            let m = h.msg(c);
+            let name = m["event"].as_str().unwrap().to_owned();
+            seen.push(name.clone());
+            if name == until {
+                return seen;
+            }
+        }
+    };
+    assert_eq!(
+        names(&mut h, &mut c[0], "MARK1"),
+        ["BLOCK_JOB_READY", "MARK1"]
+    );
+    h.proxy
+        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
+        .unwrap();
+    for ev in ["RESUME", "MIGRATION", "NIC_RX_FILTER_CHANGED"] {
+        h.fake(2, 0).event(ev);
+    }
+    // The new generation's words wait for commit.
+    h.quiet(&mut c[0]);
+    h.proxy.commit(h.poll.registry(), 2);
+    for ev in ["RESUME", "MARK2", "STOP", "RESUME", "MARK3"] {
+        h.fake(2, 0).event(ev);
+    }
+    let seen = names(&mut h, &mut c[0], "MARK3");
+    assert_eq!(
+        seen,
+        ["NIC_RX_FILTER_CHANGED", "MARK2", "STOP", "RESUME", "MARK3"]
+    );
+}
+
+#[test]
+fn client_arriving_during_a_swap_is_served_after_commit() {
+    let mut h = H::new(&[Mode::Qmp]);
+    h.spawn(1, false);
+    h.proxy.activate_first(h.poll.registry(), 1).unwrap();
+    h.spawn(2, false);
+    h.proxy.hold(h.poll.registry());
+    let mut c = h.connect(0);
+    h.quiet(&mut c);
+    h.proxy
+        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
+        .unwrap();
+    h.proxy.commit(h.poll.registry(), 2);
+    assert!(h.msg(&mut c).get("QMP").is_some());
+    assert_eq!(h.cmd(&mut c, CAPS), json!({"return": {}, "id": "caps"}));
+    assert_eq!(version(&h.cmd(&mut c, r#"{"execute":"query-version"}"#)), 2);
+    assert_eq!(h.fake(1, 0).accepted(), 0);
+}
+
+#[test]
+fn clients_are_served_one_at_a_time() {
+    let (mut h, mut c) = H::started(&[Mode::Qmp]);
+    let mut second = h.connect(0);
+    h.quiet(&mut second);
+    drop(c.remove(0));
+    assert!(h.msg(&mut second).get("QMP").is_some());
+    assert_eq!(h.fake(1, 0).accepted(), 2);
+}
+
+#[test]
+fn abort_returns_every_client_to_the_old_generation() {
+    let (mut h, mut c) = H::started(&[Mode::Qmp]);
+    h.spawn(2, false);
+    h.proxy.hold(h.poll.registry());
+    send(&mut c[0], r#"{"execute":"query-version","id":"held"}"#);
+    h.proxy
+        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
+        .unwrap();
+    h.proxy.abort(h.poll.registry());
+    let r = h.msg(&mut c[0]);
+    assert_eq!((version(&r), &r["id"]), (1, &json!("held")));
+    assert_eq!(
+        version(&h.cmd(&mut c[0], r#"{"execute":"query-version"}"#)),
+        1
+    );
+    assert_eq!(h.fake(2, 0).got(), vec![CAPS.to_owned()]);
+    h.until("prepared connection closed", |h| !h.fake(2, 0).connected());
+}
+
+#[test]
+fn refused_capabilities_fail_prepare() {
+    let (mut h, mut c) = H::started(&[Mode::Qmp]);
+    h.spawn(2, true);
+    h.proxy.hold(h.poll.registry());
+    let err = h
+        .proxy
+        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProxyError::Capabilities {
+                index: 0,
+                gen: 2,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    h.proxy.abort(h.poll.registry());
+    assert_eq!(
+        version(&h.cmd(&mut c[0], r#"{"execute":"query-version"}"#)),
+        1
+    );
+}
+
+#[test]
+fn raw_bytes_cross_a_swap_both_ways() {
+    let (mut h, mut c) = H::started(&[Mode::Raw]);
+    send(&mut c[0], "hello");
+    assert_eq!(h.upto(&mut c[0], "\n"), "g1:hello\n");
+    h.spawn(2, false);
+    h.proxy.hold(h.poll.registry());
+    send(&mut c[0], "during");
+    h.fake(1, 0).emit(b"out1\n");
+    assert_eq!(h.upto(&mut c[0], "\n"), "out1\n");
+    h.proxy
+        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
+        .unwrap();
+    h.until("gen 2 connected", |h| h.fake(2, 0).connected());
+    h.fake(2, 0).emit(b"out2\n");
+    h.quiet(&mut c[0]);
+    h.proxy.commit(h.poll.registry(), 2);
+    assert_eq!(h.upto(&mut c[0], "\n"), "out2\n");
+    assert_eq!(h.upto(&mut c[0], "\n"), "g2:during\n");
+    send(&mut c[0], "after");
+    assert_eq!(h.upto(&mut c[0], "\n"), "g2:after\n");
+    assert_eq!(h.fake(1, 0).got(), ["hello"]);
+}
+
+#[test]
+fn hmp_banner_of_the_new_generation_is_swallowed() {
+    let (mut h, mut c) = H::started(&[Mode::Hmp]);
+    let banner = h.upto(&mut c[0], "(qemu) ");
+    assert!(banner.starts_with("QEMU 7.2.1 monitor"), "{banner}");
+    send(&mut c[0], "info version");
+    assert_eq!(
+        h.upto(&mut c[0], "(qemu) "),
+        "info version\r\n7.2.1\r\n(qemu) "
+    );
+    h.spawn(2, false);
+    h.proxy.hold(h.poll.registry());
+    send(&mut c[0], "info version");
+    h.proxy
+        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
+        .unwrap();
+    h.proxy.commit(h.poll.registry(), 2);
+    assert_eq!(
+        h.upto(&mut c[0], "(qemu) "),
+        "info version\r\n7.2.2\r\n(qemu) "
+    );
+    h.quiet(&mut c[0]);
+}
+
+#[test]
+fn qemu_exit_closes_the_client() {
+    let (mut h, mut c) = H::started(&[Mode::Qmp]);
+    h.fakes.clear();
+    h.until("client closed", |h| {
+        h.fill(&mut c[0]);
+        c[0].eof
+    });
+}
+
+#[test]
+fn listen_path_replaces_a_stale_socket_and_is_unlinked_on_drop() {
+    let dir = temp_dir();
+    let path = dir.join("stale.sock");
+    drop(UnixListener::bind(&path).unwrap());
+    let poll = Poll::new().unwrap();
+    let mut proxy = Proxy::new(0);
+    proxy.set_backend_dir(&dir);
+    proxy
+        .add(poll.registry(), Listen::Path(path.clone()), Mode::Qmp)
+        .unwrap();
+    let inherited = UnixListener::bind(dir.join("inherited.sock")).unwrap();
+    proxy
+        .add(poll.registry(), Listen::Fd(inherited.into()), Mode::Raw)
+        .unwrap();
+    assert!(UnixStream::connect(&path).is_ok());
+    proxy.backends_for(1).unwrap();
+    assert_eq!(proxy.len(), 2);
+    drop(proxy);
+    assert!(!path.exists());
+    // Only the inherited socket's path (not the proxy's to remove) and nothing of the
+    // backends are left.
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["inherited.sock"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_fd_that_is_not_listening_is_refused() {
+    let poll = Poll::new().unwrap();
+    let (a, _b) = UnixStream::pair().unwrap();
+    let err = Proxy::new(0)
+        .add(poll.registry(), Listen::Fd(a.into()), Mode::Qmp)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+}
