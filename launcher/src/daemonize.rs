@@ -1,1 +1,217 @@
-//! daemonize
+//! `-daemonize` and `-pidfile`, done by the launcher so that the pid callers see is its own.
+//!
+//! QEMU daemonizes like this (os-posix.c): the foreground process forks and waits on a pipe;
+//! the child calls `setsid` and forks again; the grandchild runs the VM and, once every monitor
+//! listens, writes a zero byte to the pipe, after which the foreground exits 0. Any failure
+//! before that makes the foreground exit non-zero. libvirt's capability probes depend on
+//! exactly this: the foreground exits 0 only once the QMP socket accepts connections, and the
+//! pid in the pidfile is the process whose death ends the VM.
+//!
+//! The launcher does the same with itself as the grandchild, and starts QEMU without either
+//! option. Unlike QEMU, the daemon keeps its working directory: later generations must open
+//! the same relative paths the first one did.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::unistd::ForkResult;
+
+/// A failure while daemonizing or writing the pidfile.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// `pipe`, `fork` or `setsid` failed.
+    #[error("cannot daemonize")]
+    Daemonize(#[source] Errno),
+    /// The pidfile could not be created, locked or written.
+    #[error("cannot create PID file: {reason}")]
+    Pidfile {
+        /// The pidfile.
+        path: PathBuf,
+        /// Text in QEMU's own words ("Cannot lock pid file").
+        reason: String,
+        /// The underlying failure.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Tells the waiting foreground process how start-up went. Held by the daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    notify: Option<OwnedFd>,
+}
+
+/// What the daemon reports to the foreground.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartResult {
+    /// QEMU is up and its monitors listen: the foreground exits 0.
+    Ready,
+    /// QEMU failed to start: the foreground exits with this status (never 0).
+    Failed(u8),
+}
+
+/// Forks into the background. Only the daemon returns; the foreground process waits for the
+/// daemon's [`Daemon::report`] and exits with the status it carries.
+pub fn daemonize() -> Result<Daemon, DaemonError> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(DaemonError::Daemonize)?;
+    // SAFETY: the launcher is single-threaded at this point (no generation, no loop yet).
+    match unsafe { nix::unistd::fork() }.map_err(DaemonError::Daemonize)? {
+        ForkResult::Parent { .. } => {
+            drop(w);
+            let mut buf = [0u8; 2];
+            let n = loop {
+                match nix::unistd::read(r.as_raw_fd(), &mut buf) {
+                    Err(Errno::EINTR) => continue,
+                    Ok(n) => break n,
+                    Err(_) => break 0,
+                }
+            };
+            let status = match (n, buf) {
+                (2, [0, _]) => 0,
+                (2, [1, code]) if code != 0 => code as i32,
+                _ => 1,
+            };
+            // The foreground ends here, as QEMU's does, without running any destructor that
+            // could touch state the daemon now owns.
+            std::process::exit(status);
+        }
+        ForkResult::Child => {}
+    }
+    drop(r);
+    nix::unistd::setsid().map_err(DaemonError::Daemonize)?;
+    // SAFETY: still single-threaded; the intermediate process only exits.
+    match unsafe { nix::unistd::fork() }.map_err(DaemonError::Daemonize)? {
+        // SAFETY: _exit is always safe; it skips atexit handlers that belong to the daemon.
+        ForkResult::Parent { .. } => unsafe { libc::_exit(0) },
+        ForkResult::Child => {}
+    }
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
+    Ok(Daemon { notify: Some(w) })
+}
+
+impl Daemon {
+    /// Reports the start-up result to the foreground, which then exits. On success the
+    /// daemon's stdio is pointed at /dev/null, as QEMU does once daemonized, so a caller that
+    /// reads the foreground's output to EOF (libvirt does) is not held open by the daemon.
+    pub fn report(&mut self, result: StartResult) {
+        let Some(fd) = self.notify.take() else { return };
+        if result == StartResult::Ready {
+            redirect_stdio_to_null();
+        }
+        let msg = match result {
+            StartResult::Ready => [0, 0],
+            StartResult::Failed(code) => [1, code.max(1)],
+        };
+        let _ = nix::unistd::write(&fd, &msg);
+    }
+
+    /// Whether the foreground still waits.
+    pub fn is_waiting(&self) -> bool {
+        self.notify.is_some()
+    }
+}
+
+fn redirect_stdio_to_null() {
+    if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+        for target in 0..3 {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), target);
+        }
+    }
+}
+
+/// A pidfile held the way QEMU holds it: created 0600, locked with `lockf` for the process's
+/// life, holding the pid and a newline; removed at exit.
+#[derive(Debug)]
+pub struct Pidfile {
+    path: PathBuf,
+    _file: File,
+}
+
+impl Pidfile {
+    /// Creates, locks and writes the pidfile for the calling process.
+    pub fn create(path: &Path) -> Result<Pidfile, DaemonError> {
+        let fail = |reason: &str, source: io::Error| DaemonError::Pidfile {
+            path: path.to_owned(),
+            reason: reason.to_owned(),
+            source,
+        };
+        loop {
+            let mut file = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| fail(&format!("failed to open {}: {e}", path.display()), e))?;
+            // SAFETY: lockf on an fd we own.
+            if unsafe { libc::lockf(file.as_raw_fd(), libc::F_TLOCK, 0) } != 0 {
+                let e = io::Error::last_os_error();
+                return Err(fail(&format!("Cannot lock pid file: {e}"), e));
+            }
+            // Another process may have unlinked the file between our open and lock; then the
+            // lock is on an orphan, and the open must be retried.
+            let held =
+                nix::sys::stat::fstat(file.as_raw_fd()).map_err(|e| fail("fstat", e.into()))?;
+            match nix::sys::stat::stat(path) {
+                Ok(now) if now.st_ino == held.st_ino && now.st_dev == held.st_dev => {}
+                _ => continue,
+            }
+            file.set_len(0)
+                .map_err(|e| fail("Failed to truncate pid file", e))?;
+            writeln!(file, "{}", std::process::id())
+                .map_err(|e| fail("Failed to write pid file", e))?;
+            return Ok(Pidfile {
+                path: path.to_owned(),
+                _file: file,
+            });
+        }
+    }
+
+    /// Removes the file; called at exit, as QEMU does.
+    pub fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pidfile_holds_pid_and_refuses_a_second_holder() {
+        let dir = std::env::temp_dir().join(format!("qlu-pid-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.pid");
+        let pf = Pidfile::create(&path).unwrap();
+        // lockf locks are per process, so the second holder must be another process. (Reading
+        // the file here first would drop the lock: closing any fd of a file releases the
+        // process's POSIX locks on it, fcntl(2).)
+        // SAFETY: the child only calls lockf and _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            ForkResult::Child => {
+                let f = File::options().write(true).open(&path).unwrap();
+                // SAFETY: lockf and _exit on owned fd.
+                let rc = unsafe { libc::lockf(f.as_raw_fd(), libc::F_TLOCK, 0) };
+                // SAFETY: exits the forked test child without unwinding into the harness.
+                unsafe { libc::_exit(if rc == 0 { 0 } else { 3 }) };
+            }
+            ForkResult::Parent { child } => {
+                let st = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(st, nix::sys::wait::WaitStatus::Exited(child, 3));
+            }
+        }
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", std::process::id())
+        );
+        pf.remove();
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

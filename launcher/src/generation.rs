@@ -1,1 +1,236 @@
-//! generation
+//! One QEMU generation: the argv and fds it gets, and the running process.
+//!
+//! Every generation is started from the same user command line, rewritten the same way:
+//! `-daemonize` and `-pidfile` go (the launcher does both for itself), and a private QMP
+//! monitor is added on a socketpair. The fds the command line refers to stay at their numbers;
+//! the launcher's own fds are placed at numbers the command line does not use, chosen once in
+//! a [`Layout`] so that every generation sees the same numbers.
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::time::Instant;
+
+use nix::unistd::Pid;
+
+use crate::child::{self, ChildError, InheritedSignals};
+use crate::cmdline::CmdLine;
+use crate::memfd::{self, Region, Unshareable};
+use crate::qmp::Qmp;
+use crate::resolve::Binary;
+use crate::resources::{resources, Resources};
+
+/// Id of the chardev and monitor the launcher adds for itself.
+pub const PRIVATE_MONITOR_ID: &str = "qemu-liveupgrade-qmp";
+
+/// A failure starting a generation.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerationError {
+    /// The private monitor's socketpair could not be made.
+    #[error("cannot create private monitor socket")]
+    Socket(#[source] std::io::Error),
+    /// Fork or exec failed.
+    #[error(transparent)]
+    Spawn(#[from] ChildError),
+}
+
+/// Fd numbers fixed for the life of the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// Inherited fds the command line refers to, open when the launcher started.
+    pub keep: Vec<RawFd>,
+    /// Where each generation finds its end of the private monitor.
+    pub private_monitor: RawFd,
+    /// Where each generation finds the memfds of guest RAM, one per region.
+    pub ram: Vec<RawFd>,
+}
+
+impl Layout {
+    /// Chooses the layout for a command line with `ram_regions` launcher-owned RAM regions.
+    /// `is_open` says whether an fd was inherited open; fds named on the command line but not
+    /// open are not kept (QEMU reports them), and no launcher fd is ever placed at a number the
+    /// command line names.
+    pub fn new(
+        resources: &Resources,
+        ram_regions: usize,
+        is_open: impl Fn(RawFd) -> bool,
+    ) -> Layout {
+        let mut named: Vec<RawFd> = resources.fds.iter().map(|f| f.fd).collect();
+        named.sort_unstable();
+        named.dedup();
+        let mut free = (3..).filter(|n| !named.contains(n));
+        let private_monitor = free.next().unwrap_or(3);
+        let ram = free.by_ref().take(ram_regions).collect();
+        let keep = named
+            .into_iter()
+            .filter(|&fd| fd > 2 && is_open(fd))
+            .collect();
+        Layout {
+            keep,
+            private_monitor,
+            ram,
+        }
+    }
+}
+
+/// The command line and fd layout every generation starts from, derived once from the
+/// user's command line.
+#[derive(Debug, Clone)]
+pub struct Base {
+    /// The user's command line with guest RAM rewritten onto the launcher's memfds.
+    pub cmd: CmdLine,
+    /// The fixed fd layout.
+    pub layout: Layout,
+    /// The RAM regions the launcher owns, in layout order.
+    pub regions: Vec<Region>,
+    /// Why RAM is not shared, when it is not.
+    pub unshared: Option<String>,
+}
+
+impl Base {
+    /// Plans the base for `user`; `is_open` tells which named fds were inherited open.
+    pub fn new(user: &CmdLine, is_open: impl Fn(RawFd) -> bool) -> Base {
+        let (regions, unshared) = match memfd::regions(user) {
+            Ok(r) => (r, None),
+            Err(Unshareable(why)) => (Vec::new(), Some(why)),
+        };
+        let layout = Layout::new(&resources(user), regions.len(), is_open);
+        let cmd = memfd::rewrite(user, &regions, &layout.ram);
+        Base {
+            cmd,
+            layout,
+            regions,
+            unshared,
+        }
+    }
+
+    /// [`Base::new`] for the fds actually open in this process. Call before the process
+    /// opens any fd of its own, while its fd table holds only what the caller passed.
+    pub fn for_this_process(user: &CmdLine) -> Base {
+        Base::new(user, |fd| {
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_ok()
+        })
+    }
+}
+
+/// What differs between generations.
+#[derive(Debug, Clone, Default)]
+pub struct GenArgs {
+    /// The versioned machine type the first generation resolved its alias to.
+    pub machine: Option<String>,
+    /// Start waiting for an incoming migration (`-incoming defer`).
+    pub incoming: bool,
+}
+
+/// The command line a generation runs: the launcher's base command line (the user's, with RAM
+/// rewritten), minus what the launcher does itself, plus the private monitor.
+pub fn generation_cmdline(base: &CmdLine, layout: &Layout, args: &GenArgs) -> CmdLine {
+    let mut cmd = base.clone();
+    cmd.remove_all("daemonize");
+    cmd.remove_all("pidfile");
+    if let Some(machine) = &args.machine {
+        crate::memfd::set_machine_key(&mut cmd, "type", machine);
+    }
+    if args.incoming {
+        cmd.remove_all("incoming");
+        cmd.push("incoming", Some("defer"));
+    }
+    cmd.push(
+        "chardev",
+        Some(&format!(
+            "socket,id={PRIVATE_MONITOR_ID},fd={}",
+            layout.private_monitor
+        )),
+    );
+    cmd.push(
+        "mon",
+        Some(&format!("chardev={PRIVATE_MONITOR_ID},mode=control")),
+    );
+    cmd
+}
+
+/// Where a generation's stdio goes.
+#[derive(Debug, Default)]
+pub struct Stdio<'a> {
+    /// Replacements for fds 0, 1 and 2; `None` inherits the launcher's.
+    pub fds: [Option<BorrowedFd<'a>>; 3],
+}
+
+/// The fds a generation gets besides those it inherits at their own numbers.
+#[derive(Debug)]
+pub struct Fds<'a> {
+    /// Where everything goes.
+    pub layout: &'a Layout,
+    /// Its stdio.
+    pub stdio: Stdio<'a>,
+    /// Launcher fds (guest RAM) put at their layout numbers: `(fd, number)`.
+    pub place: Vec<(BorrowedFd<'a>, RawFd)>,
+}
+
+/// A running QEMU generation.
+#[derive(Debug)]
+pub struct Generation {
+    /// 1 for the first QEMU, counting up with every upgrade.
+    pub number: u32,
+    /// QEMU's pid, a child of the launcher.
+    pub pid: Pid,
+    /// The binary it runs.
+    pub binary: Binary,
+    /// The launcher's end of its private monitor.
+    pub qmp: Qmp,
+    /// When it was started.
+    pub started: Instant,
+    /// Its `query-version` reply, once known.
+    pub version: Option<serde_json::Value>,
+}
+
+impl Generation {
+    /// Starts generation `number` of `cmd` (already rewritten by [`generation_cmdline`]), with
+    /// the launcher's fds in `place` put at their layout numbers.
+    pub fn spawn(
+        number: u32,
+        binary: Binary,
+        argv0: &OsString,
+        cmd: &CmdLine,
+        fds: &Fds<'_>,
+        signals: &InheritedSignals,
+    ) -> Result<Generation, GenerationError> {
+        let (ours, theirs) = UnixStream::pair().map_err(GenerationError::Socket)?;
+        let theirs = OwnedFd::from(theirs);
+        let mut argv = vec![argv0.clone()];
+        argv.extend(cmd.to_args());
+        let spec = child::Spec {
+            program: &binary.path,
+            argv,
+            keep: fds.layout.keep.clone(),
+            place: [(theirs.as_fd(), fds.layout.private_monitor)]
+                .into_iter()
+                .chain(fds.place.iter().copied())
+                .collect(),
+            stdio: fds.stdio.fds,
+            signals,
+        };
+        let pid = child::spawn(&spec)?;
+        drop(theirs);
+        let qmp = Qmp::new(ours).map_err(GenerationError::Socket)?;
+        Ok(Generation {
+            number,
+            pid,
+            binary,
+            qmp,
+            started: Instant::now(),
+            version: None,
+        })
+    }
+
+    /// `"7.2.22"` from the `query-version` reply, once known.
+    pub fn version_string(&self) -> Option<String> {
+        let q = self.version.as_ref()?.get("qemu")?;
+        Some(format!(
+            "{}.{}.{}",
+            q.get("major")?,
+            q.get("minor")?,
+            q.get("micro")?
+        ))
+    }
+}

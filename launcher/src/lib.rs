@@ -11,16 +11,36 @@
 //! - [`child`]: fork/exec of one QEMU generation with an explicit fd layout.
 //! - [`qmp`]: QMP framing over the launcher's private monitor.
 //! - [`generation`]: the argv and fds one QEMU generation gets.
+//! - [`memfd`]: guest RAM the launcher owns and every generation maps.
 //! - [`supervisor`]: the event loop: signals, reaping, exit-status mirroring.
 //! - [`daemonize`]: `-daemonize` and `-pidfile` done by the launcher itself.
+//! - [`upgrade`]: the live upgrade, step by step.
+//! - [`control`]: the per-VM control socket behind `qemu-liveupgrade upgrade|status|list`.
 //! - [`plan`]: the `plan` report.
 
 pub mod child;
 pub mod cmdline;
+pub mod control;
 pub mod daemonize;
 pub mod generation;
+pub mod memfd;
 pub mod plan;
+pub mod proxy;
 pub mod qmp;
 pub mod resolve;
 pub mod resources;
 pub mod supervisor;
+pub mod upgrade;
+
+/// An error and its causes on one line, `outer: inner: innermost`, as the launcher reports
+/// failures (one line, QEMU-style).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,1 +1,288 @@
-//! plan
+//! `qemu-liveupgrade plan`: what the launcher would do with a command line, without doing it.
+//!
+//! It shows the argv the first QEMU generation gets and every resource the launcher keeps
+//! stable across generations, so an operator can check an installation before trusting a VM to
+//! it, and tests can check the command-line model against real libvirt and script argvs.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt::Write as _;
+use std::os::unix::ffi::OsStrExt;
+
+use serde_json::{json, Value};
+
+use crate::cmdline::CmdLine;
+use crate::generation::{generation_cmdline, Base, GenArgs, Layout};
+use crate::resolve::{self, Binary};
+use crate::resources::{resources, Resources};
+
+/// The launcher's plan for one command line.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The real QEMU, or why none was found.
+    pub binary: Result<Binary, String>,
+    /// The first generation's argv, argv[0] included.
+    pub argv: Vec<OsString>,
+    /// What stays stable across generations.
+    pub resources: Resources,
+    /// The fd layout every generation gets.
+    pub layout: Layout,
+    /// Guest RAM the launcher owns: backend id, bytes, huge pages.
+    pub ram: Vec<(String, u64, bool)>,
+    /// Why guest RAM is not shared, when it is not.
+    pub unshared: Option<String>,
+    /// Whether the launcher daemonizes itself.
+    pub daemonize: bool,
+    /// The pidfile the launcher writes with its own pid.
+    pub pidfile: Option<OsString>,
+}
+
+impl Plan {
+    /// Plans `cmd` as if the shim had been invoked as `argv0`, assuming every fd the command
+    /// line names will be passed open.
+    pub fn new(argv0: &OsStr, cmd: &CmdLine) -> Plan {
+        let base = Base::new(cmd, |_| true);
+        let mut argv = vec![argv0.to_owned()];
+        argv.extend(generation_cmdline(&base.cmd, &base.layout, &GenArgs::default()).to_args());
+        Plan {
+            binary: resolve::resolve(argv0).map_err(|e| e.to_string()),
+            argv,
+            resources: resources(cmd),
+            layout: base.layout,
+            ram: base
+                .regions
+                .iter()
+                .map(|r| (r.id.clone(), r.size, r.hugetlb))
+                .collect(),
+            unshared: base.unshared,
+            daemonize: cmd.has("daemonize"),
+            pidfile: cmd.opts("pidfile").last().and_then(|o| o.arg.clone()),
+        }
+    }
+
+    /// The plan as JSON, for scripts.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "binary": match &self.binary {
+                Ok(b) => json!({ "path": b.path.to_string_lossy(), "source": format!("{:?}", b.source).to_lowercase() }),
+                Err(e) => json!({ "error": e }),
+            },
+            "argv": self.argv.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>(),
+            "daemonize": self.daemonize,
+            "pidfile": self.pidfile.as_ref().map(|p| p.to_string_lossy().into_owned()),
+            "private_monitor_fd": self.layout.private_monitor,
+            "guest_ram": {
+                "shared": self.unshared.is_none(),
+                "unshared_reason": self.unshared,
+                "memfds": self.ram.iter().zip(&self.layout.ram).map(|((id, size, huge), fd)| json!({
+                    "id": id, "size": size, "hugetlb": huge, "fd": fd,
+                })).collect::<Vec<_>>(),
+            },
+            "resources": self.resources.to_json(),
+        })
+    }
+
+    /// The plan as text, for people.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        match &self.binary {
+            Ok(b) => writeln!(out, "binary: {} (from {:?})", b.path.display(), b.source),
+            Err(e) => writeln!(out, "binary: none: {e}"),
+        }
+        .ok();
+        let pidfile = self
+            .pidfile
+            .as_deref()
+            .map(|p| p.to_string_lossy())
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "launcher: pid stays the VM's{}{}",
+            if self.daemonize {
+                "; daemonizes itself"
+            } else {
+                ""
+            },
+            if pidfile.is_empty() {
+                String::new()
+            } else {
+                format!("; pidfile {pidfile}")
+            }
+        )
+        .ok();
+        writeln!(out, "generation 1 argv:").ok();
+        writeln!(
+            out,
+            "  {}",
+            self.argv
+                .iter()
+                .map(|a| shell_quote(a))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+        .ok();
+        writeln!(out, "private monitor: fd {}", self.layout.private_monitor).ok();
+        match &self.unshared {
+            None => {
+                for ((id, size, huge), fd) in self.ram.iter().zip(&self.layout.ram) {
+                    let pages = if *huge { ", huge pages" } else { "" };
+                    writeln!(
+                        out,
+                        "guest RAM: {id}: memfd at fd {fd}, {size} bytes{pages}, shared"
+                    )
+                    .ok();
+                }
+            }
+            Some(why) => {
+                writeln!(
+                    out,
+                    "guest RAM: not shared ({why}); it crosses in the migration stream"
+                )
+                .ok();
+            }
+        }
+        let r = self.resources.to_json();
+        for (title, key) in [
+            ("fds kept at the same number", "fds"),
+            ("sockets", "sockets"),
+            ("memory", "memory"),
+            ("monitors", "monitors"),
+        ] {
+            let items = r
+                .get(key)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            writeln!(
+                out,
+                "{title}: {}",
+                if items.is_empty() { "none" } else { "" }
+            )
+            .ok();
+            for item in items {
+                writeln!(out, "  {}", one_line(&item)).ok();
+            }
+        }
+        let machine = r.get("machine").cloned().unwrap_or(Value::Null);
+        writeln!(
+            out,
+            "machine: {}",
+            if machine.is_null() {
+                "default".into()
+            } else {
+                one_line(&machine)
+            }
+        )
+        .ok();
+        out
+    }
+}
+
+/// `key=value key=value` from a flat JSON object, skipping nulls.
+fn one_line(v: &Value) -> String {
+    match v.as_object() {
+        Some(map) => map
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| match v {
+                Value::String(s) => format!("{k}={s}"),
+                other => format!("{k}={other}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => v.to_string(),
+    }
+}
+
+/// Quotes an argument for a POSIX shell when it needs it.
+pub fn shell_quote(arg: &OsStr) -> String {
+    let s = String::from_utf8_lossy(arg.as_bytes());
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./,:=@%+".contains(&b));
+    if plain {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &[&str]) -> Vec<OsString> {
+        s.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn first_generation_loses_daemonize_and_pidfile_and_gains_a_private_monitor() {
+        let cmd = CmdLine::parse(&args(&[
+            "-S",
+            "-no-user-config",
+            "-nodefaults",
+            "-nographic",
+            "-machine",
+            "none,accel=tcg",
+            "-qmp",
+            "unix:/run/x/qmp.monitor,server=on,wait=off",
+            "-pidfile",
+            "/run/x/qmp.pid",
+            "-daemonize",
+        ]))
+        .unwrap();
+        let plan = Plan::new(OsStr::new("qemu-system-x86_64"), &cmd);
+        assert!(plan.daemonize);
+        assert_eq!(plan.pidfile.as_deref(), Some(OsStr::new("/run/x/qmp.pid")));
+        let fd = plan.layout.private_monitor;
+        assert_eq!(
+            plan.argv,
+            args(&[
+                "qemu-system-x86_64",
+                "-S",
+                "-no-user-config",
+                "-nodefaults",
+                "-nographic",
+                "-machine",
+                "none,accel=tcg",
+                "-qmp",
+                "unix:/run/x/qmp.monitor,server=on,wait=off",
+                "-chardev",
+                &format!("socket,id=qemu-liveupgrade-qmp,fd={fd}"),
+                "-mon",
+                "chardev=qemu-liveupgrade-qmp,mode=control",
+            ])
+        );
+        let text = plan.to_text();
+        assert!(text.contains("unix:/run/x/qmp.monitor"), "{text}");
+    }
+
+    #[test]
+    fn private_monitor_avoids_every_fd_the_argv_names() {
+        let cmd = CmdLine::parse(&args(&[
+            "-chardev",
+            "socket,id=charmonitor,fd=3,server=on,wait=off",
+            "-netdev",
+            r#"{"type":"tap","fds":"4:5","vhostfds":"6:7","id":"hostnet0"}"#,
+            "-add-fd",
+            "set=0,fd=8,opaque=serial0-log",
+        ]))
+        .unwrap();
+        let plan = Plan::new(OsStr::new("qemu-system-x86_64"), &cmd);
+        assert_eq!(plan.layout.private_monitor, 9);
+        assert_eq!(plan.layout.keep, vec![3, 4, 5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn quotes_only_what_needs_it() {
+        assert_eq!(
+            shell_quote(OsStr::new("file=/a/b.img,if=virtio")),
+            "file=/a/b.img,if=virtio"
+        );
+        assert_eq!(
+            shell_quote(OsStr::new("console=ttyS0 quiet")),
+            "'console=ttyS0 quiet'"
+        );
+        assert_eq!(shell_quote(OsStr::new(r#"{"a":1}"#)), r#"'{"a":1}'"#);
+        assert_eq!(shell_quote(OsStr::new("it's")), r"'it'\''s'");
+    }
+}

@@ -1,1 +1,801 @@
-//! supervisor
+//! The supervisor: one `mio` loop that owns the running QEMU generation.
+//!
+//! Signal handlers only wake the loop (`signal-hook-mio`'s self-pipe); the loop then forwards
+//! SIGTERM, SIGINT, SIGHUP and SIGQUIT to QEMU, reaps children on SIGCHLD until `waitpid`
+//! reports none left, and records how the current generation ended so `main` can end the same
+//! way. Nothing here wakes up on a timer: an idle VM costs the launcher no CPU at all.
+//!
+//! Sequential steps (the start-up handshake, later the upgrade) are written as plain code that
+//! waits with [`Supervisor::call`], which keeps pumping the loop while it waits, so signals and
+//! child exits are never left unhandled during a step.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR2};
+use signal_hook_mio::v1_0::Signals;
+
+use crate::child::InheritedSignals;
+use crate::cmdline::CmdLine;
+use crate::control::{self, Client, Control, Request};
+use crate::daemonize::{Daemon, StartResult};
+use crate::generation::{
+    generation_cmdline, Fds, GenArgs, Generation, GenerationError, Layout, Stdio,
+};
+use crate::qmp::{self, QmpError};
+use crate::resolve::Binary;
+
+/// Signals the launcher passes on to the running QEMU, as QEMU would have received them.
+pub const FORWARDED: [i32; 4] = [SIGTERM, SIGINT, SIGHUP, SIGQUIT];
+
+/// A failure of the supervisor itself (not of QEMU).
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// Setting up or waiting on the event loop failed.
+    #[error("event loop failed")]
+    Poll(#[source] io::Error),
+    /// The first generation could not be started.
+    #[error(transparent)]
+    Start(#[from] GenerationError),
+    /// The private monitor failed while QEMU kept running.
+    #[error("QEMU's private monitor failed")]
+    Monitor(#[source] QmpError),
+}
+
+/// How the VM's QEMU ended; the launcher ends the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// `exit(code)`.
+    Code(i32),
+    /// Killed by a signal.
+    Signal(Signal),
+}
+
+/// Why [`Supervisor::call`] returned without a reply.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The command failed, or the monitor broke.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// The generation exited while the command was outstanding.
+    #[error("QEMU exited")]
+    Exited,
+    /// The deadline passed.
+    #[error("{0} timed out")]
+    Timeout(String),
+    /// The loop itself failed.
+    #[error("event loop failed")]
+    Poll(#[source] io::Error),
+}
+
+/// Which generation a command goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// The one running the guest.
+    Current,
+    /// The one being started by an upgrade.
+    Incoming,
+}
+
+/// What the loop can be woken by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    Signals,
+    /// Output of QEMU copied to the launcher's stdout (0) or stderr (1), when daemonized.
+    Relay(usize),
+    /// The control socket's listener.
+    Control,
+    /// A control client, by slot.
+    ControlClient(usize),
+    /// A generation's private monitor, by generation number.
+    Monitor(u32),
+}
+
+impl Token {
+    const CONTROL_CLIENT_BASE: usize = 16;
+    const MONITOR_BASE: usize = 1 << 20;
+
+    fn to_mio(self) -> mio::Token {
+        mio::Token(match self {
+            Token::Signals => 0,
+            Token::Relay(i) => 1 + i,
+            Token::Control => 3,
+            Token::ControlClient(i) => Self::CONTROL_CLIENT_BASE + i,
+            Token::Monitor(n) => Self::MONITOR_BASE + n as usize,
+        })
+    }
+
+    fn from_mio(t: mio::Token) -> Token {
+        match t.0 {
+            0 => Token::Signals,
+            3 => Token::Control,
+            i if i < Self::CONTROL_CLIENT_BASE => Token::Relay(i - 1),
+            i if i < Self::MONITOR_BASE => Token::ControlClient(i - Self::CONTROL_CLIENT_BASE),
+            n => Token::Monitor((n - Self::MONITOR_BASE) as u32),
+        }
+    }
+}
+
+/// Copies a daemonized QEMU's stdout or stderr to the launcher's, which point at the caller
+/// until start-up is reported and at /dev/null after, as a daemonized QEMU's own do.
+#[derive(Debug)]
+struct Relay {
+    from: OwnedFd,
+    to: RawFd,
+    open: bool,
+}
+
+/// Everything needed to supervise one VM.
+#[derive(Debug)]
+pub struct Config {
+    /// argv[0] the launcher was invoked with; QEMU gets the same, so its messages read the same.
+    pub argv0: OsString,
+    /// The launcher's base command line: the user's, with guest RAM rewritten onto memfds.
+    pub cmd: CmdLine,
+    /// The fixed fd layout.
+    pub layout: Layout,
+    /// The memfds of guest RAM, in layout order.
+    pub ram: Vec<OwnedFd>,
+    /// Why guest RAM is not shared, when it is not; it then crosses in the migration stream.
+    pub unshared: Option<String>,
+    /// The real QEMU for the first generation.
+    pub binary: Binary,
+    /// The signal state to give every QEMU.
+    pub signals: InheritedSignals,
+    /// Set when `-daemonize` was given and the foreground waits for a start-up report.
+    pub daemon: Option<Daemon>,
+}
+
+/// The running supervisor.
+pub struct Supervisor {
+    poll: Poll,
+    events: Events,
+    signals: Signals,
+    pub(crate) config: Config,
+    pub(crate) current: Generation,
+    pub(crate) incoming: Option<Generation>,
+    pub(crate) incoming_exit: Option<Exit>,
+    /// The machine type every generation after the first runs, resolved from the first.
+    pub(crate) machine: Option<String>,
+    /// Upgrade requests (SIGUSR2 or control socket) received and not yet acted on.
+    pub(crate) upgrade_requests: u32,
+    /// The binary a control client asked for, if any.
+    upgrade_to: Option<std::path::PathBuf>,
+    /// The control socket, when it could be bound.
+    control: Option<Control>,
+    /// Connected control clients by slot.
+    control_clients: Vec<Option<Client>>,
+    /// Control clients waiting for the upgrade under way to finish.
+    waiters: Vec<Client>,
+    /// When the launcher started.
+    started: Instant,
+    /// The last upgrade's report, for `status`.
+    pub(crate) last_upgrade: Option<Value>,
+    /// An upgrade is under way: private-monitor events are kept for it to read (otherwise
+    /// they are dropped), and further requests are coalesced into it.
+    pub(crate) upgrading: bool,
+    relays: Vec<Relay>,
+    /// Write ends of the relay pipes, handed to every generation when daemonized.
+    child_out: Vec<OwnedFd>,
+    null: std::fs::File,
+    exit: Option<Exit>,
+    /// Pids of former generations not yet reaped.
+    retired: Vec<Pid>,
+}
+
+impl Supervisor {
+    /// Starts the first generation and the loop around it.
+    pub fn start(mut config: Config) -> Result<Supervisor, SupervisorError> {
+        let poll = Poll::new().map_err(SupervisorError::Poll)?;
+        let mut watched = vec![SIGCHLD, SIGUSR2];
+        watched.extend(FORWARDED);
+        let mut signals = Signals::new(watched).map_err(SupervisorError::Poll)?;
+        poll.registry()
+            .register(&mut signals, Token::Signals.to_mio(), Interest::READABLE)
+            .map_err(SupervisorError::Poll)?;
+
+        let mut relays = Vec::new();
+        let mut child_out = Vec::new();
+        if config.daemon.is_some() {
+            for target in [1, 2] {
+                let flags = nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK;
+                let (r, w) =
+                    nix::unistd::pipe2(flags).map_err(|e| SupervisorError::Poll(e.into()))?;
+                relays.push(Relay {
+                    from: r,
+                    to: target,
+                    open: true,
+                });
+                child_out.push(w);
+            }
+        }
+        let null = std::fs::File::open("/dev/null").map_err(SupervisorError::Poll)?;
+        let binary = config.binary.clone();
+        let first = spawn_registered(
+            poll.registry(),
+            &config,
+            child_stdio(&null, &child_out),
+            1,
+            binary,
+            &GenArgs::default(),
+        );
+        let current = match first {
+            Ok(g) => g,
+            Err(e) => {
+                if let Some(d) = config.daemon.as_mut() {
+                    d.report(StartResult::Failed(1));
+                }
+                return Err(e.into());
+            }
+        };
+        let mut sup = Supervisor {
+            poll,
+            events: Events::with_capacity(64),
+            signals,
+            current,
+            incoming: None,
+            incoming_exit: None,
+            machine: None,
+            upgrade_requests: 0,
+            upgrade_to: None,
+            control: None,
+            control_clients: Vec::new(),
+            waiters: Vec::new(),
+            started: Instant::now(),
+            last_upgrade: None,
+            upgrading: false,
+            relays,
+            child_out,
+            null,
+            exit: None,
+            retired: Vec::new(),
+            config,
+        };
+        match Control::bind(&control::run_dir(), std::process::id()) {
+            Ok(c) => {
+                let fd = c.raw_fd();
+                sup.poll
+                    .registry()
+                    .register(
+                        &mut SourceFd(&fd),
+                        Token::Control.to_mio(),
+                        Interest::READABLE,
+                    )
+                    .map_err(SupervisorError::Poll)?;
+                sup.control = Some(c);
+            }
+            // The VM runs regardless; SIGUSR2 still upgrades it.
+            Err(e) => eprintln!(
+                "{}: qemu-liveupgrade: no control socket in {}: {e}",
+                crate::resolve::invoked_name(&sup.config.argv0).to_string_lossy(),
+                control::run_dir().display()
+            ),
+        }
+        for i in 0..sup.relays.len() {
+            let fd = sup.relays[i].from.as_raw_fd();
+            sup.poll
+                .registry()
+                .register(
+                    &mut SourceFd(&fd),
+                    Token::Relay(i).to_mio(),
+                    Interest::READABLE,
+                )
+                .map_err(SupervisorError::Poll)?;
+        }
+        Ok(sup)
+    }
+
+    /// Starts a generation with the layout's fds and registers its private monitor.
+    pub(crate) fn spawn_generation(
+        &mut self,
+        number: u32,
+        binary: Binary,
+        args: &GenArgs,
+    ) -> Result<Generation, GenerationError> {
+        spawn_registered(
+            self.poll.registry(),
+            &self.config,
+            child_stdio(&self.null, &self.child_out),
+            number,
+            binary,
+            args,
+        )
+    }
+
+    /// Runs until QEMU exits; returns how it ended.
+    pub fn run(mut self) -> Result<Exit, SupervisorError> {
+        match self.handshake(Which::Current, None) {
+            Ok(()) => {
+                self.machine = self.resolve_machine();
+                if let Some(d) = self.config.daemon.as_mut() {
+                    d.report(StartResult::Ready);
+                }
+            }
+            Err(CallError::Exited) | Err(CallError::Qmp(QmpError::Closed)) => {}
+            Err(CallError::Poll(e)) => return Err(SupervisorError::Poll(e)),
+            Err(e) => {
+                // QEMU runs but its monitor is unusable: nothing could ever be upgraded, and a
+                // daemonized caller would wait forever. End it rather than run blind.
+                let _ = nix::sys::signal::kill(self.current.pid, Signal::SIGKILL);
+                let err = match e {
+                    CallError::Qmp(q) => q,
+                    other => QmpError::Io(io::Error::other(other.to_string())),
+                };
+                return Err(SupervisorError::Monitor(err));
+            }
+        }
+        loop {
+            if let Some(exit) = self.exit {
+                if let Some(d) = self.config.daemon.as_mut() {
+                    d.report(StartResult::Failed(match exit {
+                        Exit::Code(c) => c.clamp(1, 255) as u8,
+                        Exit::Signal(_) => 1,
+                    }));
+                }
+                self.drain_relays();
+                return Ok(exit);
+            }
+            if self.upgrade_requests > 0 {
+                self.upgrade_requests = 0;
+                let to = self.upgrade_to.take();
+                let report = self.upgrade(to);
+                self.report(report);
+                continue;
+            }
+            self.pump(None).map_err(SupervisorError::Poll)?;
+        }
+    }
+
+    /// Prints an upgrade report as one JSON line on stderr, which libvirt keeps in the
+    /// domain's log, and keeps it for `status`.
+    fn report(&mut self, report: Value) {
+        eprintln!("{report}");
+        for mut w in std::mem::take(&mut self.waiters) {
+            let _ = w.send(&report);
+        }
+        self.last_upgrade = Some(report);
+    }
+
+    /// Tells control clients waiting on the upgrade which step it has reached.
+    pub(crate) fn progress(&mut self, step: &str) {
+        let line = control::progress(step);
+        self.waiters.retain_mut(|w| w.send(&line).is_ok());
+    }
+
+    /// The VM's state, for `qemu-liveupgrade status` and `list`.
+    pub fn status(&self) -> Value {
+        let name = self
+            .config
+            .cmd
+            .opts("name")
+            .filter_map(|o| o.parse_arg())
+            .filter_map(|a| a.get("guest"))
+            .last();
+        json!({
+            "pid": std::process::id(),
+            "name": name,
+            "qemu_pid": self.current.pid.as_raw(),
+            "version": self.current.version_string(),
+            "binary": self.current.binary.path.to_string_lossy(),
+            "generation": self.current.number,
+            "machine": self.machine,
+            "ram": if self.config.unshared.is_none() { "shared" } else { "streamed" },
+            "uptime_s": self.started.elapsed().as_secs(),
+            "generation_uptime_s": self.current.started.elapsed().as_secs(),
+            "last_upgrade": self.last_upgrade,
+        })
+    }
+
+    /// Resolves the first generation's machine alias (`pc`, `q35`, or the default) to the
+    /// versioned type it stands for, which every later generation is started with: local
+    /// migration needs the same machine type on both sides, and a newer QEMU's alias points
+    /// at a newer type.
+    fn resolve_machine(&mut self) -> Option<String> {
+        let wanted = self
+            .config
+            .cmd
+            .opts("machine")
+            .filter_map(|o| o.parse_arg())
+            .filter_map(|a| a.get("type"))
+            .last();
+        let machines = self
+            .call(Which::Current, "query-machines", None, None)
+            .ok()?;
+        let machines = machines.as_array()?;
+        let found = machines.iter().find(|m| match &wanted {
+            Some(t) => {
+                m.get("name").and_then(Value::as_str) == Some(t)
+                    || m.get("alias").and_then(Value::as_str) == Some(t)
+            }
+            None => m.get("is-default").and_then(Value::as_bool) == Some(true),
+        });
+        found
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    }
+
+    /// Waits for a generation's greeting, negotiates its monitor and reads its version. QEMU
+    /// dispatches monitor commands only from its main loop, which it enters after creating
+    /// every chardev, so a reply here means every user monitor socket already listens.
+    pub(crate) fn handshake(
+        &mut self,
+        which: Which,
+        deadline: Option<Instant>,
+    ) -> Result<(), CallError> {
+        loop {
+            if self.gen_mut(which).qmp.take_greeting().is_some() {
+                break;
+            }
+            self.check_alive(which)?;
+            self.pump(remaining(deadline, "greeting")?)
+                .map_err(CallError::Poll)?;
+        }
+        self.call(which, "qmp_capabilities", None, deadline)?;
+        let version = self.call(which, "query-version", None, deadline)?;
+        self.gen_mut(which).version = Some(version);
+        Ok(())
+    }
+
+    pub(crate) fn gen(&self, which: Which) -> &Generation {
+        match which {
+            Which::Current => &self.current,
+            Which::Incoming => self.incoming.as_ref().expect("no incoming generation"),
+        }
+    }
+
+    pub(crate) fn gen_mut(&mut self, which: Which) -> &mut Generation {
+        match which {
+            Which::Current => &mut self.current,
+            Which::Incoming => self.incoming.as_mut().expect("no incoming generation"),
+        }
+    }
+
+    fn check_alive(&self, which: Which) -> Result<(), CallError> {
+        let exited = match which {
+            Which::Current => self.exit.is_some(),
+            Which::Incoming => self.incoming_exit.is_some(),
+        };
+        if exited {
+            return Err(CallError::Exited);
+        }
+        if self.gen(which).qmp.is_closed() {
+            return Err(QmpError::Closed.into());
+        }
+        Ok(())
+    }
+
+    /// Sends a command on a generation's private monitor and waits for its reply, serving
+    /// the loop meanwhile.
+    pub fn call(
+        &mut self,
+        which: Which,
+        command: &str,
+        args: Option<Value>,
+        deadline: Option<Instant>,
+    ) -> Result<Value, CallError> {
+        self.call_with_fd(which, command, args, None, deadline)
+    }
+
+    /// [`Supervisor::call`] passing an fd with SCM_RIGHTS (`getfd`).
+    pub fn call_with_fd(
+        &mut self,
+        which: Which,
+        command: &str,
+        args: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+        deadline: Option<Instant>,
+    ) -> Result<Value, CallError> {
+        self.check_alive(which)?;
+        let id = self.gen_mut(which).qmp.send_with_fd(command, args, fd)?;
+        loop {
+            if let Some(result) = self.gen_mut(which).qmp.take_reply(id) {
+                return result.map_err(|e| qmp::command_error(command, &e).into());
+            }
+            self.check_alive(which)?;
+            self.pump(remaining(deadline, command)?)
+                .map_err(CallError::Poll)?;
+        }
+    }
+
+    /// Serves the loop until `done` holds or the deadline passes.
+    pub(crate) fn wait_until(
+        &mut self,
+        what: &str,
+        deadline: Instant,
+        mut done: impl FnMut(&mut Supervisor) -> bool,
+    ) -> Result<(), CallError> {
+        while !done(self) {
+            self.pump(remaining(Some(deadline), what)?)
+                .map_err(CallError::Poll)?;
+        }
+        Ok(())
+    }
+
+    /// Kills the incoming generation and waits until it is reaped.
+    pub(crate) fn kill_incoming(&mut self) {
+        let Some(gen) = self.incoming.as_ref() else {
+            return;
+        };
+        let pid = gen.pid;
+        let fd = gen.qmp.raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        if self.incoming_exit.is_none() {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let _ = self.wait_until("reaping the new QEMU", deadline, |s| {
+                s.incoming_exit.is_some()
+            });
+        }
+        self.incoming = None;
+        self.incoming_exit = None;
+    }
+
+    /// Makes the incoming generation current. The old one is returned for the caller to end;
+    /// from here on its exit no longer ends the VM.
+    pub(crate) fn promote_incoming(&mut self) -> Generation {
+        let new = self.incoming.take().expect("no incoming generation");
+        let old = std::mem::replace(&mut self.current, new);
+        let fd = old.qmp.raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        self.retired.push(old.pid);
+        old
+    }
+
+    /// Waits once for events and handles them.
+    fn pump(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let tokens: Vec<Token> = self
+            .events
+            .iter()
+            .map(|e| Token::from_mio(e.token()))
+            .collect();
+        for token in tokens {
+            match token {
+                Token::Signals => self.on_signals(),
+                Token::Relay(i) => self.on_relay(i),
+                Token::Monitor(n) => self.on_monitor(n),
+                Token::Control => self.on_control(),
+                Token::ControlClient(i) => self.on_control_client(i),
+            }
+        }
+        Ok(())
+    }
+
+    fn on_signals(&mut self) {
+        let pending: Vec<i32> = self.signals.pending().collect();
+        for sig in pending {
+            match sig {
+                SIGCHLD => self.reap(),
+                SIGUSR2 => self.upgrade_requests += 1,
+                sig => {
+                    if let Ok(sig) = Signal::try_from(sig) {
+                        let _ = nix::sys::signal::kill(self.current.pid, sig);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reaps every exited child; SIGCHLD is coalesced, so one wake-up may stand for several.
+    fn reap(&mut self) {
+        loop {
+            let (pid, exit) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, Exit::Code(code)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, Exit::Signal(sig)),
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(_) => continue,
+            };
+            if pid == self.current.pid {
+                self.exit = Some(exit);
+            } else if self.incoming.as_ref().map(|g| g.pid) == Some(pid) {
+                self.incoming_exit = Some(exit);
+            } else {
+                self.retired.retain(|p| *p != pid);
+            }
+        }
+    }
+
+    fn on_monitor(&mut self, number: u32) {
+        let gen = if self.current.number == number {
+            &mut self.current
+        } else {
+            match self.incoming.as_mut() {
+                Some(g) if g.number == number => g,
+                _ => return,
+            }
+        };
+        let result = gen.qmp.on_readable();
+        if !self.upgrading {
+            let _ = gen.qmp.take_events();
+        }
+        if result.is_err() || gen.qmp.is_closed() {
+            let fd = gen.qmp.raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        }
+    }
+
+    fn on_control(&mut self) {
+        let Some(control) = self.control.as_ref() else {
+            return;
+        };
+        while let Ok(Some(client)) = control.accept() {
+            let slot = match self.control_clients.iter().position(Option::is_none) {
+                Some(i) => i,
+                None => {
+                    self.control_clients.push(None);
+                    self.control_clients.len() - 1
+                }
+            };
+            let fd = client.raw_fd();
+            let token = Token::ControlClient(slot).to_mio();
+            if self
+                .poll
+                .registry()
+                .register(&mut SourceFd(&fd), token, Interest::READABLE)
+                .is_ok()
+            {
+                self.control_clients[slot] = Some(client);
+            }
+        }
+    }
+
+    fn on_control_client(&mut self, slot: usize) {
+        let Some(client) = self.control_clients.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let request = match client.on_readable() {
+            Ok(None) => return,
+            Ok(Some(r)) => Some(r),
+            Err(_) => None,
+        };
+        let Some(mut client) = self.control_clients[slot].take() else {
+            return;
+        };
+        let fd = client.raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        match request {
+            Some(Request::Status) => {
+                let _ = client.send(&self.status());
+            }
+            Some(Request::Upgrade(to)) => {
+                if self.upgrading {
+                    // An upgrade is under way: this request is coalesced into it.
+                    self.upgrade_requests += 1;
+                } else {
+                    self.upgrade_requests = 1;
+                    self.upgrade_to = to;
+                }
+                self.waiters.push(client);
+            }
+            None => {}
+        }
+    }
+
+    fn on_relay(&mut self, i: usize) {
+        let relay = &mut self.relays[i];
+        loop {
+            match copy_available(relay) {
+                Copy::More => continue,
+                Copy::Empty => return,
+                Copy::Eof => break,
+            }
+        }
+        relay.open = false;
+        let fd = relay.from.as_raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+    }
+
+    /// Copies what QEMU wrote just before exiting, so its last error reaches the caller.
+    fn drain_relays(&mut self) {
+        for relay in self.relays.iter_mut().filter(|r| r.open) {
+            while copy_available(relay) == Copy::More {}
+        }
+    }
+
+    /// Whether the current generation has exited, which ends the VM.
+    pub(crate) fn has_exited(&self) -> bool {
+        self.exit.is_some()
+    }
+
+    /// Whether a retired generation's process is still to be reaped.
+    pub(crate) fn is_retired_alive(&self, pid: Pid) -> bool {
+        self.retired.contains(&pid)
+    }
+}
+
+/// Where a generation's stdio goes: the launcher's own, or the relay pipes when daemonized.
+fn child_stdio<'a>(null: &'a std::fs::File, child_out: &'a [OwnedFd]) -> Stdio<'a> {
+    match child_out {
+        [out, err] => Stdio {
+            fds: [Some(null.as_fd()), Some(out.as_fd()), Some(err.as_fd())],
+        },
+        _ => Stdio::default(),
+    }
+}
+
+/// Starts a generation with the layout's fds and registers its private monitor.
+fn spawn_registered(
+    registry: &mio::Registry,
+    config: &Config,
+    stdio: Stdio<'_>,
+    number: u32,
+    binary: Binary,
+    args: &GenArgs,
+) -> Result<Generation, GenerationError> {
+    let cmd = generation_cmdline(&config.cmd, &config.layout, args);
+    let place = config
+        .ram
+        .iter()
+        .map(|fd| fd.as_fd())
+        .zip(config.layout.ram.iter().copied());
+    let fds = Fds {
+        layout: &config.layout,
+        stdio,
+        place: place.collect(),
+    };
+    let gen = Generation::spawn(number, binary, &config.argv0, &cmd, &fds, &config.signals)?;
+    let fd = gen.qmp.raw_fd();
+    registry
+        .register(
+            &mut SourceFd(&fd),
+            Token::Monitor(number).to_mio(),
+            Interest::READABLE,
+        )
+        .map_err(GenerationError::Socket)?;
+    Ok(gen)
+}
+
+/// Time left until `deadline`, or a timeout error naming `what`.
+fn remaining(deadline: Option<Instant>, what: &str) -> Result<Option<Duration>, CallError> {
+    match deadline {
+        None => Ok(None),
+        Some(d) => match d.checked_duration_since(Instant::now()) {
+            Some(left) if !left.is_zero() => Ok(Some(left)),
+            _ => Err(CallError::Timeout(what.to_owned())),
+        },
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Copy {
+    More,
+    Empty,
+    Eof,
+}
+
+/// Copies one chunk from QEMU's output pipe to the launcher's own fd.
+fn copy_available(relay: &mut Relay) -> Copy {
+    let mut buf = [0u8; 16384];
+    match nix::unistd::read(relay.from.as_raw_fd(), &mut buf) {
+        Ok(0) => Copy::Eof,
+        Ok(n) => {
+            let mut out = &buf[..n];
+            // SAFETY: `to` is 1 or 2, open for the launcher's whole life.
+            let target = unsafe { std::os::fd::BorrowedFd::borrow_raw(relay.to) };
+            while !out.is_empty() {
+                match nix::unistd::write(target, out) {
+                    Ok(w) => out = &out[w..],
+                    Err(nix::errno::Errno::EINTR) => {}
+                    // The caller went away; QEMU's output has nowhere to go, as it would not.
+                    Err(_) => break,
+                }
+            }
+            Copy::More
+        }
+        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => Copy::Empty,
+        Err(_) => Copy::Eof,
+    }
+}

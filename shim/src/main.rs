@@ -1,1 +1,148 @@
-fn main() {}
+//! `qemu-liveupgrade-shim`: installed in place of `qemu-system-<arch>`.
+//!
+//! To whatever runs it, it is QEMU: invocations that start no VM are handed to the real binary
+//! with `execv`, so pid, output and status are QEMU's own. Invocations that start a VM keep
+//! this process as the VM's pid; the real QEMU runs as its child, and this process ends the way
+//! QEMU ends.
+
+use std::ffi::{CString, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::process::ExitCode;
+
+use launcher::child::InheritedSignals;
+use launcher::cmdline::CmdLine;
+use launcher::daemonize::{self, Pidfile};
+use launcher::error_chain;
+use launcher::generation::Base;
+use launcher::memfd;
+use launcher::resolve::{self, Binary};
+use launcher::supervisor::{Config, Exit, Supervisor};
+
+fn main() -> ExitCode {
+    // Before anything changes them: every QEMU gets the signal state this process was given.
+    let signals = InheritedSignals::capture();
+    let mut args = std::env::args_os();
+    let argv0 = args
+        .next()
+        .unwrap_or_else(|| OsString::from("qemu-system-x86_64"));
+    let rest: Vec<OsString> = args.collect();
+    let prog = resolve::invoked_name(&argv0).to_string_lossy().into_owned();
+    match launch(&argv0, rest, signals) {
+        Ok(exit) => end_like(exit),
+        Err(message) => {
+            eprintln!("{prog}: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs the VM described by `args`, or hands a query to QEMU. Errors are one line of text.
+fn launch(
+    argv0: &OsString,
+    args: Vec<OsString>,
+    signals: InheritedSignals,
+) -> Result<Exit, String> {
+    let cmd = match CmdLine::parse(&args) {
+        Ok(cmd) => cmd,
+        // Options the launcher cannot follow are refused here; anything else malformed is for
+        // QEMU to judge, in its own words.
+        Err(e) if e.is_refusal() => return Err(error_chain(&e)),
+        Err(_) => return pass_through(argv0, &args),
+    };
+    if cmd.is_info_only() {
+        return pass_through(argv0, &args);
+    }
+    let base = Base::for_this_process(&cmd);
+    let binary = resolve::resolve(argv0).map_err(|e| error_chain(&e))?;
+    let daemon = if cmd.has("daemonize") {
+        Some(daemonize::daemonize().map_err(|e| error_chain(&e))?)
+    } else {
+        None
+    };
+    let mut signals = signals;
+    if daemon.is_some() {
+        // QEMU ignores job-control stops once daemonized; its child here never daemonizes, so
+        // it inherits the same from us.
+        signals.ignore_job_control();
+    }
+    let pidfile = match cmd.opts("pidfile").last().and_then(|o| o.arg.clone()) {
+        Some(path) => match Pidfile::create(path.as_ref()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                if let Some(mut d) = daemon {
+                    d.report(daemonize::StartResult::Failed(1));
+                }
+                return Err(error_chain(&e));
+            }
+        },
+        None => None,
+    };
+    let ram = match base
+        .regions
+        .iter()
+        .map(memfd::create)
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(ram) => ram,
+        Err(e) => {
+            if let Some(mut d) = daemon {
+                d.report(daemonize::StartResult::Failed(1));
+            }
+            return Err(error_chain(&e));
+        }
+    };
+    let config = Config {
+        argv0: argv0.clone(),
+        cmd: base.cmd,
+        layout: base.layout,
+        ram,
+        unshared: base.unshared,
+        binary,
+        signals,
+        daemon,
+    };
+    let result = Supervisor::start(config).and_then(Supervisor::run);
+    if let Some(p) = pidfile {
+        p.remove();
+    }
+    result.map_err(|e| error_chain(&e))
+}
+
+/// Replaces this process with the real QEMU, argv untouched.
+fn pass_through(argv0: &OsString, args: &[OsString]) -> Result<Exit, String> {
+    let Binary { path, .. } = resolve::resolve(argv0).map_err(|e| error_chain(&e))?;
+    let cstr = |s: &[u8]| CString::new(s).map_err(|_| "argument contains a NUL byte".to_owned());
+    let program = cstr(path.as_os_str().as_bytes())?;
+    let mut argv = vec![cstr(argv0.as_bytes())?];
+    for a in args {
+        argv.push(cstr(a.as_bytes())?);
+    }
+    let err = nix::unistd::execv(&program, &argv).unwrap_err();
+    Err(format!("cannot execute {}: {}", path.display(), err.desc()))
+}
+
+/// Ends this process the way QEMU ended: the same exit code, or death by the same signal.
+fn end_like(exit: Exit) -> ExitCode {
+    match exit {
+        Exit::Code(code) => ExitCode::from(code as u8),
+        Exit::Signal(sig) => {
+            // Die of the signal itself, so a waiting parent sees WIFSIGNALED with QEMU's
+            // signal. No core: it would be this process's, not QEMU's.
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: setrlimit and signal with valid arguments; raise delivers the signal to
+            // this single-threaded process with the default action restored just before.
+            unsafe {
+                libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+                libc::signal(sig as libc::c_int, libc::SIG_DFL);
+            }
+            let mut set = nix::sys::signal::SigSet::empty();
+            set.add(sig);
+            let _ = set.thread_unblock();
+            let _ = nix::sys::signal::raise(sig);
+            ExitCode::from(128u8.wrapping_add(sig as u8))
+        }
+    }
+}
