@@ -1,0 +1,541 @@
+//! The live upgrade: the guest moves from the running QEMU into a newly started one.
+//!
+//! Read [`Supervisor::upgrade`] top to bottom; it is the whole sequence. Guest RAM lives in
+//! memfds the launcher owns (see [`crate::memfd`]) and every generation maps them, so with
+//! `x-ignore-shared` the migration stream carries only device state: the guest pauses for
+//! milliseconds and no RAM is copied. When RAM cannot be shared it travels through the same
+//! pipe, with settings that let a busy guest converge.
+//!
+//! Until the new QEMU runs the guest, every step can be undone: a failure kills the new QEMU,
+//! cancels the migration, puts the old QEMU's migration settings back and resumes it only if
+//! it was running. After that point the old QEMU is quit. The guest is never on two QEMUs,
+//! because the old one is paused (by migration) before the new one starts running, and never
+//! on none, because the old one is quit only once the new one runs.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::generation::GenArgs;
+use crate::resolve::{self, Binary, Source};
+use crate::supervisor::{CallError, Supervisor, Which};
+
+/// Time a new QEMU gets to start and answer its monitor.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time any single monitor command gets.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a migration of device state only gets.
+const SHARED_MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Added per GiB of guest RAM when RAM travels in the stream.
+const STREAMED_TIMEOUT_PER_GIB: Duration = Duration::from_secs(30);
+
+/// fd names the launcher gives the stream's pipe ends inside each QEMU.
+const FD_OUT: &str = "qemu-liveupgrade-out";
+const FD_IN: &str = "qemu-liveupgrade-in";
+
+/// Migration states of the source that mean it is over and did not succeed.
+const SOURCE_FAILED: [&str; 2] = ["failed", "cancelled"];
+/// Run states a guest can be upgraded from.
+const UPGRADABLE: [&str; 4] = ["running", "paused", "prelaunch", "suspended"];
+
+/// Why an upgrade was abandoned; the guest stays on the old QEMU.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// No binary to upgrade to.
+    #[error("cannot find the new QEMU")]
+    Resolve(#[source] resolve::ResolveError),
+    /// The guest is in a state that cannot be migrated now.
+    #[error("guest is {0}, not running, paused or prelaunch")]
+    State(String),
+    /// The new QEMU could not be started or did not answer.
+    #[error("new QEMU did not start")]
+    Start(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The new QEMU lacks something the running VM needs.
+    #[error("new QEMU is incompatible: {0}")]
+    Incompatible(String),
+    /// A monitor command of the upgrade failed.
+    #[error("{step}")]
+    Step {
+        /// What was being done.
+        step: &'static str,
+        /// Why it failed.
+        #[source]
+        source: CallError,
+    },
+    /// The migration reported failure.
+    #[error("migration failed: {0}")]
+    Migration(String),
+    /// The new QEMU exited during the upgrade.
+    #[error("new QEMU exited during the upgrade")]
+    NewExited,
+}
+
+/// What the rollback has to undo, filled in as the sequence advances.
+#[derive(Debug, Default)]
+struct Undo {
+    /// Capabilities changed on the old QEMU, with their previous state.
+    capabilities: Vec<(String, bool)>,
+    /// Migration parameters changed on the old QEMU, with their previous values.
+    parameters: Option<Value>,
+    /// The stream's write end was handed to the old QEMU and not yet consumed by `migrate`.
+    out_fd_named: bool,
+    /// `migrate` was issued.
+    migrating: bool,
+    /// The old QEMU's run state before the upgrade.
+    old_status: Option<String>,
+}
+
+/// What a successful swap measured.
+#[derive(Debug, Default)]
+struct Stats {
+    downtime_ms: Option<u64>,
+    ram_bytes: Option<u64>,
+    shared: bool,
+}
+
+impl Supervisor {
+    /// Upgrades the VM to `to`, or to the binary resolution finds now. Returns the report,
+    /// one JSON object, for the domain log and the control socket.
+    pub fn upgrade(&mut self, to: Option<PathBuf>) -> Value {
+        let started = Instant::now();
+        let from = json!({
+            "version": self.current.version_string(),
+            "binary": self.current.binary.path.to_string_lossy(),
+            "generation": self.current.number,
+        });
+        let mut undo = Undo::default();
+        self.upgrading = true;
+        let result = self.swap(to, &mut undo);
+        if result.is_err() {
+            self.roll_back(&undo);
+        }
+        self.upgrading = false;
+        let coalesced = std::mem::take(&mut self.upgrade_requests);
+        let mut report = json!({
+            "qemu-liveupgrade": "upgrade",
+            "from": from,
+            "machine": self.machine,
+            "total_ms": ms(started.elapsed()),
+            "coalesced_requests": coalesced,
+        });
+        match result {
+            Ok(stats) => {
+                report["result"] = "ok".into();
+                report["to"] = json!({
+                    "version": self.current.version_string(),
+                    "binary": self.current.binary.path.to_string_lossy(),
+                    "generation": self.current.number,
+                });
+                report["ram"] = if stats.shared { "shared" } else { "streamed" }.into();
+                report["downtime_ms"] = json!(stats.downtime_ms);
+                report["ram_bytes"] = json!(stats.ram_bytes);
+            }
+            Err(e) => {
+                report["result"] = "failed".into();
+                report["reason"] = crate::error_chain(&e).into();
+                report["generation"] = self.current.number.into();
+            }
+        }
+        report
+    }
+
+    /// The sequence itself. Every step records in `undo` what a failure must reverse.
+    fn swap(&mut self, to: Option<PathBuf>, undo: &mut Undo) -> Result<Stats, UpgradeError> {
+        let step = |step| move |source| UpgradeError::Step { step, source };
+        let deadline = || Some(Instant::now() + STEP_TIMEOUT);
+
+        // 1. The binary: resolved again, since a package upgrade replaced the file.
+        let binary = match to {
+            Some(path) => Binary {
+                path,
+                source: Source::Env,
+            },
+            None => resolve::resolve(&self.config.argv0).map_err(UpgradeError::Resolve)?,
+        };
+
+        self.progress("checking the guest");
+        // 2. The guest's state now, which the new QEMU must end in.
+        let status = self
+            .call(Which::Current, "query-status", None, deadline())
+            .map_err(step("query-status"))?;
+        let old_status = status["status"].as_str().unwrap_or("unknown").to_owned();
+        if !UPGRADABLE.contains(&old_status.as_str()) {
+            return Err(UpgradeError::State(old_status));
+        }
+        undo.old_status = Some(old_status.clone());
+        let migration = self
+            .call(Which::Current, "query-migrate", None, deadline())
+            .map_err(step("query-migrate"))?;
+        if let Some(s) = migration["status"].as_str().filter(|s| is_active(s)) {
+            return Err(UpgradeError::State(format!("migrating ({s})")));
+        }
+
+        self.progress("starting the new QEMU");
+        // 3. The new QEMU, same argv, pinned machine, waiting for the incoming stream.
+        let number = self.current.number + 1;
+        let args = GenArgs {
+            machine: self.machine.clone(),
+            incoming: true,
+        };
+        let gen = self
+            .spawn_generation(number, binary, &args)
+            .map_err(|e| UpgradeError::Start(Box::new(e)))?;
+        self.incoming = Some(gen);
+        self.incoming_exit = None;
+        self.handshake(Which::Incoming, Some(Instant::now() + START_TIMEOUT))
+            .map_err(|e| UpgradeError::Start(Box::new(e)))?;
+
+        // 4. It must know the machine type the guest runs on.
+        if let Some(machine) = self.machine.clone() {
+            let machines = self
+                .call(Which::Incoming, "query-machines", None, deadline())
+                .map_err(step("query-machines"))?;
+            let known = machines.as_array().is_some_and(|l| {
+                l.iter()
+                    .any(|m| m["name"].as_str() == Some(machine.as_str()))
+            });
+            if !known {
+                return Err(UpgradeError::Incompatible(format!(
+                    "no machine type {machine}"
+                )));
+            }
+        }
+
+        self.progress("setting migration capabilities");
+        // 5. Migration capabilities: the ones the VM's users set, plus ours, on both sides.
+        let old_caps = capabilities(
+            &self
+                .call(
+                    Which::Current,
+                    "query-migrate-capabilities",
+                    None,
+                    deadline(),
+                )
+                .map_err(step("query-migrate-capabilities"))?,
+        );
+        let new_caps = capabilities(
+            &self
+                .call(
+                    Which::Incoming,
+                    "query-migrate-capabilities",
+                    None,
+                    deadline(),
+                )
+                .map_err(step("query-migrate-capabilities"))?,
+        );
+        let knows = |caps: &[(String, bool)], name: &str| caps.iter().any(|(c, _)| c == name);
+        let shared = self.config.unshared.is_none()
+            && knows(&old_caps, "x-ignore-shared")
+            && knows(&new_caps, "x-ignore-shared");
+        let mut wanted: Vec<String> = old_caps
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(c, _)| c.clone())
+            .collect();
+        wanted.push("events".into());
+        wanted.push(
+            if shared {
+                "x-ignore-shared"
+            } else {
+                "auto-converge"
+            }
+            .into(),
+        );
+        wanted.sort();
+        wanted.dedup();
+        if let Some(missing) = wanted.iter().find(|c| !knows(&new_caps, c)) {
+            return Err(UpgradeError::Incompatible(format!(
+                "no migration capability {missing}"
+            )));
+        }
+        let on_old: Vec<String> = wanted
+            .iter()
+            .filter(|c| !old_caps.iter().any(|(n, on)| n == *c && *on))
+            .cloned()
+            .collect();
+        self.call(
+            Which::Incoming,
+            "migrate-set-capabilities",
+            Some(caps_arg(&wanted, true)),
+            deadline(),
+        )
+        .map_err(step("migrate-set-capabilities on the new QEMU"))?;
+        self.call(
+            Which::Current,
+            "migrate-set-capabilities",
+            Some(caps_arg(&on_old, true)),
+            deadline(),
+        )
+        .map_err(step("migrate-set-capabilities on the old QEMU"))?;
+        undo.capabilities = on_old.iter().map(|c| (c.clone(), false)).collect();
+        if !shared {
+            // RAM crosses in the stream: no bandwidth cap (7.2 defaults to 32 MiB/s, at
+            // which a busy guest never converges), QEMU's default downtime target.
+            let before = self
+                .call(Which::Current, "query-migrate-parameters", None, deadline())
+                .map_err(step("query-migrate-parameters"))?;
+            undo.parameters = Some(json!({
+                "max-bandwidth": before["max-bandwidth"],
+                "downtime-limit": before["downtime-limit"],
+            }));
+            let params = json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 300 });
+            self.call(
+                Which::Current,
+                "migrate-set-parameters",
+                Some(params),
+                deadline(),
+            )
+            .map_err(step("migrate-set-parameters"))?;
+        }
+
+        self.progress("migrating");
+        // 6. The stream: one pipe, its read end in the new QEMU, its write end in the old.
+        let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| step("pipe")(CallError::Poll(e.into())))?;
+        // A larger pipe lets streamed RAM move in bigger batches; best effort.
+        let _ = nix::fcntl::fcntl(
+            pipe_w.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
+        );
+        self.call_with_fd(
+            Which::Incoming,
+            "getfd",
+            Some(json!({"fdname": FD_IN})),
+            Some(pipe_r.as_fd()),
+            deadline(),
+        )
+        .map_err(step("getfd on the new QEMU"))?;
+        self.call(
+            Which::Incoming,
+            "migrate-incoming",
+            Some(json!({"uri": format!("fd:{FD_IN}")})),
+            deadline(),
+        )
+        .map_err(step("migrate-incoming"))?;
+        self.call_with_fd(
+            Which::Current,
+            "getfd",
+            Some(json!({"fdname": FD_OUT})),
+            Some(pipe_w.as_fd()),
+            deadline(),
+        )
+        .map_err(step("getfd on the old QEMU"))?;
+        undo.out_fd_named = true;
+        drop((pipe_r, pipe_w));
+        undo.migrating = true;
+        self.call(
+            Which::Current,
+            "migrate",
+            Some(json!({"uri": format!("fd:{FD_OUT}")})),
+            deadline(),
+        )
+        .map_err(step("migrate"))?;
+        undo.out_fd_named = false;
+
+        // 7. Completion, as the new QEMU sees it; the old one's failure, or either's exit.
+        let ram_size: u64 = self.ram_size();
+        let limit = if shared {
+            SHARED_MIGRATION_TIMEOUT
+        } else {
+            SHARED_MIGRATION_TIMEOUT + STREAMED_TIMEOUT_PER_GIB * (1 + (ram_size >> 30) as u32)
+        };
+        let mut outcome: Option<Result<(), String>> = None;
+        self.wait_until("migration", Instant::now() + limit, |s| {
+            for e in s.gen_mut(Which::Incoming).qmp.take_events() {
+                match migration_status(&e) {
+                    Some("completed") => outcome = Some(Ok(())),
+                    Some(st) if SOURCE_FAILED.contains(&st) => {
+                        outcome = Some(Err(format!("new QEMU reports {st}")))
+                    }
+                    _ => {}
+                }
+            }
+            for e in s.current.qmp.take_events() {
+                if let Some(st) = migration_status(&e).filter(|st| SOURCE_FAILED.contains(st)) {
+                    outcome = Some(Err(format!("old QEMU reports {st}")));
+                }
+            }
+            if s.incoming_exit.is_some() {
+                outcome = Some(Err("new QEMU exited".into()));
+            }
+            outcome.is_some() || s.has_exited()
+        })
+        .map_err(step("waiting for the migration"))?;
+        if let Some(Err(reason)) = outcome {
+            return Err(UpgradeError::Migration(reason));
+        }
+        if self.has_exited() {
+            return Err(UpgradeError::Migration("old QEMU exited".into()));
+        }
+
+        // 8. The run state the guest had. A destination started with -S (libvirt's way)
+        //    stays paused after migration even when the source ran; QEMU autostarts it
+        //    otherwise, a few moments after reporting completion.
+        let mut status = String::from("inmigrate");
+        let settle = Instant::now() + STEP_TIMEOUT;
+        while status == "inmigrate" {
+            let st = self
+                .call(Which::Incoming, "query-status", None, Some(settle))
+                .map_err(step("query-status on the new QEMU"))?;
+            status = st["status"].as_str().unwrap_or("unknown").to_owned();
+            if status == "inmigrate" {
+                let _ =
+                    self.wait_until("settle", Instant::now() + Duration::from_millis(1), |_| {
+                        false
+                    });
+            }
+        }
+        if old_status == "running" && status != "running" {
+            self.call(Which::Incoming, "cont", None, deadline())
+                .map_err(step("cont on the new QEMU"))?;
+        }
+        // From here the new QEMU runs the guest: there is no way back.
+
+        self.progress("quitting the old QEMU");
+        // 9. Measurements, from the old QEMU, then the new one's capabilities put back to
+        //    what the VM's users had, and the old QEMU quit.
+        let mut stats = Stats {
+            shared,
+            ..Stats::default()
+        };
+        if let Ok(info) = self.call(Which::Current, "query-migrate", None, deadline()) {
+            stats.downtime_ms = info["downtime"].as_u64();
+            stats.ram_bytes = info["ram"]["transferred"].as_u64();
+        }
+        let _ = self.call(
+            Which::Incoming,
+            "migrate-set-capabilities",
+            Some(caps_arg(&on_old, false)),
+            deadline(),
+        );
+        let mut old = self.promote_incoming();
+        let _ = old.qmp.send("quit", None);
+        let pid = old.pid;
+        // `old` (and its monitor) stays open until QEMU has exited: a monitor closed right
+        // after the command would make QEMU drop the command unread.
+        let reaped = self.wait_until("the old QEMU to exit", Instant::now() + STEP_TIMEOUT, |s| {
+            !s.is_retired_alive(pid)
+        });
+        if reaped.is_err() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        drop(old);
+        Ok(stats)
+    }
+
+    /// Puts the old QEMU back exactly as it was: new QEMU gone, migration cancelled, settings
+    /// restored, and the guest running again only if it was running before.
+    fn roll_back(&mut self, undo: &Undo) {
+        let deadline = || Some(Instant::now() + STEP_TIMEOUT);
+        self.kill_incoming();
+        if self.has_exited() {
+            return;
+        }
+        if undo.migrating {
+            let _ = self.call(Which::Current, "migrate_cancel", None, deadline());
+            let settle = Instant::now() + STEP_TIMEOUT;
+            while Instant::now() < settle {
+                match self.call(Which::Current, "query-migrate", None, deadline()) {
+                    Ok(info) if info["status"].as_str().is_some_and(is_active) => {
+                        let _ = self.wait_until(
+                            "cancel",
+                            Instant::now() + Duration::from_millis(2),
+                            |_| false,
+                        );
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if undo.out_fd_named {
+            let _ = self.call(
+                Which::Current,
+                "closefd",
+                Some(json!({"fdname": FD_OUT})),
+                deadline(),
+            );
+        }
+        if !undo.capabilities.is_empty() {
+            let names: Vec<String> = undo.capabilities.iter().map(|(c, _)| c.clone()).collect();
+            let _ = self.call(
+                Which::Current,
+                "migrate-set-capabilities",
+                Some(caps_arg(&names, false)),
+                deadline(),
+            );
+        }
+        if let Some(params) = &undo.parameters {
+            let _ = self.call(
+                Which::Current,
+                "migrate-set-parameters",
+                Some(params.clone()),
+                deadline(),
+            );
+        }
+        // QEMU resumes a source whose migration failed by itself, but not one that finished
+        // sending and then lost its destination.
+        if undo.old_status.as_deref() == Some("running") {
+            let now = self.call(Which::Current, "query-status", None, deadline());
+            if now.is_ok_and(|s| s["status"] != "running") {
+                let _ = self.call(Which::Current, "cont", None, deadline());
+            }
+        }
+        let _ = self.current.qmp.take_events();
+    }
+
+    /// Total bytes of guest RAM the launcher owns, or the `-m` size when RAM is streamed.
+    fn ram_size(&self) -> u64 {
+        let owned: u64 = self
+            .config
+            .ram
+            .iter()
+            .filter_map(|fd| nix::sys::stat::fstat(fd.as_raw_fd()).ok())
+            .map(|st| st.st_size as u64)
+            .sum();
+        if owned > 0 {
+            return owned;
+        }
+        crate::resources::resources(&self.config.cmd)
+            .memory
+            .iter()
+            .filter_map(|m| m.size)
+            .sum()
+    }
+}
+
+/// `[(name, enabled)]` from a `query-migrate-capabilities` reply.
+fn capabilities(reply: &Value) -> Vec<(String, bool)> {
+    reply
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|c| Some((c["capability"].as_str()?.to_owned(), c["state"].as_bool()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn caps_arg(names: &[String], state: bool) -> Value {
+    let caps: Vec<Value> = names
+        .iter()
+        .map(|c| json!({"capability": c, "state": state}))
+        .collect();
+    json!({ "capabilities": caps })
+}
+
+fn migration_status(event: &Value) -> Option<&str> {
+    if event["event"] != "MIGRATION" {
+        return None;
+    }
+    event["data"]["status"].as_str()
+}
+
+fn is_active(status: &str) -> bool {
+    !matches!(status, "none" | "completed" | "failed" | "cancelled")
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
