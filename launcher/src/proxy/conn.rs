@@ -357,11 +357,19 @@ impl Conn {
         self.back.as_ref().is_none_or(Backend::drained)
     }
 
-    /// Whether a `qmp_capabilities` is still unanswered, so whether to replay it is unknown.
-    pub(super) fn caps_pending(&self) -> bool {
+    /// Whether the current generation still owes what decides how to prepare the next: its
+    /// greeting (did the client see one?) or its answer to a `qmp_capabilities` (replay it?).
+    pub(super) fn unsettled(&self) -> bool {
+        self.back.as_ref().is_some_and(|b| {
+            !b.eof && (b.out.greeting != Greeting::Done || b.pending.iter().any(Option::is_some))
+        })
+    }
+
+    /// Whether the client saw a greeting (QMP) or banner (HMP), so must not see another.
+    pub(super) fn greeted(&self) -> bool {
         self.back
             .as_ref()
-            .is_some_and(|b| !b.eof && b.pending.iter().any(Option::is_some))
+            .is_some_and(|b| b.out.greeting == Greeting::Done)
     }
 
     /// Commits a swap for this client: the old generation's last output, then what the new

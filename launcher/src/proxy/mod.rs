@@ -70,8 +70,9 @@ pub enum ProxyError {
         /// The generation.
         gen: u32,
     },
-    /// A client's `qmp_capabilities` stayed unanswered by the old generation.
-    #[error("monitor {index}: capability negotiation unanswered")]
+    /// The old generation never sent a client its greeting, or never answered its
+    /// `qmp_capabilities`.
+    #[error("monitor {index}: greeting or capability negotiation unanswered")]
     Negotiation {
         /// The monitor, in `add` order.
         index: usize,
@@ -302,8 +303,8 @@ impl Proxy {
 
     /// Opens each served client's connection to generation `gen`, reads and drops its
     /// greeting (QMP) or banner (HMP), and replays the client's accepted `qmp_capabilities`
-    /// exactly, swallowing the answer. A negotiation the old generation has not answered yet
-    /// is waited for first. Blocks until `deadline` at most. Calls [`Proxy::hold`] if the
+    /// exactly, swallowing the answer. A greeting or negotiation the old generation still
+    /// owes is waited for first. Blocks until `deadline` at most. Calls [`Proxy::hold`] if the
     /// caller did not. On error the caller aborts the swap with [`Proxy::abort`].
     pub fn prepare(
         &mut self,
@@ -357,17 +358,23 @@ impl Proxy {
     ) -> Result<Backend, ProxyError> {
         let conn = self.conns.get_mut(&id).expect("prepared conn exists");
         let index = conn.monitor;
-        // Whether the client negotiated capabilities is known only once QEMU answered.
+        // How to prepare depends on what the old generation has yet to say.
         loop {
             conn.pump(true);
-            let Some(back) = conn.back.as_ref().filter(|_| conn.caps_pending()) else {
+            let Some(back) = conn.back.as_ref().filter(|_| conn.unsettled()) else {
                 break;
             };
             sockets::wait_fd(back.stream.as_fd(), PollFlags::POLLIN, deadline)
                 .map_err(|source| ProxyError::Negotiation { index, source })?;
         }
         let mode = self.monitors[index].mode;
-        let mut b = Backend::connect(&paths[index], mode, Greeting::Drop, Filter::Arriving, token)
+        // A client the old generation never greeted (it died first) gets the new greeting.
+        let greeting = if conn.greeted() {
+            Greeting::Drop
+        } else {
+            Greeting::Pass
+        };
+        let mut b = Backend::connect(&paths[index], mode, greeting, Filter::Arriving, token)
             .map_err(|source| ProxyError::Connect { index, gen, source })?;
         b.handshake(conn.caps.as_deref(), deadline)
             .map_err(|e| match e {

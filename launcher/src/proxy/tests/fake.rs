@@ -36,6 +36,8 @@ pub(super) struct Script {
     pub mode: Mode,
     /// Answer `qmp_capabilities` with an error.
     pub refuse_caps: bool,
+    /// Answer `qmp_capabilities` this late.
+    pub caps_delay: Duration,
 }
 
 impl Fake {
@@ -171,6 +173,10 @@ fn answer(cmd: &Value, script: Script) -> Value {
     let mut reply = match cmd["execute"].as_str().unwrap_or("") {
         "qmp_capabilities" if script.refuse_caps => {
             json!({"error": {"class": "GenericError", "desc": "no oob here"}})
+        }
+        "qmp_capabilities" => {
+            std::thread::sleep(script.caps_delay);
+            json!({"return": {}})
         }
         "query-version" => json!({"return": {
             "qemu": {"major": 7, "minor": 2, "micro": script.gen}, "package": ""}}),

@@ -1,6 +1,7 @@
 //! The proxy driven by a real `mio::Poll`, with real sockets and fake QEMU monitors.
 
 mod fake;
+mod real;
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -68,19 +69,23 @@ impl H {
 
     /// Starts generation `gen`'s fake QEMU on the proxy's backends.
     fn spawn(&mut self, gen: u32, refuse_caps: bool) {
+        self.spawn_with(gen, |s| s.refuse_caps = refuse_caps);
+    }
+
+    fn spawn_with(&mut self, gen: u32, tweak: impl Fn(&mut Script)) {
         let fds = self.proxy.backends_for(gen).unwrap();
         let fakes = fds
             .into_iter()
             .zip(&self.modes)
             .map(|(fd, &mode)| {
-                Fake::spawn(
-                    fd,
-                    Script {
-                        gen,
-                        mode,
-                        refuse_caps,
-                    },
-                )
+                let mut script = Script {
+                    gen,
+                    mode,
+                    refuse_caps: false,
+                    caps_delay: Duration::ZERO,
+                };
+                tweak(&mut script);
+                Fake::spawn(fd, script)
             })
             .collect();
         self.fakes.push((gen, fakes));
@@ -357,6 +362,43 @@ fn client_arriving_during_a_swap_is_served_after_commit() {
     assert_eq!(h.cmd(&mut c, CAPS), json!({"return": {}, "id": "caps"}));
     assert_eq!(version(&h.cmd(&mut c, r#"{"execute":"query-version"}"#)), 2);
     assert_eq!(h.fake(1, 0).accepted(), 0);
+}
+
+#[test]
+fn capabilities_still_unanswered_at_prepare_are_awaited_and_replayed() {
+    let mut h = H::new(&[Mode::Qmp]);
+    h.spawn_with(1, |s| s.caps_delay = Duration::from_millis(200));
+    h.proxy.activate_first(h.poll.registry(), 1).unwrap();
+    let mut c = h.connect(0);
+    assert!(h.msg(&mut c).get("QMP").is_some());
+    send(&mut c, CAPS);
+    h.until("caps forwarded", |h| h.fake(1, 0).got().len() == 1);
+    h.spawn(2, false);
+    h.proxy.hold(h.poll.registry());
+    assert!(!h.proxy.drained());
+    h.proxy
+        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
+        .unwrap();
+    assert!(h.proxy.drained());
+    h.proxy.commit(h.poll.registry(), 2);
+    assert_eq!(h.msg(&mut c), json!({"return": {}, "id": "caps"}));
+    assert_eq!(h.fake(2, 0).got(), [CAPS]);
+    assert_eq!(version(&h.cmd(&mut c, r#"{"execute":"query-version"}"#)), 2);
+}
+
+#[test]
+fn client_end_of_input_reaches_qemu_and_its_answer_the_client() {
+    let (mut h, mut c) = H::started(&[Mode::Qmp]);
+    send(&mut c[0], r#"{"execute":"query-version","id":"last"}"#);
+    c[0].s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(h.msg(&mut c[0])["id"], "last");
+    h.until("client closed", |h| {
+        h.fill(&mut c[0]);
+        c[0].eof
+    });
+    // QEMU accepts the next client.
+    let mut next = h.connect(0);
+    assert!(h.msg(&mut next).get("QMP").is_some());
 }
 
 #[test]
