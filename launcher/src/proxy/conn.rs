@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::Shutdown;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::Path;
 use std::time::Instant;
@@ -345,6 +345,22 @@ impl Conn {
         }
         self.from_client.drain(..at);
         at > 0
+    }
+
+    /// What is left to relay once QEMU is gone: the connection to read to its end (when there
+    /// is room for what it says) and the client to write to. `None` when the client has
+    /// everything, or is gone itself.
+    pub(super) fn unflushed(&self) -> Option<(Option<BorrowedFd<'_>>, Option<BorrowedFd<'_>>)> {
+        if self.dead {
+            return None;
+        }
+        let read = self
+            .back
+            .as_ref()
+            .filter(|b| !b.eof && self.to_client.len() < CAP);
+        let write = (!self.to_client.is_empty()).then(|| self.client.as_fd());
+        let read = read.map(|b| b.stream.as_fd());
+        (read.is_some() || write.is_some()).then_some((read, write))
     }
 
     /// Whether the client may be closed and forgotten.

@@ -517,6 +517,25 @@ fn qemu_exit_closes_the_client() {
 }
 
 #[test]
+fn flush_delivers_what_an_exited_qemu_said_last() {
+    let (mut h, mut c) = H::started(&[Mode::Qmp]);
+    h.fake(1, 0).event("SHUTDOWN");
+    h.fakes.clear();
+    // No turn of the loop: flush alone reads QEMU's last words and writes them out.
+    h.proxy.flush(Instant::now() + WAIT);
+    c[0].s.set_nonblocking(false).unwrap();
+    c[0].s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut line = Vec::new();
+    while !line.ends_with(b"\r\n") {
+        let mut b = [0u8];
+        assert_eq!(c[0].s.read(&mut b).unwrap(), 1);
+        line.push(b[0]);
+    }
+    let ev: Value = serde_json::from_slice(&line).unwrap();
+    assert_eq!(ev["event"], "SHUTDOWN");
+}
+
+#[test]
 fn listen_path_replaces_a_stale_socket_and_is_unlinked_on_drop() {
     let dir = temp_dir();
     let path = dir.join("stale.sock");
