@@ -16,6 +16,7 @@ use nix::unistd::Pid;
 use crate::child::{self, ChildError, InheritedSignals};
 use crate::cmdline::CmdLine;
 use crate::memfd::{self, Region, Unshareable};
+use crate::monitors::{self, ListenOn, Proxied};
 use crate::qmp::Qmp;
 use crate::resolve::Binary;
 use crate::resources::{resources, Resources};
@@ -43,16 +44,20 @@ pub struct Layout {
     pub private_monitor: RawFd,
     /// Where each generation finds the memfds of guest RAM, one per region.
     pub ram: Vec<RawFd>,
+    /// Where each generation finds its listening socket for each proxied monitor or chardev.
+    pub monitors: Vec<RawFd>,
 }
 
 impl Layout {
-    /// Chooses the layout for a command line with `ram_regions` launcher-owned RAM regions.
-    /// `is_open` says whether an fd was inherited open; fds named on the command line but not
-    /// open are not kept (QEMU reports them), and no launcher fd is ever placed at a number the
+    /// Chooses the layout for a command line with `ram_regions` launcher-owned RAM regions and
+    /// `proxied` monitors. `is_open` says whether an fd was inherited open; fds named on the
+    /// command line but not open are not kept (QEMU reports them), listening fds the launcher
+    /// serves itself are not passed on, and no launcher fd is ever placed at a number the
     /// command line names.
     pub fn new(
         resources: &Resources,
         ram_regions: usize,
+        proxied: &[Proxied],
         is_open: impl Fn(RawFd) -> bool,
     ) -> Layout {
         let mut named: Vec<RawFd> = resources.fds.iter().map(|f| f.fd).collect();
@@ -61,14 +66,23 @@ impl Layout {
         let mut free = (3..).filter(|n| !named.contains(n));
         let private_monitor = free.next().unwrap_or(3);
         let ram = free.by_ref().take(ram_regions).collect();
+        let monitors = free.by_ref().take(proxied.len()).collect();
+        let served: Vec<RawFd> = proxied
+            .iter()
+            .filter_map(|p| match p.listen {
+                ListenOn::Fd(fd) => Some(fd),
+                ListenOn::Path(_) => None,
+            })
+            .collect();
         let keep = named
             .into_iter()
-            .filter(|&fd| fd > 2 && is_open(fd))
+            .filter(|&fd| fd > 2 && is_open(fd) && !served.contains(&fd))
             .collect();
         Layout {
             keep,
             private_monitor,
             ram,
+            monitors,
         }
     }
 }
@@ -85,6 +99,8 @@ pub struct Base {
     pub regions: Vec<Region>,
     /// Why RAM is not shared, when it is not.
     pub unshared: Option<String>,
+    /// The socket servers the launcher serves, in layout order.
+    pub proxied: Vec<Proxied>,
 }
 
 impl Base {
@@ -94,13 +110,15 @@ impl Base {
             Ok(r) => (r, None),
             Err(Unshareable(why)) => (Vec::new(), Some(why)),
         };
-        let layout = Layout::new(&resources(user), regions.len(), is_open);
+        let proxied = monitors::find(user);
+        let layout = Layout::new(&resources(user), regions.len(), &proxied, is_open);
         let cmd = memfd::rewrite(user, &regions, &layout.ram);
         Base {
             cmd,
             layout,
             regions,
             unshared,
+            proxied,
         }
     }
 
@@ -123,9 +141,11 @@ pub struct GenArgs {
 }
 
 /// The command line a generation runs: the launcher's base command line (the user's, with RAM
-/// rewritten), minus what the launcher does itself, plus the private monitor.
-pub fn generation_cmdline(base: &CmdLine, layout: &Layout, args: &GenArgs) -> CmdLine {
-    let mut cmd = base.clone();
+/// rewritten), its socket servers pointed at the generation's own sockets, minus what the
+/// launcher does itself, plus the private monitor.
+pub fn generation_cmdline(base: &Base, args: &GenArgs) -> CmdLine {
+    let layout = &base.layout;
+    let mut cmd = monitors::rewrite(&base.cmd, &base.proxied, &layout.monitors, !args.incoming);
     cmd.remove_all("daemonize");
     cmd.remove_all("pidfile");
     if let Some(machine) = &args.machine {

@@ -12,6 +12,7 @@
 //! - [`qmp`]: QMP framing over the launcher's private monitor.
 //! - [`generation`]: the argv and fds one QEMU generation gets.
 //! - [`memfd`]: guest RAM the launcher owns and every generation maps.
+//! - [`monitors`], [`proxy`]: monitor and chardev sockets the launcher serves across generations.
 //! - [`supervisor`]: the event loop: signals, reaping, exit-status mirroring.
 //! - [`daemonize`]: `-daemonize` and `-pidfile` done by the launcher itself.
 //! - [`upgrade`]: the live upgrade, step by step.
@@ -24,6 +25,7 @@ pub mod control;
 pub mod daemonize;
 pub mod generation;
 pub mod memfd;
+pub mod monitors;
 pub mod plan;
 pub mod proxy;
 pub mod qmp;

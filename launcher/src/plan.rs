@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use crate::cmdline::CmdLine;
 use crate::generation::{generation_cmdline, Base, GenArgs, Layout};
+use crate::monitors::ListenOn;
 use crate::resolve::{self, Binary};
 use crate::resources::{resources, Resources};
 
@@ -30,6 +31,8 @@ pub struct Plan {
     pub ram: Vec<(String, u64, bool)>,
     /// Why guest RAM is not shared, when it is not.
     pub unshared: Option<String>,
+    /// Socket servers the launcher serves itself: where clients connect, and what it carries.
+    pub served: Vec<(String, String)>,
     /// Whether the launcher daemonizes itself.
     pub daemonize: bool,
     /// The pidfile the launcher writes with its own pid.
@@ -42,7 +45,7 @@ impl Plan {
     pub fn new(argv0: &OsStr, cmd: &CmdLine) -> Plan {
         let base = Base::new(cmd, |_| true);
         let mut argv = vec![argv0.to_owned()];
-        argv.extend(generation_cmdline(&base.cmd, &base.layout, &GenArgs::default()).to_args());
+        argv.extend(generation_cmdline(&base, &GenArgs::default()).to_args());
         Plan {
             binary: resolve::resolve(argv0).map_err(|e| e.to_string()),
             argv,
@@ -54,6 +57,17 @@ impl Plan {
                 .map(|r| (r.id.clone(), r.size, r.hugetlb))
                 .collect(),
             unshared: base.unshared,
+            served: base
+                .proxied
+                .iter()
+                .map(|p| {
+                    let at = match &p.listen {
+                        ListenOn::Path(path) => format!("unix:{}", path.display()),
+                        ListenOn::Fd(fd) => format!("fd:{fd}"),
+                    };
+                    (at, format!("{:?}", p.mode).to_lowercase())
+                })
+                .collect(),
             daemonize: cmd.has("daemonize"),
             pidfile: cmd.opts("pidfile").last().and_then(|o| o.arg.clone()),
         }
@@ -77,6 +91,9 @@ impl Plan {
                     "id": id, "size": size, "hugetlb": huge, "fd": fd,
                 })).collect::<Vec<_>>(),
             },
+            "served_by_launcher": self.served.iter().zip(&self.layout.monitors).map(|((at, mode), fd)| json!({
+                "listen": at, "mode": mode, "generation_fd": fd,
+            })).collect::<Vec<_>>(),
             "resources": self.resources.to_json(),
         })
     }
@@ -139,6 +156,13 @@ impl Plan {
                 )
                 .ok();
             }
+        }
+        for ((at, mode), fd) in self.served.iter().zip(&self.layout.monitors) {
+            writeln!(
+                out,
+                "served by the launcher: {at} ({mode}), each generation listens on fd {fd}"
+            )
+            .ok();
         }
         let r = self.resources.to_json();
         for (title, key) in [
@@ -234,6 +258,7 @@ mod tests {
         assert!(plan.daemonize);
         assert_eq!(plan.pidfile.as_deref(), Some(OsStr::new("/run/x/qmp.pid")));
         let fd = plan.layout.private_monitor;
+        let served = plan.layout.monitors[0];
         assert_eq!(
             plan.argv,
             args(&[
@@ -244,13 +269,19 @@ mod tests {
                 "-nographic",
                 "-machine",
                 "none,accel=tcg",
-                "-qmp",
-                "unix:/run/x/qmp.monitor,server=on,wait=off",
+                "-mon",
+                "chardev=qemu-liveupgrade-chr5,mode=control",
+                "-chardev",
+                &format!("socket,id=qemu-liveupgrade-chr5,fd={served},server=on,wait=off"),
                 "-chardev",
                 &format!("socket,id=qemu-liveupgrade-qmp,fd={fd}"),
                 "-mon",
                 "chardev=qemu-liveupgrade-qmp,mode=control",
             ])
+        );
+        assert_eq!(
+            plan.served,
+            vec![("unix:/run/x/qmp.monitor".to_owned(), "qmp".to_owned())]
         );
         let text = plan.to_text();
         assert!(text.contains("unix:/run/x/qmp.monitor"), "{text}");
@@ -269,7 +300,10 @@ mod tests {
         .unwrap();
         let plan = Plan::new(OsStr::new("qemu-system-x86_64"), &cmd);
         assert_eq!(plan.layout.private_monitor, 9);
-        assert_eq!(plan.layout.keep, vec![3, 4, 5, 6, 7, 8]);
+        assert_eq!(plan.layout.ram, vec![10], "default RAM on its memfd");
+        assert_eq!(plan.layout.monitors, vec![11]);
+        // The monitor's listening fd 3 is served by the launcher, not passed on.
+        assert_eq!(plan.layout.keep, vec![4, 5, 6, 7, 8]);
     }
 
     #[test]

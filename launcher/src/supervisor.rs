@@ -11,7 +11,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -24,12 +24,13 @@ use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIG
 use signal_hook_mio::v1_0::Signals;
 
 use crate::child::InheritedSignals;
-use crate::cmdline::CmdLine;
 use crate::control::{self, Client, Control, Request};
 use crate::daemonize::{Daemon, StartResult};
 use crate::generation::{
-    generation_cmdline, Fds, GenArgs, Generation, GenerationError, Layout, Stdio,
+    generation_cmdline, Base, Fds, GenArgs, Generation, GenerationError, Stdio,
 };
+use crate::monitors::ListenOn;
+use crate::proxy::{Listen, Proxy};
 use crate::qmp::{self, QmpError};
 use crate::resolve::Binary;
 
@@ -45,6 +46,15 @@ pub enum SupervisorError {
     /// The first generation could not be started.
     #[error(transparent)]
     Start(#[from] GenerationError),
+    /// A monitor or chardev socket could not be served.
+    #[error("cannot listen on {what}")]
+    Listen {
+        /// The socket path or fd.
+        what: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The private monitor failed while QEMU kept running.
     #[error("QEMU's private monitor failed")]
     Monitor(#[source] QmpError),
@@ -102,6 +112,8 @@ enum Token {
 impl Token {
     const CONTROL_CLIENT_BASE: usize = 16;
     const MONITOR_BASE: usize = 1 << 20;
+    /// Tokens from here up belong to the proxy.
+    const PROXY_BASE: usize = 1 << 24;
 
     fn to_mio(self) -> mio::Token {
         mio::Token(match self {
@@ -138,14 +150,10 @@ struct Relay {
 pub struct Config {
     /// argv[0] the launcher was invoked with; QEMU gets the same, so its messages read the same.
     pub argv0: OsString,
-    /// The launcher's base command line: the user's, with guest RAM rewritten onto memfds.
-    pub cmd: CmdLine,
-    /// The fixed fd layout.
-    pub layout: Layout,
+    /// The command line, fd layout, RAM regions and proxied sockets every generation shares.
+    pub base: Base,
     /// The memfds of guest RAM, in layout order.
     pub ram: Vec<OwnedFd>,
-    /// Why guest RAM is not shared, when it is not; it then crosses in the migration stream.
-    pub unshared: Option<String>,
     /// The real QEMU for the first generation.
     pub binary: Binary,
     /// The signal state to give every QEMU.
@@ -156,7 +164,7 @@ pub struct Config {
 
 /// The running supervisor.
 pub struct Supervisor {
-    poll: Poll,
+    pub(crate) poll: Poll,
     events: Events,
     signals: Signals,
     pub(crate) config: Config,
@@ -189,6 +197,8 @@ pub struct Supervisor {
     exit: Option<Exit>,
     /// Pids of former generations not yet reaped.
     retired: Vec<Pid>,
+    /// The monitor and chardev sockets served across generations.
+    pub(crate) proxy: Proxy,
 }
 
 impl Supervisor {
@@ -218,16 +228,38 @@ impl Supervisor {
             }
         }
         let null = std::fs::File::open("/dev/null").map_err(SupervisorError::Poll)?;
+        let mut proxy = Proxy::new(Token::PROXY_BASE);
+        for p in &config.base.proxied {
+            let listen = match &p.listen {
+                ListenOn::Path(path) => Listen::Path(path.clone()),
+                // SAFETY: the fd was inherited open (the layout checked it) and nothing else in
+                // this process uses it: it is not passed on to QEMU, only served from here.
+                ListenOn::Fd(fd) => Listen::Fd(unsafe { OwnedFd::from_raw_fd(*fd) }),
+            };
+            let what = match &p.listen {
+                ListenOn::Path(path) => path.display().to_string(),
+                ListenOn::Fd(fd) => format!("fd {fd}"),
+            };
+            proxy
+                .add(poll.registry(), listen, p.mode)
+                .map_err(|source| SupervisorError::Listen { what, source })?;
+        }
         let binary = config.binary.clone();
         let first = spawn_registered(
             poll.registry(),
+            &mut proxy,
             &config,
             child_stdio(&null, &child_out),
             1,
             binary,
             &GenArgs::default(),
         );
-        let current = match first {
+        let current = match first.and_then(|g| {
+            proxy
+                .activate_first(poll.registry(), 1)
+                .map_err(GenerationError::Socket)?;
+            Ok(g)
+        }) {
             Ok(g) => g,
             Err(e) => {
                 if let Some(d) = config.daemon.as_mut() {
@@ -257,6 +289,7 @@ impl Supervisor {
             null,
             exit: None,
             retired: Vec::new(),
+            proxy,
             config,
         };
         match Control::bind(&control::run_dir(), std::process::id()) {
@@ -302,6 +335,7 @@ impl Supervisor {
     ) -> Result<Generation, GenerationError> {
         spawn_registered(
             self.poll.registry(),
+            &mut self.proxy,
             &self.config,
             child_stdio(&self.null, &self.child_out),
             number,
@@ -374,6 +408,7 @@ impl Supervisor {
     pub fn status(&self) -> Value {
         let name = self
             .config
+            .base
             .cmd
             .opts("name")
             .filter_map(|o| o.parse_arg())
@@ -387,7 +422,7 @@ impl Supervisor {
             "binary": self.current.binary.path.to_string_lossy(),
             "generation": self.current.number,
             "machine": self.machine,
-            "ram": if self.config.unshared.is_none() { "shared" } else { "streamed" },
+            "ram": if self.config.base.unshared.is_none() { "shared" } else { "streamed" },
             "uptime_s": self.started.elapsed().as_secs(),
             "generation_uptime_s": self.current.started.elapsed().as_secs(),
             "last_upgrade": self.last_upgrade,
@@ -401,6 +436,7 @@ impl Supervisor {
     fn resolve_machine(&mut self) -> Option<String> {
         let wanted = self
             .config
+            .base
             .cmd
             .opts("machine")
             .filter_map(|o| o.parse_arg())
@@ -557,11 +593,14 @@ impl Supervisor {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e),
         }
-        let tokens: Vec<Token> = self
-            .events
-            .iter()
-            .map(|e| Token::from_mio(e.token()))
-            .collect();
+        let mut tokens = Vec::new();
+        for event in self.events.iter() {
+            if self.proxy.owns(event.token()) {
+                self.proxy.handle(self.poll.registry(), event);
+            } else {
+                tokens.push(Token::from_mio(event.token()));
+            }
+        }
         for token in tokens {
             match token {
                 Token::Signals => self.on_signals(),
@@ -729,20 +768,31 @@ fn child_stdio<'a>(null: &'a std::fs::File, child_out: &'a [OwnedFd]) -> Stdio<'
 /// Starts a generation with the layout's fds and registers its private monitor.
 fn spawn_registered(
     registry: &mio::Registry,
+    proxy: &mut Proxy,
     config: &Config,
     stdio: Stdio<'_>,
     number: u32,
     binary: Binary,
     args: &GenArgs,
 ) -> Result<Generation, GenerationError> {
-    let cmd = generation_cmdline(&config.cmd, &config.layout, args);
+    let cmd = generation_cmdline(&config.base, args);
+    let layout = &config.base.layout;
+    let backends = proxy
+        .backends_for(number)
+        .map_err(GenerationError::Socket)?;
     let place = config
         .ram
         .iter()
         .map(|fd| fd.as_fd())
-        .zip(config.layout.ram.iter().copied());
+        .zip(layout.ram.iter().copied())
+        .chain(
+            backends
+                .iter()
+                .map(|fd| fd.as_fd())
+                .zip(layout.monitors.iter().copied()),
+        );
     let fds = Fds {
-        layout: &config.layout,
+        layout,
         stdio,
         place: place.collect(),
     };

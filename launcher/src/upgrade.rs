@@ -67,6 +67,9 @@ pub enum UpgradeError {
     /// The migration reported failure.
     #[error("migration failed: {0}")]
     Migration(String),
+    /// Monitor clients could not be connected to the new QEMU.
+    #[error("cannot move monitor clients: {0}")]
+    Monitors(String),
     /// The new QEMU exited during the upgrade.
     #[error("new QEMU exited during the upgrade")]
     NewExited,
@@ -83,6 +86,8 @@ struct Undo {
     out_fd_named: bool,
     /// `migrate` was issued.
     migrating: bool,
+    /// Monitor clients' input is held for the swap.
+    held: bool,
     /// The old QEMU's run state before the upgrade.
     old_status: Option<String>,
 }
@@ -226,7 +231,7 @@ impl Supervisor {
                 .map_err(step("query-migrate-capabilities"))?,
         );
         let knows = |caps: &[(String, bool)], name: &str| caps.iter().any(|(c, _)| c == name);
-        let shared = self.config.unshared.is_none()
+        let shared = self.config.base.unshared.is_none()
             && knows(&old_caps, "x-ignore-shared")
             && knows(&new_caps, "x-ignore-shared");
         let mut wanted: Vec<String> = old_caps
@@ -290,8 +295,26 @@ impl Supervisor {
             .map_err(step("migrate-set-parameters"))?;
         }
 
+        // 6. Clients of the VM's monitors: their input is held from here on (never failed),
+        //    the old QEMU answers what it already has, then each client gets a connection to
+        //    the new QEMU with its capability negotiation replayed.
+        self.progress("moving monitor clients");
+        self.proxy.set_swap_running(old_status == "running");
+        self.proxy.hold(self.poll.registry());
+        undo.held = true;
+        self.wait_until(
+            "monitor clients to drain",
+            Instant::now() + STEP_TIMEOUT,
+            |s| s.proxy.drained(),
+        )
+        .map_err(step("waiting for monitor replies"))?;
+        let prepared =
+            self.proxy
+                .prepare(self.poll.registry(), number, Instant::now() + STEP_TIMEOUT);
+        prepared.map_err(|e| UpgradeError::Monitors(crate::error_chain(&e)))?;
+
         self.progress("migrating");
-        // 6. The stream: one pipe, its read end in the new QEMU, its write end in the old.
+        // 7. The stream: one pipe, its read end in the new QEMU, its write end in the old.
         let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| step("pipe")(CallError::Poll(e.into())))?;
         // A larger pipe lets streamed RAM move in bigger batches; best effort.
@@ -334,7 +357,7 @@ impl Supervisor {
         .map_err(step("migrate"))?;
         undo.out_fd_named = false;
 
-        // 7. Completion, as the new QEMU sees it; the old one's failure, or either's exit.
+        // 8. Completion, as the new QEMU sees it; the old one's failure, or either's exit.
         let ram_size: u64 = self.ram_size();
         let limit = if shared {
             SHARED_MIGRATION_TIMEOUT
@@ -370,7 +393,7 @@ impl Supervisor {
             return Err(UpgradeError::Migration("old QEMU exited".into()));
         }
 
-        // 8. The run state the guest had. A destination started with -S (libvirt's way)
+        // 9. The run state the guest had. A destination started with -S (libvirt's way)
         //    stays paused after migration even when the source ran; QEMU autostarts it
         //    otherwise, a few moments after reporting completion.
         let mut status = String::from("inmigrate");
@@ -391,10 +414,13 @@ impl Supervisor {
             self.call(Which::Incoming, "cont", None, deadline())
                 .map_err(step("cont on the new QEMU"))?;
         }
-        // From here the new QEMU runs the guest: there is no way back.
+        // From here the new QEMU runs the guest: there is no way back. Monitor clients move
+        // to it now, with their held commands.
+        self.proxy.commit(self.poll.registry(), number);
+        undo.held = false;
 
         self.progress("quitting the old QEMU");
-        // 9. Measurements, from the old QEMU, then the new one's capabilities put back to
+        // 10. Measurements, from the old QEMU, then the new one's capabilities put back to
         //    what the VM's users had, and the old QEMU quit.
         let mut stats = Stats {
             shared,
@@ -430,6 +456,9 @@ impl Supervisor {
     fn roll_back(&mut self, undo: &Undo) {
         let deadline = || Some(Instant::now() + STEP_TIMEOUT);
         self.kill_incoming();
+        if undo.held {
+            self.proxy.abort(self.poll.registry());
+        }
         if self.has_exited() {
             return;
         }
@@ -497,7 +526,7 @@ impl Supervisor {
         if owned > 0 {
             return owned;
         }
-        crate::resources::resources(&self.config.cmd)
+        crate::resources::resources(&self.config.base.cmd)
             .memory
             .iter()
             .filter_map(|m| m.size)

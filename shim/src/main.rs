@@ -93,10 +93,8 @@ fn launch(
     };
     let config = Config {
         argv0: argv0.clone(),
-        cmd: base.cmd,
-        layout: base.layout,
+        base,
         ram,
-        unshared: base.unshared,
         binary,
         signals,
         daemon,

@@ -1,0 +1,281 @@
+//! Which monitors and socket chardevs the launcher serves itself, and the command-line
+//! rewrite that points each QEMU generation at the launcher instead.
+//!
+//! A client connected to QEMU's own listening socket would see EOF when that QEMU is replaced,
+//! and libvirt treats monitor EOF as a crash. So for every unix socket server on the command
+//! line (`-qmp unix:`, `-monitor unix:`, `-serial unix:`, `-chardev socket,path=`, and
+//! libvirt's `-chardev socket,fd=N,server=on`) the launcher listens on the user's path or fd,
+//! and each generation gets a private listening socket of its own in its place (see
+//! [`crate::proxy`]). TCP servers are left to QEMU: the next generation cannot bind their
+//! port while the old one holds it, so an upgrade of such a VM fails and leaves it as it was.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use crate::cmdline::{CmdLine, Item, OptArg};
+use crate::proxy::Mode;
+
+/// Where a proxied socket's clients connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenOn {
+    /// A path the launcher binds.
+    Path(PathBuf),
+    /// A listening socket inherited at this fd number.
+    Fd(RawFd),
+}
+
+/// One socket server the launcher serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proxied {
+    /// Where clients connect.
+    pub listen: ListenOn,
+    /// What it carries.
+    pub mode: Mode,
+    /// Whether QEMU was asked to wait for the first client before starting (`wait=on`, the
+    /// default for a server). Only the first generation keeps it; later ones never wait.
+    pub wait: bool,
+    /// Index of the option in the command line's items.
+    item: usize,
+    /// The chardev id, when the option is a `-chardev`.
+    chardev: Option<String>,
+}
+
+/// Finds every unix socket server the launcher will serve.
+pub fn find(cmd: &CmdLine) -> Vec<Proxied> {
+    let mut found = Vec::new();
+    for (item, it) in cmd.items.iter().enumerate() {
+        let Item::Opt(opt) = it else { continue };
+        let Some(arg) = opt.parse_arg() else { continue };
+        let legacy_mode = match opt.name.as_str() {
+            "qmp" | "qmp-pretty" => Some(Mode::Qmp),
+            "monitor" => Some(Mode::Hmp),
+            "serial" | "parallel" => Some(Mode::Raw),
+            _ => None,
+        };
+        if let Some(mode) = legacy_mode {
+            let Some(path) = arg
+                .get("dev")
+                .and_then(|d| d.strip_prefix("unix:").map(str::to_owned))
+            else {
+                continue;
+            };
+            if !is_on(&arg, "server") {
+                continue;
+            }
+            found.push(Proxied {
+                listen: ListenOn::Path(PathBuf::from(path)),
+                mode,
+                wait: waits(&arg),
+                item,
+                chardev: None,
+            });
+            continue;
+        }
+        if opt.name != "chardev" || arg.is_json() {
+            continue;
+        }
+        if arg.get("backend").as_deref() != Some("socket") || !is_on(&arg, "server") {
+            continue;
+        }
+        let listen = match (arg.get("path"), arg.get("fd").and_then(|f| f.parse().ok())) {
+            (Some(p), _) => ListenOn::Path(PathBuf::from(p)),
+            (None, Some(fd)) => ListenOn::Fd(fd),
+            _ => continue,
+        };
+        let Some(id) = arg.get("id") else { continue };
+        found.push(Proxied {
+            listen,
+            mode: chardev_mode(cmd, &id),
+            wait: waits(&arg),
+            item,
+            chardev: Some(id),
+        });
+    }
+    found
+}
+
+/// A chardev used by a `-mon` is a monitor (QMP with `mode=control`, HMP otherwise); any other
+/// use (serial port, console, channel) makes it plain bytes.
+fn chardev_mode(cmd: &CmdLine, id: &str) -> Mode {
+    for mon in cmd.opts("mon").filter_map(|o| o.parse_arg()) {
+        if mon.get("chardev").as_deref() == Some(id) {
+            return match mon.get("mode").as_deref() {
+                Some("control") => Mode::Qmp,
+                _ => Mode::Hmp,
+            };
+        }
+    }
+    Mode::Raw
+}
+
+fn is_on(arg: &OptArg, key: &str) -> bool {
+    matches!(arg.get(key).as_deref(), Some("on" | "true" | "yes" | "y"))
+}
+
+/// QEMU waits for a client when a server has no `wait=off` (`nowait` in the old spelling).
+fn waits(arg: &OptArg) -> bool {
+    match arg.get("wait").as_deref() {
+        Some(v) => matches!(v, "on" | "true" | "yes" | "y"),
+        None => arg.get("nowait").as_deref() != Some("on"),
+    }
+}
+
+/// Id of the chardev the launcher adds for a legacy option at `item`.
+fn legacy_id(item: usize) -> String {
+    format!("qemu-liveupgrade-chr{item}")
+}
+
+/// Points each proxied server at the generation's own listening socket, placed at `fds[i]`.
+/// `first` is the first generation, the only one that keeps a `wait=on`.
+pub fn rewrite(cmd: &CmdLine, proxied: &[Proxied], fds: &[RawFd], first: bool) -> CmdLine {
+    let mut out = cmd.clone();
+    let mut added = Vec::new();
+    for (p, fd) in proxied.iter().zip(fds) {
+        let wait = if p.wait && first { "on" } else { "off" };
+        let Some(Item::Opt(opt)) = out.items.get_mut(p.item) else {
+            continue;
+        };
+        match &p.chardev {
+            Some(_) => {
+                let Some(mut arg) = opt.parse_arg() else {
+                    continue;
+                };
+                arg.remove("path");
+                arg.remove("nowait");
+                arg.set("fd", &fd.to_string());
+                arg.set("wait", wait);
+                opt.set_arg(&arg);
+            }
+            None => {
+                // `-qmp unix:P,server=on` becomes `-mon chardev=ID,mode=control` in place, with
+                // the chardev defined at the end (QEMU creates chardevs before monitors and
+                // serial ports, whatever their order).
+                let id = legacy_id(p.item);
+                let pretty = opt.name == "qmp-pretty";
+                let (name, arg) = match opt.name.as_str() {
+                    "qmp" | "qmp-pretty" => {
+                        let pretty = if pretty { ",pretty=on" } else { "" };
+                        ("mon", format!("chardev={id},mode=control{pretty}"))
+                    }
+                    "monitor" => ("mon", format!("chardev={id},mode=readline")),
+                    other => (other, format!("chardev:{id}")),
+                };
+                opt.spelling = format!("-{name}").into();
+                opt.name = name.to_owned();
+                opt.arg = Some(arg.into());
+                added.push(format!("socket,id={id},fd={fd},server=on,wait={wait}"));
+            }
+        }
+    }
+    for chardev in added {
+        out.push("chardev", Some(&chardev));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn parse(s: &[&str]) -> CmdLine {
+        CmdLine::parse(&s.iter().map(OsString::from).collect::<Vec<_>>()).unwrap()
+    }
+
+    fn strings(cmd: &CmdLine) -> Vec<String> {
+        cmd.to_args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn libvirt_monitor_and_serial_fds() {
+        let cmd = parse(&[
+            "-chardev",
+            "socket,id=charmonitor,fd=28,server=on,wait=off",
+            "-mon",
+            "chardev=charmonitor,id=monitor,mode=control",
+            "-add-fd",
+            "set=0,fd=27,opaque=serial0-log",
+            "-chardev",
+            "socket,id=charserial0,fd=26,server=on,wait=off,logfile=/dev/fdset/0,logappend=on",
+            "-device",
+            r#"{"driver":"isa-serial","chardev":"charserial0","id":"serial0","index":0}"#,
+        ]);
+        let p = find(&cmd);
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            (p[0].listen.clone(), p[0].mode, p[0].wait),
+            (ListenOn::Fd(28), Mode::Qmp, false)
+        );
+        assert_eq!(
+            (p[1].listen.clone(), p[1].mode),
+            (ListenOn::Fd(26), Mode::Raw)
+        );
+        let out = strings(&rewrite(&cmd, &p, &[40, 41], true));
+        assert_eq!(out[1], "socket,id=charmonitor,fd=40,server=on,wait=off");
+        assert_eq!(
+            out[7],
+            "socket,id=charserial0,fd=41,server=on,wait=off,logfile=/dev/fdset/0,logappend=on"
+        );
+    }
+
+    #[test]
+    fn legacy_qmp_monitor_and_serial_become_chardevs_in_place() {
+        let cmd = parse(&[
+            "-qmp",
+            "unix:/run/vm/qmp.sock,server=on,wait=off",
+            "-monitor",
+            "unix:/run/vm/hmp.sock,server,nowait",
+            "-serial",
+            "unix:/run/vm/ttyS0,server=on",
+            "-qmp",
+            "tcp:127.0.0.1:4444,server=on,wait=off",
+        ]);
+        let p = find(&cmd);
+        assert_eq!(
+            p.iter().map(|p| (p.mode, p.wait)).collect::<Vec<_>>(),
+            [(Mode::Qmp, false), (Mode::Hmp, false), (Mode::Raw, true)]
+        );
+        let first = strings(&rewrite(&cmd, &p, &[10, 11, 12], true));
+        assert_eq!(
+            first,
+            [
+                "-mon",
+                "chardev=qemu-liveupgrade-chr0,mode=control",
+                "-mon",
+                "chardev=qemu-liveupgrade-chr1,mode=readline",
+                "-serial",
+                "chardev:qemu-liveupgrade-chr2",
+                "-qmp",
+                "tcp:127.0.0.1:4444,server=on,wait=off",
+                "-chardev",
+                "socket,id=qemu-liveupgrade-chr0,fd=10,server=on,wait=off",
+                "-chardev",
+                "socket,id=qemu-liveupgrade-chr1,fd=11,server=on,wait=off",
+                "-chardev",
+                "socket,id=qemu-liveupgrade-chr2,fd=12,server=on,wait=on",
+            ]
+        );
+        let later = strings(&rewrite(&cmd, &p, &[10, 11, 12], false));
+        assert!(later.last().unwrap().ends_with("wait=off"), "{later:?}");
+    }
+
+    #[test]
+    fn chardev_path_servers_keep_their_id_and_options() {
+        let cmd = parse(&[
+            "-chardev",
+            "socket,id=hmp0,path=/tmp/h.sock,server=on,wait=off",
+            "-mon",
+            "chardev=hmp0",
+            "-chardev",
+            "socket,id=client0,path=/tmp/elsewhere.sock",
+        ]);
+        let p = find(&cmd);
+        assert_eq!(p.len(), 1, "a client socket is QEMU's to connect");
+        assert_eq!(p[0].mode, Mode::Hmp);
+        let out = strings(&rewrite(&cmd, &p, &[9], true));
+        assert_eq!(out[1], "socket,id=hmp0,server=on,wait=off,fd=9");
+    }
+}
