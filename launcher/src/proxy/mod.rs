@@ -17,8 +17,9 @@
 //! connection to the new generation and replays its capability negotiation, and
 //! [`Proxy::commit`] switches over. Events the swap itself causes are hidden.
 //!
-//! Everything runs from the supervisor's single `mio::Poll`; only `prepare` blocks, with a
-//! deadline, on a new QEMU that answers at once.
+//! Everything runs from the supervisor's single `mio::Poll`. Only [`Proxy::prepare`] blocks,
+//! with a deadline, on a new QEMU that answers at once, and [`Proxy::flush`], which relays an
+//! exited QEMU's last words before the launcher exits.
 
 mod conn;
 mod framing;
@@ -185,7 +186,8 @@ impl Proxy {
         self.dir = BackendDir::new(base.to_owned());
     }
 
-    /// Starts listening for clients of one monitor or chardev and returns its index.
+    /// Starts listening for clients of one monitor or chardev and returns its index. Add every
+    /// monitor before the first [`Proxy::backends_for`].
     pub fn add(&mut self, registry: &Registry, listen: Listen, mode: Mode) -> io::Result<usize> {
         let (listener, path) = match listen {
             Listen::Path(p) => {

@@ -21,8 +21,9 @@ impl Proxy {
 
     /// Swap step 1, before migration starts: stops forwarding client input (it waits in the
     /// proxy's buffers and the kernel, unanswered, never failed) while QEMU's answers and
-    /// events still reach the clients, and starts hiding the old generation's STOP, RESUME,
-    /// MIGRATION, MIGRATION_PASS and SHUTDOWN events.
+    /// events still reach the clients, and hides the old generation's STOP, RESUME,
+    /// MIGRATION, MIGRATION_PASS and SHUTDOWN events until the swap ends. Unforwarded input
+    /// is kept whole: a half-sent command is never split between generations.
     pub fn hold(&mut self, _registry: &Registry) {
         if self.swapping {
             return;
@@ -38,8 +39,10 @@ impl Proxy {
     /// Opens each served client's connection to generation `gen`, reads and drops its
     /// greeting (QMP) or banner (HMP), and replays the client's accepted `qmp_capabilities`
     /// exactly, swallowing the answer. A greeting or negotiation the old generation still
-    /// owes is waited for first. Blocks until `deadline` at most. Calls [`Proxy::hold`] if the
-    /// caller did not. On error the caller aborts the swap with [`Proxy::abort`].
+    /// owes is waited for first. Until commit, what the new generation says is held back, its
+    /// RESUME, MIGRATION and MIGRATION_PASS events dropped. Blocks until `deadline` at most.
+    /// Calls [`Proxy::hold`] if the caller did not. On error the caller aborts the swap with
+    /// [`Proxy::abort`]. Clients accepted during the swap are not prepared: they wait.
     pub fn prepare(
         &mut self,
         registry: &Registry,
@@ -60,19 +63,17 @@ impl Proxy {
             .collect();
         for id in ids {
             let token = self.token(Route::Conn(id));
-            let result = self.prepare_one(id, &paths, gen, token, deadline);
-            let conn = self.conns.get_mut(&id).expect("prepared conn exists");
-            match result {
-                Ok(mut b) => {
-                    registry
-                        .register(
-                            &mut b.stream,
-                            token,
-                            Interest::READABLE | Interest::WRITABLE,
-                        )
-                        .map_err(ProxyError::Register)?;
-                    conn.next = Some(b);
-                }
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            let prepared = self
+                .prepare_one(id, &paths, gen, token, deadline)
+                .and_then(
+                    |mut b| match registry.register(&mut b.stream, token, interest) {
+                        Ok(()) => Ok(b),
+                        Err(e) => Err(ProxyError::Register(e)),
+                    },
+                );
+            match prepared {
+                Ok(b) => self.conns.get_mut(&id).expect("prepared conn exists").next = Some(b),
                 Err(e) => {
                     self.routes.remove(&token.0);
                     return Err(e);
