@@ -375,6 +375,9 @@ impl Supervisor {
                     }));
                 }
                 self.drain_relays();
+                // QEMU's last words (its SHUTDOWN event) reach monitor clients before they see
+                // EOF: libvirt treats EOF without SHUTDOWN as a crash.
+                self.proxy.flush(Instant::now() + Duration::from_secs(1));
                 return Ok(exit);
             }
             if self.upgrade_requests > 0 {

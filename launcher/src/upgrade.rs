@@ -22,7 +22,8 @@ use crate::generation::GenArgs;
 use crate::resolve::{self, Binary, Source};
 use crate::supervisor::{CallError, Supervisor, Which};
 
-/// Time a new QEMU gets to start and answer its monitor.
+/// Time a new QEMU gets to start and answer its monitor, unless
+/// `QEMU_LIVEUPGRADE_START_TIMEOUT` (seconds) says otherwise.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time any single monitor command gets.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -189,7 +190,7 @@ impl Supervisor {
             .map_err(|e| UpgradeError::Start(Box::new(e)))?;
         self.incoming = Some(gen);
         self.incoming_exit = None;
-        self.handshake(Which::Incoming, Some(Instant::now() + START_TIMEOUT))
+        self.handshake(Which::Incoming, Some(Instant::now() + start_timeout()))
             .map_err(|e| UpgradeError::Start(Box::new(e)))?;
 
         // 4. It must know the machine type the guest runs on.
@@ -532,6 +533,15 @@ impl Supervisor {
             .filter_map(|m| m.size)
             .sum()
     }
+}
+
+fn start_timeout() -> Duration {
+    std::env::var("QEMU_LIVEUPGRADE_START_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(START_TIMEOUT)
 }
 
 /// `[(name, enabled)]` from a `query-migrate-capabilities` reply.

@@ -10,8 +10,10 @@
 //! Every helper fails loudly: a missing binary or QEMU build is a panic that says
 //! how to get it, never a silently skipped test.
 
+pub mod liveupgrade;
 pub mod paths;
 pub mod qmp;
+pub mod shim;
 pub mod tempdir;
 pub mod vm;
 

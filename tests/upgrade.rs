@@ -1,0 +1,258 @@
+//! Live upgrades that succeed: the heartbeat guest moves to another QEMU build under the shim,
+//! keeps its memory (checked from inside), keeps beating, ends in the run state it had, and a
+//! QMP client connected before the upgrade keeps its connection and talks to the new QEMU.
+
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use qemu_liveupgrade_tests::liveupgrade::{capabilities, version, UpgradeVm, UPGRADE_TIMEOUT};
+use qemu_liveupgrade_tests::shim::{output_within, qemu_child, reports};
+use qemu_liveupgrade_tests::{cli_bin, guest_argv, tempdir, wait_until};
+use serde_json::{json, Value};
+
+fn assert_ok(report: &Value, from: &str, to: &str) {
+    assert_eq!(report["result"], "ok", "upgrade failed: {report}");
+    assert_eq!(report["from"]["version"], from, "{report}");
+    assert_eq!(report["to"]["version"], to, "{report}");
+    assert_eq!(report["ram"], "shared", "{report}");
+}
+
+/// The migration capabilities switched on. (Each QEMU version has its own list.)
+fn enabled(caps: &Value) -> Vec<String> {
+    let map = caps.as_object().expect("capabilities");
+    map.iter()
+        .filter(|(_, on)| on.as_bool() == Some(true))
+        .map(|(c, _)| c.clone())
+        .collect()
+}
+
+/// Upgrades through `versions` (the first is where the VM starts) at `mem_mib`, checking the
+/// guest and the same QMP connection after every step.
+fn upgrade_chain(versions: &[&str], mem_mib: u64) {
+    let vm = UpgradeVm::start(versions[0], mem_mib, &[]);
+    let mut qmp = vm.connect();
+    assert_eq!(
+        version(&qmp.execute("query-version", json!({}))),
+        versions[0]
+    );
+    // A capability the VM's user set: it must hold during the swap and after it, while the
+    // launcher's own (x-ignore-shared, events) must not linger.
+    let caps = json!({"capabilities": [{"capability": "xbzrle", "state": true}]});
+    qmp.execute("migrate-set-capabilities", caps);
+    let caps_before = enabled(&capabilities(&mut qmp));
+    assert_eq!(caps_before, ["xbzrle"]);
+    vm.assert_guest_healthy(200);
+    for (i, pair) in versions.windows(2).enumerate() {
+        vm.install(pair[1]);
+        let report = vm.upgrade();
+        assert_ok(&report, pair[0], pair[1]);
+        assert_eq!(report["to"]["generation"], i as u64 + 2);
+        assert_eq!(
+            report["machine"], "pc-i440fx-7.2",
+            "machine type pinned at first launch"
+        );
+        // With shared RAM only device state crosses: far less than the guest's memory.
+        let sent = report["ram_bytes"].as_u64().expect("ram_bytes");
+        assert!(
+            sent < 16 << 20,
+            "{sent} bytes sent for a {mem_mib} MiB guest"
+        );
+        assert_eq!(version(&qmp.execute("query-version", json!({}))), pair[1]);
+        assert_eq!(qmp.execute("query-status", json!({}))["status"], "running");
+        let caps = enabled(&capabilities(&mut qmp));
+        assert_eq!(caps, caps_before, "migration settings as the user had them");
+        vm.assert_guest_healthy(500);
+    }
+    // Exactly one QEMU runs the guest, and it is the one the shim reports.
+    let child = qemu_child(vm.vm.pid()).expect("a QEMU child");
+    let status = qemu_liveupgrade_tests::shim::cli_status(&vm.rundir(), vm.vm.pid());
+    assert_eq!(status["qemu_pid"], child.as_raw());
+    assert_eq!(status["version"], *versions.last().unwrap());
+    let events: Vec<String> = qmp
+        .events()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap_or("").to_owned())
+        .collect();
+    for hidden in ["STOP", "RESUME", "SHUTDOWN", "MIGRATION"] {
+        assert!(
+            !events.iter().any(|e| e == hidden),
+            "client saw {hidden}: {events:?}"
+        );
+    }
+}
+
+#[test]
+fn security_update_7_2_18_to_7_2_22() {
+    upgrade_chain(&["7.2.18", "7.2.22"], 256);
+}
+
+#[test]
+fn across_major_versions_and_back_256m() {
+    upgrade_chain(&["7.2.22", "10.0.2", "7.2.22"], 256);
+}
+
+#[test]
+fn across_major_versions_and_back_2g() {
+    upgrade_chain(&["7.2.22", "10.0.2", "7.2.22"], 2048);
+}
+
+#[test]
+fn paused_guest_stays_paused() {
+    let vm = UpgradeVm::start("7.2.22", 256, &[]);
+    let mut qmp = vm.connect();
+    qmp.execute("stop", json!({}));
+    vm.install("10.0.2");
+    assert_ok(&vm.upgrade(), "7.2.22", "10.0.2");
+    assert_eq!(qmp.execute("query-status", json!({}))["status"], "paused");
+    let last = vm
+        .vm
+        .last_heartbeat()
+        .expect("heartbeats before stop")
+        .counter;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        vm.vm.last_heartbeat().unwrap().counter,
+        last,
+        "a paused guest ran"
+    );
+    qmp.execute("cont", json!({}));
+    vm.assert_guest_healthy(500);
+}
+
+#[test]
+fn guest_never_started_stays_in_prelaunch() {
+    let vm = UpgradeVm::start("7.2.22", 256, &["-S"]);
+    let mut qmp = vm.connect();
+    assert_eq!(
+        qmp.execute("query-status", json!({}))["status"],
+        "prelaunch"
+    );
+    vm.install("10.0.2");
+    assert_ok(&vm.upgrade(), "7.2.22", "10.0.2");
+    assert_eq!(
+        qmp.execute("query-status", json!({}))["status"],
+        "prelaunch"
+    );
+    assert!(
+        vm.vm.last_heartbeat().is_none(),
+        "the guest ran before cont"
+    );
+    qmp.execute("cont", json!({}));
+    vm.vm.wait_ready(Duration::from_secs(60));
+    vm.assert_guest_healthy(500);
+}
+
+#[test]
+fn ram_that_cannot_be_shared_crosses_in_the_stream() {
+    // A private mapping of a file is RAM no other process can see: it must be sent. 10.0.2 on
+    // both sides: 7.2 as a TCG migration source loses pages once RAM takes several passes.
+    let dir = tempdir();
+    let backing = dir.join("ram.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let object = format!(
+        "memory-backend-file,id=ram0,size=256M,mem-path={},share=off",
+        backing.display()
+    );
+    let mut argv = guest_argv(256);
+    argv.extend([
+        "-object".into(),
+        object,
+        "-machine".into(),
+        "memory-backend=ram0".into(),
+    ]);
+    let vm = UpgradeVm::start_with("10.0.2", argv, &[], &[]);
+    vm.assert_guest_healthy(200);
+    let report = vm.upgrade();
+    assert_eq!(report["result"], "ok", "{report}");
+    assert_eq!(report["ram"], "streamed", "{report}");
+    let sent = report["ram_bytes"].as_u64().unwrap();
+    assert!(
+        sent > 64 << 20,
+        "only {sent} bytes sent for 256 MiB of private RAM"
+    );
+    vm.assert_guest_healthy(500);
+}
+
+#[test]
+fn second_request_during_an_upgrade_is_coalesced() {
+    let vm = UpgradeVm::start("7.2.22", 256, &[]);
+    vm.install("10.0.2");
+    vm.vm.signal(Signal::SIGUSR2);
+    // Separate deliveries: two signals sent back to back may merge in the kernel already.
+    wait_until(Duration::from_secs(10), "the new QEMU to start", || {
+        qemu_liveupgrade_tests::shim::children(vm.vm.pid()).len() == 2
+    });
+    vm.vm.signal(Signal::SIGUSR2);
+    let report = vm.wait_report(0);
+    assert_eq!(report["result"], "ok", "{report}");
+    assert_eq!(report["coalesced_requests"], 1, "{report}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        reports(&vm.vm).len(),
+        1,
+        "the coalesced request started a second upgrade"
+    );
+    vm.assert_guest_healthy(200);
+}
+
+#[test]
+fn sigterm_during_an_upgrade_ends_the_vm_cleanly() {
+    let mut vm = UpgradeVm::start("7.2.22", 256, &[]);
+    vm.install("10.0.2");
+    vm.vm.signal(Signal::SIGUSR2);
+    wait_until(Duration::from_secs(10), "the new QEMU to start", || {
+        qemu_liveupgrade_tests::shim::children(vm.vm.pid()).len() == 2
+    });
+    let qemus = qemu_liveupgrade_tests::shim::children(vm.vm.pid());
+    vm.vm.signal(Signal::SIGTERM);
+    let status = vm.vm.wait_exit(UPGRADE_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "QEMU's own status on SIGTERM");
+    for pid in qemus {
+        assert!(
+            !qemu_liveupgrade_tests::shim::is_running(pid),
+            "QEMU {pid} outlived the VM"
+        );
+    }
+}
+
+#[test]
+fn cli_upgrade_waits_and_reports() {
+    let vm = UpgradeVm::start("7.2.22", 256, &[]);
+    vm.install("10.0.2");
+    let mut cmd = Command::new(cli_bin());
+    cmd.args(["upgrade", &vm.vm.pid().to_string()])
+        .env("QEMU_LIVEUPGRADE_RUNDIR", vm.rundir());
+    let out = output_within(cmd, UPGRADE_TIMEOUT);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("upgraded 7.2.22 -> 10.0.2"), "{stdout}");
+    assert!(stderr.contains("migrating"), "progress shown: {stderr}");
+
+    // --to names the binary explicitly; list shows the VM with its generation.
+    let mut cmd = Command::new(cli_bin());
+    cmd.args(["upgrade", "--json", &vm.vm.pid().to_string(), "--to"])
+        .arg(qemu_liveupgrade_tests::qemu_build("7.2.22"))
+        .env("QEMU_LIVEUPGRADE_RUNDIR", vm.rundir());
+    let out = output_within(cmd, UPGRADE_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_ok(&report, "10.0.2", "7.2.22");
+    let mut cmd = Command::new(cli_bin());
+    cmd.args(["list", "--json"])
+        .env("QEMU_LIVEUPGRADE_RUNDIR", vm.rundir());
+    let out = output_within(cmd, Duration::from_secs(10));
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("one VM listed");
+    assert_eq!(listed["pid"], vm.vm.pid().as_raw());
+    assert_eq!(listed["generation"], 3);
+    assert_eq!(listed["last_upgrade"]["to"]["version"], "7.2.22");
+    vm.assert_guest_healthy(200);
+}
