@@ -13,7 +13,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use mio::unix::SourceFd;
+use mio::Interest;
 use serde_json::{json, Value};
+
+use crate::supervisor::{Supervisor, Token};
 
 /// Environment variable overriding the control socket directory.
 pub const ENV_RUNDIR: &str = "QEMU_LIVEUPGRADE_RUNDIR";
@@ -181,6 +185,107 @@ pub fn request(path: &Path, req: &Value, mut on_line: impl FnMut(&Value)) -> io:
 /// The `{"progress": step}` line sent to waiting clients.
 pub fn progress(step: &str) -> Value {
     json!({ "progress": step })
+}
+
+/// The supervisor's side: serving control clients from its loop.
+impl Supervisor {
+    /// Prints an upgrade report as one JSON line on stderr, which libvirt keeps in the
+    /// domain's log, and keeps it for `status`.
+    pub(crate) fn report(&mut self, report: Value) {
+        eprintln!("{report}");
+        for mut w in std::mem::take(&mut self.waiters) {
+            let _ = w.send(&report);
+        }
+        self.last_upgrade = Some(report);
+    }
+
+    /// Tells control clients waiting on the upgrade which step it has reached.
+    pub(crate) fn progress(&mut self, step: &str) {
+        let line = progress(step);
+        self.waiters.retain_mut(|w| w.send(&line).is_ok());
+    }
+
+    /// The VM's state, for `qemu-liveupgrade status` and `list`.
+    pub fn status(&self) -> Value {
+        let name = self
+            .config
+            .base
+            .cmd
+            .opts("name")
+            .filter_map(|o| o.parse_arg())
+            .filter_map(|a| a.get("guest"))
+            .last();
+        json!({
+            "pid": std::process::id(),
+            "name": name,
+            "qemu_pid": self.current.pid.as_raw(),
+            "version": self.current.version_string(),
+            "binary": self.current.binary.path.to_string_lossy(),
+            "generation": self.current.number,
+            "machine": self.machine,
+            "ram": if self.config.base.unshared.is_none() { "shared" } else { "streamed" },
+            "uptime_s": self.started.elapsed().as_secs(),
+            "generation_uptime_s": self.current.started.elapsed().as_secs(),
+            "last_upgrade": self.last_upgrade,
+        })
+    }
+
+    pub(crate) fn on_control(&mut self) {
+        let Some(control) = self.control.as_ref() else {
+            return;
+        };
+        while let Ok(Some(client)) = control.accept() {
+            let slot = match self.control_clients.iter().position(Option::is_none) {
+                Some(i) => i,
+                None => {
+                    self.control_clients.push(None);
+                    self.control_clients.len() - 1
+                }
+            };
+            let fd = client.raw_fd();
+            let token = Token::ControlClient(slot).to_mio();
+            if self
+                .poll
+                .registry()
+                .register(&mut SourceFd(&fd), token, Interest::READABLE)
+                .is_ok()
+            {
+                self.control_clients[slot] = Some(client);
+            }
+        }
+    }
+
+    pub(crate) fn on_control_client(&mut self, slot: usize) {
+        let Some(client) = self.control_clients.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let request = match client.on_readable() {
+            Ok(None) => return,
+            Ok(Some(r)) => Some(r),
+            Err(_) => None,
+        };
+        let Some(mut client) = self.control_clients[slot].take() else {
+            return;
+        };
+        let fd = client.raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        match request {
+            Some(Request::Status) => {
+                let _ = client.send(&self.status());
+            }
+            Some(Request::Upgrade(to)) => {
+                if self.upgrading {
+                    // An upgrade is under way: this request is coalesced into it.
+                    self.upgrade_requests += 1;
+                } else {
+                    self.upgrade_requests = 1;
+                    self.upgrade_to = to;
+                }
+                self.waiters.push(client);
+            }
+            None => {}
+        }
+    }
 }
 
 #[cfg(test)]

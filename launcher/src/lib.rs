@@ -10,6 +10,7 @@
 //! - [`resolve`]: finding the real QEMU binary.
 //! - [`child`]: fork/exec of one QEMU generation with an explicit fd layout.
 //! - [`qmp`]: QMP framing over the launcher's private monitor.
+//! - [`relay`]: QEMU output copied through the launcher.
 //! - [`generation`]: the argv and fds one QEMU generation gets.
 //! - [`memfd`]: guest RAM the launcher owns and every generation maps.
 //! - [`monitors`], [`proxy`]: monitor and chardev sockets the launcher serves across generations.
@@ -29,6 +30,7 @@ pub mod monitors;
 pub mod plan;
 pub mod proxy;
 pub mod qmp;
+pub mod relay;
 pub mod resolve;
 pub mod resources;
 pub mod supervisor;

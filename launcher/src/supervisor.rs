@@ -11,7 +11,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -19,12 +19,12 @@ use mio::{Events, Interest, Poll};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use serde_json::{json, Value};
+use serde_json::Value;
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::child::InheritedSignals;
-use crate::control::{self, Client, Control, Request};
+use crate::control::{self, Client, Control};
 use crate::daemonize::{Daemon, StartResult};
 use crate::generation::{
     generation_cmdline, Base, Fds, GenArgs, Generation, GenerationError, Stdio,
@@ -32,6 +32,7 @@ use crate::generation::{
 use crate::monitors::ListenOn;
 use crate::proxy::{Listen, Proxy};
 use crate::qmp::{self, QmpError};
+use crate::relay::{self, Relay};
 use crate::resolve::Binary;
 
 /// Signals the launcher passes on to the running QEMU, as QEMU would have received them.
@@ -97,7 +98,7 @@ pub enum Which {
 
 /// What the loop can be woken by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Token {
+pub(crate) enum Token {
     Signals,
     /// Output of QEMU copied to the launcher's stdout (0) or stderr (1), when daemonized.
     Relay(usize),
@@ -110,16 +111,17 @@ enum Token {
 }
 
 impl Token {
-    const CONTROL_CLIENT_BASE: usize = 16;
+    const RELAY_BASE: usize = 1 << 10;
+    const CONTROL_CLIENT_BASE: usize = 1 << 16;
     const MONITOR_BASE: usize = 1 << 20;
     /// Tokens from here up belong to the proxy.
     const PROXY_BASE: usize = 1 << 24;
 
-    fn to_mio(self) -> mio::Token {
+    pub(crate) fn to_mio(self) -> mio::Token {
         mio::Token(match self {
             Token::Signals => 0,
-            Token::Relay(i) => 1 + i,
-            Token::Control => 3,
+            Token::Control => 1,
+            Token::Relay(i) => Self::RELAY_BASE + i,
             Token::ControlClient(i) => Self::CONTROL_CLIENT_BASE + i,
             Token::Monitor(n) => Self::MONITOR_BASE + n as usize,
         })
@@ -128,21 +130,12 @@ impl Token {
     fn from_mio(t: mio::Token) -> Token {
         match t.0 {
             0 => Token::Signals,
-            3 => Token::Control,
-            i if i < Self::CONTROL_CLIENT_BASE => Token::Relay(i - 1),
+            1 => Token::Control,
+            i if i < Self::CONTROL_CLIENT_BASE => Token::Relay(i - Self::RELAY_BASE),
             i if i < Self::MONITOR_BASE => Token::ControlClient(i - Self::CONTROL_CLIENT_BASE),
             n => Token::Monitor((n - Self::MONITOR_BASE) as u32),
         }
     }
-}
-
-/// Copies a daemonized QEMU's stdout or stderr to the launcher's, which point at the caller
-/// until start-up is reported and at /dev/null after, as a daemonized QEMU's own do.
-#[derive(Debug)]
-struct Relay {
-    from: OwnedFd,
-    to: RawFd,
-    open: bool,
 }
 
 /// Everything needed to supervise one VM.
@@ -176,21 +169,23 @@ pub struct Supervisor {
     /// Upgrade requests (SIGUSR2 or control socket) received and not yet acted on.
     pub(crate) upgrade_requests: u32,
     /// The binary a control client asked for, if any.
-    upgrade_to: Option<std::path::PathBuf>,
+    pub(crate) upgrade_to: Option<std::path::PathBuf>,
     /// The control socket, when it could be bound.
-    control: Option<Control>,
+    pub(crate) control: Option<Control>,
     /// Connected control clients by slot.
-    control_clients: Vec<Option<Client>>,
+    pub(crate) control_clients: Vec<Option<Client>>,
     /// Control clients waiting for the upgrade under way to finish.
-    waiters: Vec<Client>,
+    pub(crate) waiters: Vec<Client>,
     /// When the launcher started.
-    started: Instant,
+    pub(crate) started: Instant,
     /// The last upgrade's report, for `status`.
     pub(crate) last_upgrade: Option<Value>,
     /// An upgrade is under way: private-monitor events are kept for it to read (otherwise
     /// they are dropped), and further requests are coalesced into it.
     pub(crate) upgrading: bool,
-    relays: Vec<Relay>,
+    pub(crate) relays: Vec<Relay>,
+    /// Which relay carries each later generation's stderr.
+    stderr_relay: std::collections::HashMap<u32, usize>,
     /// Write ends of the relay pipes, handed to every generation when daemonized.
     child_out: Vec<OwnedFd>,
     null: std::fs::File,
@@ -216,14 +211,8 @@ impl Supervisor {
         let mut child_out = Vec::new();
         if config.daemon.is_some() {
             for target in [1, 2] {
-                let flags = nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK;
-                let (r, w) =
-                    nix::unistd::pipe2(flags).map_err(|e| SupervisorError::Poll(e.into()))?;
-                relays.push(Relay {
-                    from: r,
-                    to: target,
-                    open: true,
-                });
+                let (r, w) = relay::pipe().map_err(|e| SupervisorError::Poll(e.into()))?;
+                relays.push(Relay::new(r, target));
                 child_out.push(w);
             }
         }
@@ -285,6 +274,7 @@ impl Supervisor {
             last_upgrade: None,
             upgrading: false,
             relays,
+            stderr_relay: std::collections::HashMap::new(),
             child_out,
             null,
             exit: None,
@@ -313,35 +303,57 @@ impl Supervisor {
             ),
         }
         for i in 0..sup.relays.len() {
-            let fd = sup.relays[i].from.as_raw_fd();
-            sup.poll
-                .registry()
-                .register(
-                    &mut SourceFd(&fd),
-                    Token::Relay(i).to_mio(),
-                    Interest::READABLE,
-                )
-                .map_err(SupervisorError::Poll)?;
+            sup.register_relay(i).map_err(SupervisorError::Poll)?;
         }
         Ok(sup)
     }
 
-    /// Starts a generation with the layout's fds and registers its private monitor.
+    /// Starts a later generation with the layout's fds and registers its private monitor. Its
+    /// stderr goes through a relay, so a failed start can be reported in QEMU's own words.
     pub(crate) fn spawn_generation(
         &mut self,
         number: u32,
         binary: Binary,
         args: &GenArgs,
     ) -> Result<Generation, GenerationError> {
-        spawn_registered(
+        let (r, w) = relay::pipe().map_err(|e| GenerationError::Socket(e.into()))?;
+        let mut stdio = child_stdio(&self.null, &self.child_out);
+        stdio.fds[2] = Some(w.as_fd());
+        let gen = spawn_registered(
             self.poll.registry(),
             &mut self.proxy,
             &self.config,
-            child_stdio(&self.null, &self.child_out),
+            stdio,
             number,
             binary,
             args,
+        )?;
+        drop(w);
+        self.relays.push(Relay::new(r, 2));
+        self.register_relay(self.relays.len() - 1)
+            .map_err(GenerationError::Socket)?;
+        self.stderr_relay.insert(number, self.relays.len() - 1);
+        Ok(gen)
+    }
+
+    fn register_relay(&mut self, i: usize) -> io::Result<()> {
+        let fd = self.relays[i].raw_fd();
+        self.poll.registry().register(
+            &mut SourceFd(&fd),
+            Token::Relay(i).to_mio(),
+            Interest::READABLE,
         )
+    }
+
+    /// The last line generation `number` wrote on stderr, once everything it wrote is read.
+    pub(crate) fn last_stderr_line(&mut self, number: u32) -> Option<String> {
+        let prefix = format!(
+            "{}: ",
+            crate::resolve::invoked_name(&self.config.argv0).to_string_lossy()
+        );
+        let relay = &mut self.relays[*self.stderr_relay.get(&number)?];
+        relay.pump();
+        relay.last_line(&prefix)
     }
 
     /// Runs until QEMU exits; returns how it ended.
@@ -389,47 +401,6 @@ impl Supervisor {
             }
             self.pump(None).map_err(SupervisorError::Poll)?;
         }
-    }
-
-    /// Prints an upgrade report as one JSON line on stderr, which libvirt keeps in the
-    /// domain's log, and keeps it for `status`.
-    fn report(&mut self, report: Value) {
-        eprintln!("{report}");
-        for mut w in std::mem::take(&mut self.waiters) {
-            let _ = w.send(&report);
-        }
-        self.last_upgrade = Some(report);
-    }
-
-    /// Tells control clients waiting on the upgrade which step it has reached.
-    pub(crate) fn progress(&mut self, step: &str) {
-        let line = control::progress(step);
-        self.waiters.retain_mut(|w| w.send(&line).is_ok());
-    }
-
-    /// The VM's state, for `qemu-liveupgrade status` and `list`.
-    pub fn status(&self) -> Value {
-        let name = self
-            .config
-            .base
-            .cmd
-            .opts("name")
-            .filter_map(|o| o.parse_arg())
-            .filter_map(|a| a.get("guest"))
-            .last();
-        json!({
-            "pid": std::process::id(),
-            "name": name,
-            "qemu_pid": self.current.pid.as_raw(),
-            "version": self.current.version_string(),
-            "binary": self.current.binary.path.to_string_lossy(),
-            "generation": self.current.number,
-            "machine": self.machine,
-            "ram": if self.config.base.unshared.is_none() { "shared" } else { "streamed" },
-            "uptime_s": self.started.elapsed().as_secs(),
-            "generation_uptime_s": self.current.started.elapsed().as_secs(),
-            "last_upgrade": self.last_upgrade,
-        })
     }
 
     /// Resolves the first generation's machine alias (`pc`, `q35`, or the default) to the
@@ -669,81 +640,18 @@ impl Supervisor {
         }
     }
 
-    fn on_control(&mut self) {
-        let Some(control) = self.control.as_ref() else {
-            return;
-        };
-        while let Ok(Some(client)) = control.accept() {
-            let slot = match self.control_clients.iter().position(Option::is_none) {
-                Some(i) => i,
-                None => {
-                    self.control_clients.push(None);
-                    self.control_clients.len() - 1
-                }
-            };
-            let fd = client.raw_fd();
-            let token = Token::ControlClient(slot).to_mio();
-            if self
-                .poll
-                .registry()
-                .register(&mut SourceFd(&fd), token, Interest::READABLE)
-                .is_ok()
-            {
-                self.control_clients[slot] = Some(client);
-            }
-        }
-    }
-
-    fn on_control_client(&mut self, slot: usize) {
-        let Some(client) = self.control_clients.get_mut(slot).and_then(Option::as_mut) else {
-            return;
-        };
-        let request = match client.on_readable() {
-            Ok(None) => return,
-            Ok(Some(r)) => Some(r),
-            Err(_) => None,
-        };
-        let Some(mut client) = self.control_clients[slot].take() else {
-            return;
-        };
-        let fd = client.raw_fd();
-        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-        match request {
-            Some(Request::Status) => {
-                let _ = client.send(&self.status());
-            }
-            Some(Request::Upgrade(to)) => {
-                if self.upgrading {
-                    // An upgrade is under way: this request is coalesced into it.
-                    self.upgrade_requests += 1;
-                } else {
-                    self.upgrade_requests = 1;
-                    self.upgrade_to = to;
-                }
-                self.waiters.push(client);
-            }
-            None => {}
-        }
-    }
-
     fn on_relay(&mut self, i: usize) {
         let relay = &mut self.relays[i];
-        loop {
-            match copy_available(relay) {
-                Copy::More => continue,
-                Copy::Empty => return,
-                Copy::Eof => break,
-            }
+        if relay.is_open() && !relay.pump() {
+            let fd = relay.raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
         }
-        relay.open = false;
-        let fd = relay.from.as_raw_fd();
-        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
     }
 
     /// Copies what QEMU wrote just before exiting, so its last error reaches the caller.
     fn drain_relays(&mut self) {
-        for relay in self.relays.iter_mut().filter(|r| r.open) {
-            while copy_available(relay) == Copy::More {}
+        for relay in self.relays.iter_mut().filter(|r| r.is_open()) {
+            relay.pump();
         }
     }
 
@@ -819,36 +727,5 @@ fn remaining(deadline: Option<Instant>, what: &str) -> Result<Option<Duration>, 
             Some(left) if !left.is_zero() => Ok(Some(left)),
             _ => Err(CallError::Timeout(what.to_owned())),
         },
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Copy {
-    More,
-    Empty,
-    Eof,
-}
-
-/// Copies one chunk from QEMU's output pipe to the launcher's own fd.
-fn copy_available(relay: &mut Relay) -> Copy {
-    let mut buf = [0u8; 16384];
-    match nix::unistd::read(relay.from.as_raw_fd(), &mut buf) {
-        Ok(0) => Copy::Eof,
-        Ok(n) => {
-            let mut out = &buf[..n];
-            // SAFETY: `to` is 1 or 2, open for the launcher's whole life.
-            let target = unsafe { std::os::fd::BorrowedFd::borrow_raw(relay.to) };
-            while !out.is_empty() {
-                match nix::unistd::write(target, out) {
-                    Ok(w) => out = &out[w..],
-                    Err(nix::errno::Errno::EINTR) => {}
-                    // The caller went away; QEMU's output has nowhere to go, as it would not.
-                    Err(_) => break,
-                }
-            }
-            Copy::More
-        }
-        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => Copy::Empty,
-        Err(_) => Copy::Eof,
     }
 }

@@ -114,8 +114,11 @@ impl Supervisor {
         let mut undo = Undo::default();
         self.upgrading = true;
         let result = self.swap(to, &mut undo);
+        let mut said = None;
         if result.is_err() {
             self.roll_back(&undo);
+            // The new QEMU's own explanation, if it gave one on stderr before it was killed.
+            said = self.last_stderr_line(self.current.number + 1);
         }
         self.upgrading = false;
         let coalesced = std::mem::take(&mut self.upgrade_requests);
@@ -140,7 +143,11 @@ impl Supervisor {
             }
             Err(e) => {
                 report["result"] = "failed".into();
-                report["reason"] = crate::error_chain(&e).into();
+                let mut reason = crate::error_chain(&e);
+                if let Some(line) = said {
+                    reason.push_str(&format!(" (new QEMU: {line})"));
+                }
+                report["reason"] = reason.into();
                 report["generation"] = self.current.number.into();
             }
         }
@@ -179,7 +186,8 @@ impl Supervisor {
         }
 
         self.progress("starting the new QEMU");
-        // 3. The new QEMU, same argv, pinned machine, waiting for the incoming stream.
+        // 3. The new QEMU, same argv, pinned machine, waiting for the incoming stream. A QEMU
+        //    that lacks the machine type refuses to start, and the report carries its words.
         let number = self.current.number + 1;
         let args = GenArgs {
             machine: self.machine.clone(),
@@ -193,24 +201,8 @@ impl Supervisor {
         self.handshake(Which::Incoming, Some(Instant::now() + start_timeout()))
             .map_err(|e| UpgradeError::Start(Box::new(e)))?;
 
-        // 4. It must know the machine type the guest runs on.
-        if let Some(machine) = self.machine.clone() {
-            let machines = self
-                .call(Which::Incoming, "query-machines", None, deadline())
-                .map_err(step("query-machines"))?;
-            let known = machines.as_array().is_some_and(|l| {
-                l.iter()
-                    .any(|m| m["name"].as_str() == Some(machine.as_str()))
-            });
-            if !known {
-                return Err(UpgradeError::Incompatible(format!(
-                    "no machine type {machine}"
-                )));
-            }
-        }
-
         self.progress("setting migration capabilities");
-        // 5. Migration capabilities: the ones the VM's users set, plus ours, on both sides.
+        // 4. Migration capabilities: the ones the VM's users set, plus ours, on both sides.
         let old_caps = capabilities(
             &self
                 .call(
@@ -296,7 +288,7 @@ impl Supervisor {
             .map_err(step("migrate-set-parameters"))?;
         }
 
-        // 6. Clients of the VM's monitors: their input is held from here on (never failed),
+        // 5. Clients of the VM's monitors: their input is held from here on (never failed),
         //    the old QEMU answers what it already has, then each client gets a connection to
         //    the new QEMU with its capability negotiation replayed.
         self.progress("moving monitor clients");
@@ -315,7 +307,7 @@ impl Supervisor {
         prepared.map_err(|e| UpgradeError::Monitors(crate::error_chain(&e)))?;
 
         self.progress("migrating");
-        // 7. The stream: one pipe, its read end in the new QEMU, its write end in the old.
+        // 6. The stream: one pipe, its read end in the new QEMU, its write end in the old.
         let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| step("pipe")(CallError::Poll(e.into())))?;
         // A larger pipe lets streamed RAM move in bigger batches; best effort.
@@ -358,7 +350,7 @@ impl Supervisor {
         .map_err(step("migrate"))?;
         undo.out_fd_named = false;
 
-        // 8. Completion, as the new QEMU sees it; the old one's failure, or either's exit.
+        // 7. Completion, as the new QEMU sees it; the old one's failure, or either's exit.
         let ram_size: u64 = self.ram_size();
         let limit = if shared {
             SHARED_MIGRATION_TIMEOUT
@@ -394,7 +386,7 @@ impl Supervisor {
             return Err(UpgradeError::Migration("old QEMU exited".into()));
         }
 
-        // 9. The run state the guest had. A destination started with -S (libvirt's way)
+        // 8. The run state the guest had. A destination started with -S (libvirt's way)
         //    stays paused after migration even when the source ran; QEMU autostarts it
         //    otherwise, a few moments after reporting completion.
         let mut status = String::from("inmigrate");
@@ -421,7 +413,7 @@ impl Supervisor {
         undo.held = false;
 
         self.progress("quitting the old QEMU");
-        // 10. Measurements, from the old QEMU, then the new one's capabilities put back to
+        // 9. Measurements, from the old QEMU, then the new one's capabilities put back to
         //    what the VM's users had, and the old QEMU quit.
         let mut stats = Stats {
             shared,
