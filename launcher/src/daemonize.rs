@@ -27,16 +27,15 @@ pub enum DaemonError {
     /// `pipe`, `fork` or `setsid` failed.
     #[error("cannot daemonize")]
     Daemonize(#[source] Errno),
-    /// The pidfile could not be created, locked or written.
+    /// The pidfile could not be created, locked or written. The text is QEMU's own
+    /// ("Cannot lock pid file: Resource temporarily unavailable"), errno included, so no
+    /// source follows it.
     #[error("cannot create PID file: {reason}")]
     Pidfile {
         /// The pidfile.
         path: PathBuf,
-        /// Text in QEMU's own words ("Cannot lock pid file").
+        /// What failed, and the errno text.
         reason: String,
-        /// The underlying failure.
-        #[source]
-        source: io::Error,
     },
 }
 
@@ -110,6 +109,12 @@ impl Daemon {
         let _ = nix::unistd::write(&fd, &msg);
     }
 
+    /// A second reference to the pipe the foreground waits on. The foreground exits once every
+    /// reference is gone, so an error printed before this is dropped reaches the caller first.
+    pub fn guard(&self) -> Option<OwnedFd> {
+        self.notify.as_ref().and_then(|fd| fd.try_clone().ok())
+    }
+
     /// Whether the foreground still waits.
     pub fn is_waiting(&self) -> bool {
         self.notify.is_some()
@@ -124,6 +129,14 @@ fn redirect_stdio_to_null() {
     }
 }
 
+/// An errno's text without Rust's "(os error N)" suffix, as QEMU prints it.
+fn errno_text(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => Errno::from_raw(n).desc().to_owned(),
+        None => e.to_string(),
+    }
+}
+
 /// A pidfile held the way QEMU holds it: created 0600, locked with `lockf` for the process's
 /// life, holding the pid and a newline; removed at exit.
 #[derive(Debug)]
@@ -135,10 +148,9 @@ pub struct Pidfile {
 impl Pidfile {
     /// Creates, locks and writes the pidfile for the calling process.
     pub fn create(path: &Path) -> Result<Pidfile, DaemonError> {
-        let fail = |reason: &str, source: io::Error| DaemonError::Pidfile {
+        let fail = |what: &str, e: io::Error| DaemonError::Pidfile {
             path: path.to_owned(),
-            reason: reason.to_owned(),
-            source,
+            reason: format!("{what}: {}", errno_text(&e)),
         };
         loop {
             let mut file = File::options()
@@ -148,11 +160,11 @@ impl Pidfile {
                 .truncate(false)
                 .mode(0o600)
                 .open(path)
-                .map_err(|e| fail(&format!("failed to open {}: {e}", path.display()), e))?;
+                .map_err(|e| fail("Cannot open pid file", e))?;
             // SAFETY: lockf on an fd we own.
             if unsafe { libc::lockf(file.as_raw_fd(), libc::F_TLOCK, 0) } != 0 {
                 let e = io::Error::last_os_error();
-                return Err(fail(&format!("Cannot lock pid file: {e}"), e));
+                return Err(fail("Cannot lock pid file", e));
             }
             // Another process may have unlinked the file between our open and lock; then the
             // lock is on an orphan, and the open must be retried.

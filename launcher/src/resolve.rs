@@ -52,6 +52,16 @@ pub enum ResolveError {
         /// The `.real` path next to the shim.
         fallback: String,
     },
+    /// The binary named by the environment or the config file cannot be executed.
+    #[error("{path} (from {from}): {reason}")]
+    Unusable {
+        /// The binary.
+        path: PathBuf,
+        /// Which setting named it.
+        from: String,
+        /// Why it cannot be executed.
+        reason: String,
+    },
     /// The resolved binary is the shim itself, which would recurse forever.
     #[error("{path} is the qemu-liveupgrade shim itself, not QEMU")]
     IsShim {
@@ -98,33 +108,39 @@ pub fn resolve_with(
     config: &Path,
     path_var: Option<&OsStr>,
 ) -> Result<Binary, ResolveError> {
-    let mut tried = Vec::new();
+    // A binary named explicitly (environment or config) is used or refused; falling through
+    // to another rule would quietly run a QEMU the operator did not ask for.
     if let Some(p) = env_binary {
         let path = PathBuf::from(p);
-        match check_executable(&path) {
-            Ok(()) => {
-                return not_self(Binary {
-                    path,
-                    source: Source::Env,
-                })
-            }
-            Err(e) => tried.push(format!("{ENV_BINARY}={}: {e}", path.display())),
-        }
-    } else {
-        tried.push(format!("{ENV_BINARY} unset"));
+        return match check_executable(&path) {
+            Ok(()) => not_self(Binary {
+                path,
+                source: Source::Env,
+            }),
+            Err(e) => Err(ResolveError::Unusable {
+                path,
+                from: ENV_BINARY.to_owned(),
+                reason: e,
+            }),
+        };
     }
-
+    let mut tried = vec![format!("{ENV_BINARY} unset")];
     match read_config(config, invoked_name(argv0))? {
-        Some(path) => match check_executable(&path) {
-            Ok(()) => {
-                return not_self(Binary {
+        Some(path) => {
+            return match check_executable(&path) {
+                Ok(()) => not_self(Binary {
                     path,
                     source: Source::Config,
-                })
+                }),
+                Err(e) => Err(ResolveError::Unusable {
+                    path,
+                    from: config.display().to_string(),
+                    reason: e,
+                }),
             }
-            Err(e) => tried.push(format!("{} from {}: {e}", path.display(), config.display())),
-        },
-        None => tried.push(format!("{} has no entry", config.display())),
+        }
+        None if config.exists() => tried.push(format!("{} names no binary", config.display())),
+        None => tried.push(format!("no {}", config.display())),
     }
 
     let invoked = invoked_path(argv0, path_var);
@@ -327,18 +343,45 @@ mod tests {
         let d = tmpdir("none");
         let err = resolve_with(
             d.join("qemu-system-x86_64").as_os_str(),
-            Some(OsStr::new("/nonexistent/qemu")),
+            None,
             &d.join("none.json"),
             None,
         )
         .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("/nonexistent/qemu: No such file"), "{text}");
+        assert!(text.contains("QEMU_LIVEUPGRADE_BINARY unset"), "{text}");
+        assert!(text.contains("none.json"), "{text}");
         assert!(
             text.contains("qemu-system-x86_64.real: No such file"),
             "{text}"
         );
         assert!(!text.contains('\n'));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_named_binary_that_is_missing_is_an_error_not_a_fallback() {
+        let d = tmpdir("named");
+        exe(&d.join("qemu-system-x86_64.real"));
+        let argv0 = d.join("qemu-system-x86_64");
+        let err = resolve_with(
+            argv0.as_os_str(),
+            Some(OsStr::new("/nonexistent/qemu")),
+            &d.join("c.json"),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/nonexistent/qemu (from QEMU_LIVEUPGRADE_BINARY): No such file or directory"
+        );
+        let cfg = d.join("c.json");
+        fs::write(&cfg, r#"{"binary":"/nonexistent/q2"}"#).unwrap();
+        let err = resolve_with(argv0.as_os_str(), None, &cfg, None).unwrap_err();
+        assert!(
+            err.to_string().starts_with("/nonexistent/q2 (from "),
+            "{err}"
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -198,7 +198,7 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Starts the first generation and the loop around it.
-    pub fn start(mut config: Config) -> Result<Supervisor, SupervisorError> {
+    pub fn start(config: Config) -> Result<Supervisor, SupervisorError> {
         let poll = Poll::new().map_err(SupervisorError::Poll)?;
         let mut watched = vec![SIGCHLD, SIGUSR2];
         watched.extend(FORWARDED);
@@ -250,12 +250,8 @@ impl Supervisor {
             Ok(g)
         }) {
             Ok(g) => g,
-            Err(e) => {
-                if let Some(d) = config.daemon.as_mut() {
-                    d.report(StartResult::Failed(1));
-                }
-                return Err(e.into());
-            }
+            // The daemon's foreground exits 1 once the caller has printed this error.
+            Err(e) => return Err(e.into()),
         };
         let mut sup = Supervisor {
             poll,
@@ -380,16 +376,18 @@ impl Supervisor {
         }
         loop {
             if let Some(exit) = self.exit {
+                self.drain_relays();
+                // QEMU's last words (its SHUTDOWN event) reach monitor clients before they see
+                // EOF: libvirt treats EOF without SHUTDOWN as a crash.
+                self.proxy.flush(Instant::now() + Duration::from_secs(1));
+                // A daemonized QEMU that failed to start: its error is relayed by now, and
+                // the foreground exits with its status.
                 if let Some(d) = self.config.daemon.as_mut() {
                     d.report(StartResult::Failed(match exit {
                         Exit::Code(c) => c.clamp(1, 255) as u8,
                         Exit::Signal(_) => 1,
                     }));
                 }
-                self.drain_relays();
-                // QEMU's last words (its SHUTDOWN event) reach monitor clients before they see
-                // EOF: libvirt treats EOF without SHUTDOWN as a crash.
-                self.proxy.flush(Instant::now() + Duration::from_secs(1));
                 return Ok(exit);
             }
             if self.upgrade_requests > 0 {

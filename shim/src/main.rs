@@ -6,6 +6,7 @@
 //! QEMU ends.
 
 use std::ffi::{CString, OsString};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
 
@@ -27,10 +28,14 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| OsString::from("qemu-system-x86_64"));
     let rest: Vec<OsString> = args.collect();
     let prog = resolve::invoked_name(&argv0).to_string_lossy().into_owned();
-    match launch(&argv0, rest, signals) {
+    // Once daemonized, the foreground waits until this is dropped too: an error is printed
+    // first, as QEMU prints its own before its foreground exits.
+    let mut foreground = None;
+    match launch(&argv0, rest, signals, &mut foreground) {
         Ok(exit) => end_like(exit),
         Err(message) => {
             eprintln!("{prog}: {message}");
+            drop(foreground);
             ExitCode::from(1)
         }
     }
@@ -41,6 +46,7 @@ fn launch(
     argv0: &OsString,
     args: Vec<OsString>,
     signals: InheritedSignals,
+    foreground: &mut Option<OwnedFd>,
 ) -> Result<Exit, String> {
     let cmd = match CmdLine::parse(&args) {
         Ok(cmd) => cmd,
@@ -55,7 +61,9 @@ fn launch(
     let base = Base::for_this_process(&cmd);
     let binary = resolve::resolve(argv0).map_err(|e| error_chain(&e))?;
     let daemon = if cmd.has("daemonize") {
-        Some(daemonize::daemonize().map_err(|e| error_chain(&e))?)
+        let daemon = daemonize::daemonize().map_err(|e| error_chain(&e))?;
+        *foreground = daemon.guard();
+        Some(daemon)
     } else {
         None
     };
@@ -69,9 +77,6 @@ fn launch(
         Some(path) => match Pidfile::create(path.as_ref()) {
             Ok(p) => Some(p),
             Err(e) => {
-                if let Some(mut d) = daemon {
-                    d.report(daemonize::StartResult::Failed(1));
-                }
                 return Err(error_chain(&e));
             }
         },
@@ -85,9 +90,6 @@ fn launch(
     {
         Ok(ram) => ram,
         Err(e) => {
-            if let Some(mut d) = daemon {
-                d.report(daemonize::StartResult::Failed(1));
-            }
             return Err(error_chain(&e));
         }
     };
