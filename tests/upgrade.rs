@@ -256,3 +256,24 @@ fn cli_upgrade_waits_and_reports() {
     assert_eq!(listed["last_upgrade"]["to"]["version"], "7.2.22");
     vm.assert_guest_healthy(200);
 }
+
+#[test]
+fn file_chardevs_are_appended_to_not_truncated() {
+    // An HMP monitor on a file chardev: each QEMU writes its banner there when it opens it.
+    let dir = tempdir();
+    let log = dir.join("monitor.log");
+    let chardev = format!("file,id=hmplog,path={}", log.display());
+    let vm = UpgradeVm::start(
+        "7.2.22",
+        256,
+        &["-chardev", &chardev, "-mon", "chardev=hmplog"],
+    );
+    vm.install("10.0.2");
+    assert_ok(&vm.upgrade(), "7.2.22", "10.0.2");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("QEMU 7.2.22 monitor"),
+        "first generation's output lost: {text:?}"
+    );
+    assert!(text.contains("QEMU 10.0.2 monitor"), "{text:?}");
+}

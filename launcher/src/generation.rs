@@ -152,6 +152,7 @@ pub fn generation_cmdline(base: &Base, args: &GenArgs) -> CmdLine {
         crate::memfd::set_machine_key(&mut cmd, "type", machine);
     }
     if args.incoming {
+        monitors::append_to_files(&mut cmd);
         cmd.remove_all("incoming");
         cmd.push("incoming", Some("defer"));
     }

@@ -8,6 +8,9 @@
 //! and each generation gets a private listening socket of its own in its place (see
 //! [`crate::proxy`]). TCP servers are left to QEMU: the next generation cannot bind their
 //! port while the old one holds it, so an upgrade of such a VM fails and leaves it as it was.
+//!
+//! File chardevs and chardev logs are appended to by every generation after the first, which
+//! QEMU would otherwise truncate when it opens them: an upgrade must not wipe a console log.
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -173,6 +176,64 @@ pub fn rewrite(cmd: &CmdLine, proxied: &[Proxied], fds: &[RawFd], first: bool) -
     out
 }
 
+/// Makes a later generation append to every file the first one wrote: `-chardev file` gets
+/// `append=on`, a chardev `logfile=` gets `logappend=on`, and the legacy `file:PATH` of
+/// `-serial`, `-parallel` and `-monitor` becomes such a chardev.
+pub fn append_to_files(cmd: &mut CmdLine) {
+    let mut added = Vec::new();
+    for (item, it) in cmd.items.iter_mut().enumerate() {
+        let Item::Opt(opt) = it else { continue };
+        let Some(mut arg) = opt.parse_arg() else {
+            continue;
+        };
+        match opt.name.as_str() {
+            "chardev" if !arg.is_json() => {
+                let mut changed = false;
+                if arg.get("backend").as_deref() == Some("file") {
+                    arg.set("append", "on");
+                    changed = true;
+                }
+                if arg.get("logfile").is_some() {
+                    arg.set("logappend", "on");
+                    changed = true;
+                }
+                if changed {
+                    opt.set_arg(&arg);
+                }
+            }
+            "serial" | "parallel" | "monitor" => {
+                // QEMU takes everything after `file:` as the path, commas included.
+                let Some(path) = opt
+                    .arg_str()
+                    .and_then(|a| a.strip_prefix("file:"))
+                    .map(str::to_owned)
+                else {
+                    continue;
+                };
+                let id = format!("qemu-liveupgrade-file{item}");
+                let spec = if opt.name == "monitor" {
+                    format!("chardev={id},mode=readline")
+                } else {
+                    format!("chardev:{id}")
+                };
+                if opt.name == "monitor" {
+                    opt.spelling = "-mon".into();
+                    opt.name = "mon".into();
+                }
+                opt.arg = Some(spec.into());
+                added.push(format!(
+                    "file,id={id},path={},append=on",
+                    path.replace(',', ",,")
+                ));
+            }
+            _ => {}
+        }
+    }
+    for chardev in added {
+        cmd.push("chardev", Some(&chardev));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +321,36 @@ mod tests {
         );
         let later = strings(&rewrite(&cmd, &p, &[10, 11, 12], false));
         assert!(later.last().unwrap().ends_with("wait=off"), "{later:?}");
+    }
+
+    #[test]
+    fn later_generations_append_to_files() {
+        let mut cmd = parse(&[
+            "-chardev",
+            "file,id=log0,path=/var/log/vm/console.log",
+            "-chardev",
+            "socket,id=s0,fd=26,server=on,wait=off,logfile=/dev/fdset/0",
+            "-serial",
+            "file:/tmp/a,b.log",
+            "-chardev",
+            "pty,id=p0",
+        ]);
+        append_to_files(&mut cmd);
+        assert_eq!(
+            strings(&cmd),
+            [
+                "-chardev",
+                "file,id=log0,path=/var/log/vm/console.log,append=on",
+                "-chardev",
+                "socket,id=s0,fd=26,server=on,wait=off,logfile=/dev/fdset/0,logappend=on",
+                "-serial",
+                "chardev:qemu-liveupgrade-file2",
+                "-chardev",
+                "pty,id=p0",
+                "-chardev",
+                "file,id=qemu-liveupgrade-file2,path=/tmp/a,,b.log,append=on",
+            ]
+        );
     }
 
     #[test]
