@@ -277,3 +277,39 @@ fn file_chardevs_are_appended_to_not_truncated() {
     );
     assert!(text.contains("QEMU 10.0.2 monitor"), "{text:?}");
 }
+
+#[test]
+fn vcpu_thread_placement_carries_over() {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+
+    let vm = UpgradeVm::start("7.2.22", 256, &["-smp", "2"]);
+    let mut qmp = vm.connect();
+    let tid = |qmp: &mut qemu_liveupgrade_tests::Qmp, index: usize| {
+        let cpus = qmp.execute("query-cpus-fast", json!({}));
+        Pid::from_raw(cpus[index]["thread-id"].as_i64().expect("thread-id") as i32)
+    };
+    // vCPU 1 pinned to the last CPU, the way libvirt's <vcpupin> does it, by thread id.
+    let online = sched_getaffinity(Pid::from_raw(0)).unwrap();
+    let last = (0..CpuSet::count())
+        .rev()
+        .find(|&c| online.is_set(c).unwrap_or(false))
+        .unwrap();
+    let mut pinned = CpuSet::new();
+    pinned.set(last).unwrap();
+    let old = tid(&mut qmp, 1);
+    sched_setaffinity(old, &pinned).unwrap();
+    vm.install("10.0.2");
+    let report = vm.upgrade();
+    assert_ok(&report, "7.2.22", "10.0.2");
+    assert_eq!(report["threads"]["placed"], 2, "{report}");
+    let new = tid(&mut qmp, 1);
+    assert_ne!(new, old, "a new QEMU has new threads");
+    assert_eq!(
+        sched_getaffinity(new).unwrap(),
+        pinned,
+        "vCPU 1 lost its pinning"
+    );
+    assert_eq!(sched_getaffinity(tid(&mut qmp, 0)).unwrap(), online);
+    vm.assert_guest_healthy(200);
+}

@@ -16,7 +16,7 @@
 //! - [`monitors`], [`proxy`]: monitor and chardev sockets the launcher serves across generations.
 //! - [`supervisor`]: the event loop: signals, reaping, exit-status mirroring.
 //! - [`daemonize`]: `-daemonize` and `-pidfile` done by the launcher itself.
-//! - [`upgrade`]: the live upgrade, step by step.
+//! - [`upgrade`]: the live upgrade, step by step; [`threads`]: vCPU placement carried over.
 //! - [`control`]: the per-VM control socket behind `qemu-liveupgrade upgrade|status|list`.
 //! - [`plan`]: the `plan` report.
 
@@ -34,6 +34,7 @@ pub mod relay;
 pub mod resolve;
 pub mod resources;
 pub mod supervisor;
+pub mod threads;
 pub mod upgrade;
 
 /// An error and its causes on one line, `outer: inner: innermost`, as the launcher reports

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use crate::generation::GenArgs;
 use crate::resolve::{self, Binary, Source};
 use crate::supervisor::{CallError, Supervisor, Which};
+use crate::threads;
 
 /// Time a new QEMU gets to start and answer its monitor, unless
 /// `QEMU_LIVEUPGRADE_START_TIMEOUT` (seconds) says otherwise.
@@ -99,6 +100,7 @@ struct Stats {
     downtime_ms: Option<u64>,
     ram_bytes: Option<u64>,
     shared: bool,
+    threads: Value,
 }
 
 impl Supervisor {
@@ -140,6 +142,7 @@ impl Supervisor {
                 report["ram"] = if stats.shared { "shared" } else { "streamed" }.into();
                 report["downtime_ms"] = json!(stats.downtime_ms);
                 report["ram_bytes"] = json!(stats.ram_bytes);
+                report["threads"] = stats.threads;
             }
             Err(e) => {
                 report["result"] = "failed".into();
@@ -429,6 +432,10 @@ impl Supervisor {
             Some(caps_arg(&on_old, false)),
             deadline(),
         );
+        // Each new vCPU and iothread gets the placement libvirt gave the old one.
+        let old_threads = self.thread_list(Which::Current);
+        let new_threads = self.thread_list(Which::Incoming);
+        stats.threads = threads::copy_placement(&old_threads, &new_threads);
         let mut old = self.promote_incoming();
         let _ = old.qmp.send("quit", None);
         let pid = old.pid;
@@ -505,6 +512,18 @@ impl Supervisor {
             }
         }
         let _ = self.current.qmp.take_events();
+    }
+
+    /// A generation's vCPU and iothread ids, for [`threads::copy_placement`].
+    fn thread_list(&mut self, which: Which) -> Vec<(String, i32)> {
+        let deadline = Some(Instant::now() + STEP_TIMEOUT);
+        let cpus = self
+            .call(which, "query-cpus-fast", None, deadline)
+            .unwrap_or_default();
+        let io = self
+            .call(which, "query-iothreads", None, deadline)
+            .unwrap_or_default();
+        threads::threads(&cpus, &io)
     }
 
     /// Total bytes of guest RAM the launcher owns, or the `-m` size when RAM is streamed.

@@ -1,0 +1,133 @@
+//! Thread placement carried from one generation to the next.
+//!
+//! libvirt pins each vCPU thread and iothread (`<vcpupin>`, `<iothreadpin>`) and moves it into
+//! its own cgroup (`.../vcpu0`, `.../iothread1`), by thread id, right after QEMU starts. A new
+//! generation's threads are new threads: they start with the process's affinity and cgroup.
+//! After a swap the launcher gives each new thread the CPU affinity of the old thread with the
+//! same index, and moves it into the same cgroup where the launcher may write there, and says
+//! what it could not copy.
+//!
+//! libvirt's own record of the thread ids goes stale: a later `virsh vcpupin` or `emulatorpin`
+//! acts on ids that no longer exist (it fails, or on cgroup v2 moves nothing) until the domain
+//! restarts. The pinning done before the upgrade carries over; changes made after it do not.
+
+use std::fs;
+
+use nix::sched::{sched_getaffinity, sched_setaffinity};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+/// The threads of one generation that placement is copied for: `(name, thread id)`, named
+/// `vcpu<index>` and `iothread:<id>` so that old and new threads pair up.
+pub fn threads(cpus: &Value, iothreads: &Value) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for cpu in cpus.as_array().into_iter().flatten() {
+        if let (Some(index), Some(tid)) = (cpu["cpu-index"].as_u64(), cpu["thread-id"].as_i64()) {
+            out.push((format!("vcpu{index}"), tid as i32));
+        }
+    }
+    for io in iothreads.as_array().into_iter().flatten() {
+        if let (Some(id), Some(tid)) = (io["id"].as_str(), io["thread-id"].as_i64()) {
+            out.push((format!("iothread:{id}"), tid as i32));
+        }
+    }
+    out
+}
+
+/// Copies affinity and cgroup from each old thread to the new thread of the same name.
+/// Returns a report: how many threads were placed and what could not be copied.
+pub fn copy_placement(old: &[(String, i32)], new: &[(String, i32)]) -> Value {
+    let mut copied = 0;
+    let mut problems = Vec::new();
+    for (name, new_tid) in new {
+        let Some((_, old_tid)) = old.iter().find(|(n, _)| n == name) else {
+            problems.push(format!("{name}: no such thread in the old QEMU"));
+            continue;
+        };
+        let (old_tid, new_tid) = (Pid::from_raw(*old_tid), Pid::from_raw(*new_tid));
+        match sched_getaffinity(old_tid).and_then(|set| sched_setaffinity(new_tid, &set)) {
+            Ok(()) => copied += 1,
+            Err(e) => problems.push(format!("{name}: affinity: {}", e.desc())),
+        }
+        if let Err(why) = copy_cgroup(old_tid, new_tid) {
+            problems.push(format!("{name}: cgroup: {why}"));
+        }
+    }
+    json!({ "placed": copied, "problems": problems })
+}
+
+/// Moves `new` into the cgroup v2 of `old` when they differ. On cgroup v1 (several lines
+/// in /proc/TID/cgroup) nothing is copied and that is reported.
+fn copy_cgroup(old: Pid, new: Pid) -> Result<(), String> {
+    let read = |tid: Pid| {
+        fs::read_to_string(format!("/proc/self/task/{tid}/cgroup"))
+            .or_else(|_| fs::read_to_string(format!("/proc/{tid}/cgroup")))
+            .map_err(|e| e.to_string())
+    };
+    let (from, to) = (read(old)?, read(new)?);
+    if from == to {
+        return Ok(());
+    }
+    let path = from
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| "not a cgroup v2 hierarchy".to_owned())?;
+    let threads = format!(
+        "/sys/fs/cgroup{}/cgroup.threads",
+        path.trim_end_matches('/')
+    );
+    fs::write(&threads, new.to_string()).map_err(|e| format!("{threads}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sched::CpuSet;
+
+    #[test]
+    fn pairs_threads_by_index_and_id() {
+        let cpus = json!([{"cpu-index": 0, "thread-id": 11}, {"cpu-index": 1, "thread-id": 12}]);
+        let io = json!([{"id": "iothread1", "thread-id": 13}]);
+        assert_eq!(
+            threads(&cpus, &io),
+            [
+                ("vcpu0".to_owned(), 11),
+                ("vcpu1".to_owned(), 12),
+                ("iothread:iothread1".to_owned(), 13)
+            ]
+        );
+    }
+
+    #[test]
+    fn copies_affinity_between_real_threads() {
+        let me = nix::unistd::gettid();
+        let online = sched_getaffinity(me).unwrap();
+        let first = (0..CpuSet::count())
+            .find(|&c| online.is_set(c).unwrap_or(false))
+            .unwrap();
+        let mut one = CpuSet::new();
+        one.set(first).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let old = std::thread::spawn(move || {
+            sched_setaffinity(Pid::from_raw(0), &one).unwrap();
+            tx.send(nix::unistd::gettid()).unwrap();
+            done_rx.recv().unwrap();
+        });
+        let old_tid = rx.recv().unwrap();
+        let report = copy_placement(
+            &[("vcpu0".into(), old_tid.as_raw())],
+            &[("vcpu0".into(), me.as_raw())],
+        );
+        assert_eq!(report["placed"], 1, "{report}");
+        assert_eq!(sched_getaffinity(me).unwrap(), one);
+        let missing = copy_placement(&[], &[("vcpu1".into(), me.as_raw())]);
+        assert_eq!(
+            missing["problems"][0],
+            "vcpu1: no such thread in the old QEMU"
+        );
+        sched_setaffinity(me, &online).unwrap();
+        done_tx.send(()).unwrap();
+        old.join().unwrap();
+    }
+}
