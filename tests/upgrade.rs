@@ -313,3 +313,41 @@ fn vcpu_thread_placement_carries_over() {
     assert_eq!(sched_getaffinity(tid(&mut qmp, 0)).unwrap(), online);
     vm.assert_guest_healthy(200);
 }
+
+#[test]
+fn client_sending_flat_out_during_an_upgrade_gets_every_reply_in_order() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let vm = UpgradeVm::start("7.2.22", 256, &[]);
+    let mut qmp = vm.connect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    // Every reply is checked against its command's id by the harness; any error fails here.
+    let client = std::thread::spawn(move || {
+        let mut versions = Vec::new();
+        while !flag.load(Ordering::Relaxed) {
+            match qmp.try_execute("query-version", json!({})) {
+                Ok(v) => {
+                    let v = version(&v);
+                    if versions.last() != Some(&v) {
+                        versions.push(v);
+                    }
+                }
+                Err(e) => panic!("a command failed during the upgrade: {e}"),
+            }
+        }
+        versions
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    vm.install("10.0.2");
+    assert_ok(&vm.upgrade(), "7.2.22", "10.0.2");
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let versions = client.join().expect("client thread");
+    assert_eq!(
+        versions,
+        ["7.2.22", "10.0.2"],
+        "answers came from the old QEMU, then the new"
+    );
+}
