@@ -156,3 +156,104 @@ fn heartbeats_stop_while_paused_and_resume() {
     }
     assert!(vm.errors().is_clean(), "{:?}", vm.errors());
 }
+
+/// Starts the guest with a QMP socket in `dir` and `extra` QEMU arguments; waits for READY.
+fn spawn_guest_with_qmp(dir: &std::path::Path, extra: &[&str]) -> (Vm, Qmp) {
+    let sock = dir.join("qmp.sock");
+    let mut argv = guest_argv(64);
+    argv.extend([
+        "-qmp".to_string(),
+        format!("unix:{},server=on,wait=off", sock.display()),
+    ]);
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    let vm = spawn_guest(argv);
+    let qmp = Qmp::connect_unix(&sock, Duration::from_secs(10));
+    vm.wait_ready(READY_TIMEOUT);
+    vm.wait_heartbeats_after(Instant::now(), 20, Duration::from_secs(5));
+    (vm, qmp)
+}
+
+/// The power button (QMP `system_powerdown`, libvirt's `virsh shutdown`): the guest says
+/// POWEROFF and asks for ACPI soft-off, which QEMU reports as a guest-initiated shutdown and
+/// ends with status 0.
+#[test]
+fn power_button_powers_the_guest_off() {
+    let dir = tempdir();
+    let (mut vm, mut qmp) = spawn_guest_with_qmp(dir.path(), &[]);
+    assert!(
+        vm.stdout_text().contains("acpi_pm=0x00000600"),
+        "PM block not where SeaBIOS puts it on pc: {}",
+        vm.stdout_text()
+            .lines()
+            .find(|l| l.contains("BOOT"))
+            .unwrap_or("")
+    );
+    qmp.execute("system_powerdown", json!({}));
+    // QEMU sends SHUTDOWN before it closes the connection and exits.
+    let shutdown = qmp.wait_event("SHUTDOWN", Duration::from_secs(5));
+    assert_eq!(shutdown["data"]["guest"], true, "{shutdown}");
+    assert_eq!(shutdown["data"]["reason"], "guest-shutdown", "{shutdown}");
+    vm.wait_stdout_contains("POWEROFF", Duration::from_secs(5));
+    let status = vm.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "QEMU after a guest poweroff");
+}
+
+/// Under `-no-shutdown` (as libvirt runs QEMU) the powered-off guest stays in the shutdown
+/// state, and its heartbeats stop.
+#[test]
+fn power_button_with_no_shutdown_leaves_qemu_in_shutdown_state() {
+    let dir = tempdir();
+    let (vm, mut qmp) = spawn_guest_with_qmp(dir.path(), &["-no-shutdown"]);
+    qmp.execute("system_powerdown", json!({}));
+    let shutdown = qmp.wait_event("SHUTDOWN", Duration::from_secs(5));
+    assert_eq!(shutdown["data"]["reason"], "guest-shutdown", "{shutdown}");
+    vm.wait_stdout_contains("POWEROFF", Duration::from_secs(5));
+    assert_eq!(qmp.execute("query-status", json!({}))["status"], "shutdown");
+    let last = vm.last_heartbeat().expect("heartbeats").counter;
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        vm.last_heartbeat().unwrap().counter,
+        last,
+        "beats after poweroff"
+    );
+    assert!(vm.errors().is_clean(), "{:?}", vm.errors());
+}
+
+/// PCI hot-unplug on `pc` needs the guest's consent (its ACPI _EJ0): the guest ejects the
+/// slot QEMU asks for, so `device_del` (libvirt's `detach-device`) completes with
+/// DEVICE_DELETED and the device is gone.
+#[test]
+fn guest_ejects_a_device_on_device_del() {
+    let dir = tempdir();
+    let (vm, mut qmp) = spawn_guest_with_qmp(dir.path(), &[]);
+    let pci_ids = |qmp: &mut Qmp| -> Vec<String> {
+        let buses = qmp.execute("query-pci", json!({}));
+        buses[0]["devices"]
+            .as_array()
+            .expect("devices")
+            .iter()
+            .filter_map(|d| d["qdev_id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    qmp.execute(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "null0", "size": 1 << 20}),
+    );
+    qmp.execute(
+        "device_add",
+        json!({"driver": "virtio-blk-pci", "drive": "null0", "id": "disk0"}),
+    );
+    assert!(pci_ids(&mut qmp).contains(&"disk0".to_string()));
+    qmp.execute("device_del", json!({"id": "disk0"}));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let event = qmp.wait_event("DEVICE_DELETED", deadline - Instant::now());
+        if event["data"]["device"] == "disk0" {
+            break;
+        }
+    }
+    vm.wait_stdout_contains("EJECT slots=", Duration::from_secs(1));
+    assert!(!pci_ids(&mut qmp).contains(&"disk0".to_string()));
+    vm.wait_heartbeats_after(Instant::now(), 20, Duration::from_secs(5));
+    assert!(vm.errors().is_clean(), "{:?}", vm.errors());
+}

@@ -28,6 +28,30 @@ static inline u8 inb(u16 port)
 	return val;
 }
 
+static inline void outw(u16 port, u16 val)
+{
+	__asm__ volatile("outw %0, %1" : : "a"(val), "Nd"(port));
+}
+
+static inline u16 inw(u16 port)
+{
+	u16 val;
+	__asm__ volatile("inw %1, %0" : "=a"(val) : "Nd"(port));
+	return val;
+}
+
+static inline void outl(u16 port, u32 val)
+{
+	__asm__ volatile("outl %0, %1" : : "a"(val), "Nd"(port));
+}
+
+static inline u32 inl(u16 port)
+{
+	u32 val;
+	__asm__ volatile("inl %1, %0" : "=a"(val) : "Nd"(port));
+	return val;
+}
+
 static inline u64 rdtsc(void)
 {
 	u32 lo, hi;
@@ -42,10 +66,20 @@ void out_str(const char *s);
 void out_u64(u64 v);
 void out_hex(u32 v);
 void out_line_end(void);
+void uart_flush(void);
 u32 uart_dropped_lines(void);
 
 /* clock.c: TSC calibrated against PIT channel 2. */
 u64 tsc_per_ms(void);
+
+/*
+ * acpi.c: the ACPI power button (what QMP system_powerdown and `virsh shutdown` press), and
+ * the guest's part of PCI hot-unplug (device_del, `virsh detach-device`) on `pc`.
+ */
+u16 acpi_init(void);
+int acpi_power_button_pressed(void);
+void acpi_poweroff(void);
+u32 acpi_eject_unplugged_slots(void);
 
 /* cmdline.c */
 struct options {

@@ -2,11 +2,17 @@
  * The heartbeat guest.
  *
  * Serial protocol (COM1, one line each):
- *   BOOT tsc_per_ms=<n> base=<hex> end=<hex> stride=<n>
+ *   BOOT tsc_per_ms=<n> base=<hex> end=<hex> stride=<n> acpi_pm=<hex>
+ *                                            (acpi_pm: PM I/O base, 0 if no power button)
  *   READY mem=<bytes>                        after the first full fill
  *   HB <counter> err=<errors> pass=<passes>  about every hb_us (default 1 ms);
  *                                            " drop=<n>" is appended once lines were lost
  *   ERR addr=<hex> want=<hex> got=<hex>      for the first MAX_ERR_LINES mismatches
+ *   POWEROFF                                 the ACPI power button was pressed (QMP
+ *                                            system_powerdown); the guest then asks for
+ *                                            soft-off (S5) and halts
+ *   EJECT slots=<hex>                        PCI slots released on QEMU's request
+ *                                            (device_del), as a bit mask
  *
  * RAM from TEST_BASE to the end holds, one word every `stride` bytes, the value
  * addr ^ seed(generation). Each pass walks all of it page by page, checks every
@@ -14,7 +20,8 @@
  * every 4 KiB page is read and dirtied once per pass. A page that a migration lost
  * (zero, stale generation, another page's contents) fails the check. Between two
  * pages the loop looks at the TSC and emits a heartbeat when it is due, so the
- * heartbeat interval does not depend on the RAM size.
+ * heartbeat interval does not depend on the RAM size. With each heartbeat it also
+ * looks at the power button and at PCI unplug requests (acpi.c).
  */
 #include "guest.h"
 
@@ -47,6 +54,27 @@ static u32 seed(u32 gen)
 	return ((gen + 1u) * 0x9e3779b9u) ^ 0xa5c3e10fu;
 }
 
+static void poweroff(void)
+{
+	out_str("POWEROFF");
+	out_line_end();
+	uart_flush();
+	acpi_poweroff();
+	for (;;)
+		__asm__ volatile("hlt");
+}
+
+static void eject_unplugged(void)
+{
+	u32 slots = acpi_eject_unplugged_slots();
+
+	if (slots) {
+		out_str("EJECT slots=");
+		out_hex(slots);
+		out_line_end();
+	}
+}
+
 static void heartbeat_if_due(void)
 {
 	u64 now = rdtsc();
@@ -71,6 +99,9 @@ static void heartbeat_if_due(void)
 		 */
 		if ((s64)(now - next_hb) >= 0 || (s64)(next_hb - now) > (s64)(2 * hb_period))
 			next_hb = now + hb_period;
+		if (acpi_power_button_pressed())
+			poweroff();
+		eject_unplugged();
 	}
 	uart_drain();
 }
@@ -144,6 +175,7 @@ void guest_main(u32 magic, const struct multiboot_info *mbi)
 {
 	u32 end, gen = 0, i;
 	u64 per_ms;
+	u16 pm;
 
 	uart_init();
 	if (magic != MB_BOOT_MAGIC)
@@ -159,6 +191,7 @@ void guest_main(u32 magic, const struct multiboot_info *mbi)
 	if (end <= TEST_BASE)
 		halt_with("no RAM above 2 MiB (give mem= or boot with more memory)");
 
+	pm = acpi_init();
 	per_ms = tsc_per_ms();
 	if (per_ms == 0)
 		halt_with("PIT channel 2 never fired; cannot calibrate the TSC");
@@ -173,6 +206,8 @@ void guest_main(u32 magic, const struct multiboot_info *mbi)
 	out_hex(end);
 	out_str(" stride=");
 	out_u64(opt.stride);
+	out_str(" acpi_pm=");
+	out_hex(pm);
 	out_line_end();
 
 	fill(TEST_BASE, end, seed(gen));

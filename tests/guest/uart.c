@@ -50,6 +50,15 @@ void uart_drain(void)
 	}
 }
 
+/* Sends every complete line before returning, waiting for the port if it must (boundedly). */
+void uart_flush(void)
+{
+	u32 spins = 0;
+
+	while (ring_tail != line_start && spins++ < 100000000u)
+		uart_drain();
+}
+
 static void put(char c)
 {
 	if (line_dropping)
