@@ -10,8 +10,9 @@
 //! makes only async-signal-safe calls and never returns into launcher code (`signal-safety(7)`).
 
 use std::ffi::{CString, OsString};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -104,11 +105,35 @@ pub struct Spec<'a> {
     pub stdio: [Option<BorrowedFd<'a>>; 3],
     /// The signal state to give the child.
     pub signals: &'a InheritedSignals,
+    /// A seccomp filter with a notification listener (see [`crate::tapguard`]), installed
+    /// last before exec; the listener comes back in [`Spawned::listener`].
+    pub seccomp: Option<&'a [libc::sock_filter]>,
+}
+
+/// A child that executed its binary.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Its pid.
+    pub pid: Pid,
+    /// The seccomp notification listener, when a filter was asked for and could be installed.
+    pub listener: Option<OwnedFd>,
+}
+
+/// Everything the child does between fork and exec, prepared before the fork.
+struct ChildPlan<'a> {
+    parent: Pid,
+    stdio: Vec<Option<RawFd>>,
+    place: Vec<(RawFd, RawFd)>,
+    keep: &'a [RawFd],
+    survivors: Vec<RawFd>,
+    park_base: RawFd,
+    signals: &'a InheritedSignals,
+    seccomp: Option<(&'a [libc::sock_filter], RawFd)>,
 }
 
 /// Forks and executes `spec`. Returns once the child has executed the binary, or with the
 /// errno that made it fail.
-pub fn spawn(spec: &Spec<'_>) -> Result<Pid, ChildError> {
+pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, ChildError> {
     let program = cstr(spec.program.as_os_str().as_bytes())?;
     let argv: Vec<CString> = spec
         .argv
@@ -121,8 +146,20 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Pid, ChildError> {
     let (status_r, status_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ChildError::Pipe)?;
 
+    // The child sends its seccomp listener back over this before it execs.
+    let listener_pair = match spec.seccomp {
+        Some(_) => Some(
+            UnixStream::pair()
+                .map_err(|e| ChildError::Pipe(Errno::from_raw(e.raw_os_error().unwrap_or(0))))?,
+        ),
+        None => None,
+    };
+
     // Every fd number that must survive into QEMU, sorted, so the child can close the gaps.
     let mut survivors: Vec<RawFd> = vec![0, 1, 2, status_w.as_raw_fd()];
+    if let Some((_, theirs)) = &listener_pair {
+        survivors.push(theirs.as_raw_fd());
+    }
     survivors.extend(&spec.keep);
     survivors.extend(spec.place.iter().map(|(_, t)| *t));
     survivors.sort_unstable();
@@ -159,17 +196,19 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Pid, ChildError> {
     let forked = unsafe { nix::unistd::fork() };
     match forked {
         Ok(ForkResult::Child) => {
-            let err = child_setup(
+            let plan = ChildPlan {
                 parent,
-                &stdio,
-                &place,
-                &spec.keep,
-                &survivors,
+                stdio,
+                place,
+                keep: &spec.keep,
+                survivors,
                 park_base,
-                spec.signals,
-            )
-            .err()
-            .unwrap_or_else(|| {
+                signals: spec.signals,
+                seccomp: spec
+                    .seccomp
+                    .zip(listener_pair.as_ref().map(|(_, t)| t.as_raw_fd())),
+            };
+            let err = child_setup(&plan).err().unwrap_or_else(|| {
                 // SAFETY: program and argv_ptrs are NUL-terminated and outlive the call; the
                 // environment is the launcher's own.
                 unsafe { libc::execv(program.as_ptr(), argv_ptrs.as_ptr()) };
@@ -185,7 +224,9 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Pid, ChildError> {
         Ok(ForkResult::Parent { child }) => {
             let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&saved), None);
             drop(status_w);
-            wait_exec(status_r, child, spec.program)
+            let pid = wait_exec(status_r, child, spec.program)?;
+            let listener = listener_pair.and_then(|(ours, _)| receive_fd(&ours));
+            Ok(Spawned { pid, listener })
         }
         Err(e) => {
             let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&saved), None);
@@ -219,15 +260,18 @@ fn wait_exec(status_r: OwnedFd, child: Pid, program: &Path) -> Result<Pid, Child
 }
 
 /// The child's half: runs between fork and exec, so only async-signal-safe calls.
-fn child_setup(
-    parent: Pid,
-    stdio: &[Option<RawFd>],
-    place: &[(RawFd, RawFd)],
-    keep: &[RawFd],
-    survivors: &[RawFd],
-    park_base: RawFd,
-    signals: &InheritedSignals,
-) -> Result<(), Errno> {
+fn child_setup(plan: &ChildPlan<'_>) -> Result<(), Errno> {
+    let ChildPlan {
+        parent,
+        stdio,
+        place,
+        keep,
+        survivors,
+        park_base,
+        signals,
+        seccomp,
+    } = plan;
+    let (parent, park_base) = (*parent, *park_base);
     // SAFETY: plain prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
         return Err(Errno::last());
@@ -258,14 +302,48 @@ fn child_setup(
     for (i, (_, target)) in place.iter().enumerate() {
         dup2(parked[i], *target)?;
     }
-    for fd in keep {
+    for fd in keep.iter() {
         // Clear close-on-exec; an fd the caller named but never passed stays closed, as it
         // would be for QEMU run directly, and QEMU reports it.
         // SAFETY: F_SETFD on a possibly-closed fd only fails with EBADF.
         unsafe { libc::fcntl(*fd, libc::F_SETFD, 0) };
     }
     close_all_but(survivors);
-    reset_signals(signals)
+    reset_signals(signals)?;
+    if let Some((prog, sock)) = seccomp {
+        // Best effort: without the filter the new QEMU still works, it just touches the tap.
+        if let Ok(listener) = crate::tapguard::install(prog) {
+            send_fd(*sock, listener);
+            // SAFETY: the listener is ours and was just sent; QEMU must not hold it.
+            unsafe { libc::close(listener) };
+        }
+    }
+    Ok(())
+}
+
+/// Sends `fd` over the unix socket `sock` (in the child: sendmsg is async-signal-safe).
+fn send_fd(sock: RawFd, fd: RawFd) {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let fds = [fd];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let iov = [std::io::IoSlice::new(b"L")];
+    let _ = sendmsg::<()>(sock, &iov, &cmsg, MsgFlags::empty(), None);
+}
+
+/// Takes the fd the child sent, if it sent one before exec.
+fn receive_fd(sock: &UnixStream) -> Option<OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let mut buf = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), flags).ok()?;
+    let fd = msg.cmsgs().ok()?.find_map(|c| match c {
+        ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+        _ => None,
+    })?;
+    // SAFETY: the fd just arrived with SCM_RIGHTS and belongs to nobody else here.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn dup2(src: RawFd, target: RawFd) -> Result<(), Errno> {
@@ -351,8 +429,9 @@ mod tests {
             place,
             stdio: [None, Some(w.as_fd()), None],
             signals: &signals,
+            seccomp: None,
         };
-        let pid = spawn(&spec).unwrap();
+        let pid = spawn(&spec).unwrap().pid;
         drop(spec);
         drop(w);
         let mut out = String::new();
@@ -401,6 +480,7 @@ mod tests {
             place: vec![],
             stdio: [None, None, None],
             signals: &signals,
+            seccomp: None,
         };
         match spawn(&spec) {
             Err(ChildError::Exec {

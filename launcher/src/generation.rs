@@ -20,6 +20,7 @@ use crate::monitors::{self, ListenOn, Proxied};
 use crate::qmp::Qmp;
 use crate::resolve::Binary;
 use crate::resources::{resources, Resources};
+use crate::tapguard::TapGuard;
 
 /// Id of the chardev and monitor the launcher adds for itself.
 pub const PRIVATE_MONITOR_ID: &str = "qemu-liveupgrade-qmp";
@@ -186,6 +187,8 @@ pub struct Fds<'a> {
     pub stdio: Stdio<'a>,
     /// Launcher fds (guest RAM) put at their layout numbers: `(fd, number)`.
     pub place: Vec<(BorrowedFd<'a>, RawFd)>,
+    /// Start under the tap guard's seccomp filter ([`crate::tapguard`]).
+    pub tap_guard: Option<&'a [libc::sock_filter]>,
 }
 
 /// A running QEMU generation.
@@ -203,6 +206,8 @@ pub struct Generation {
     pub started: Instant,
     /// Its `query-version` reply, once known.
     pub version: Option<serde_json::Value>,
+    /// Answers its tap ioctls, for generations started while another runs the guest.
+    pub tap_guard: Option<TapGuard>,
 }
 
 impl Generation {
@@ -230,8 +235,10 @@ impl Generation {
                 .collect(),
             stdio: fds.stdio.fds,
             signals,
+            seccomp: fds.tap_guard,
         };
-        let pid = child::spawn(&spec)?;
+        let spawned = child::spawn(&spec)?;
+        let pid = spawned.pid;
         drop(theirs);
         let qmp = Qmp::new(ours).map_err(GenerationError::Socket)?;
         Ok(Generation {
@@ -241,6 +248,7 @@ impl Generation {
             qmp,
             started: Instant::now(),
             version: None,
+            tap_guard: spawned.listener.map(TapGuard::new),
         })
     }
 

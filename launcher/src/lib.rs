@@ -11,6 +11,7 @@
 //! - [`child`]: fork/exec of one QEMU generation with an explicit fd layout.
 //! - [`qmp`]: QMP framing over the launcher's private monitor.
 //! - [`relay`]: QEMU output copied through the launcher.
+//! - [`tapguard`]: a starting QEMU kept from resetting the VM's taps.
 //! - [`generation`]: the argv and fds one QEMU generation gets.
 //! - [`memfd`]: guest RAM the launcher owns and every generation maps.
 //! - [`monitors`], [`proxy`]: monitor and chardev sockets the launcher serves across generations.
@@ -25,6 +26,7 @@ pub mod cmdline;
 pub mod control;
 pub mod daemonize;
 pub mod generation;
+pub mod journal;
 pub mod memfd;
 pub mod monitors;
 pub mod plan;
@@ -34,6 +36,7 @@ pub mod relay;
 pub mod resolve;
 pub mod resources;
 pub mod supervisor;
+pub mod tapguard;
 pub mod threads;
 pub mod upgrade;
 

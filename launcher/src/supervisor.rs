@@ -108,12 +108,15 @@ pub(crate) enum Token {
     ControlClient(usize),
     /// A generation's private monitor, by generation number.
     Monitor(u32),
+    /// A generation's tap guard, by generation number.
+    TapGuard(u32),
 }
 
 impl Token {
     const RELAY_BASE: usize = 1 << 10;
     const CONTROL_CLIENT_BASE: usize = 1 << 16;
     const MONITOR_BASE: usize = 1 << 20;
+    const TAP_GUARD_BASE: usize = 1 << 22;
     /// Tokens from here up belong to the proxy.
     const PROXY_BASE: usize = 1 << 24;
 
@@ -124,6 +127,7 @@ impl Token {
             Token::Relay(i) => Self::RELAY_BASE + i,
             Token::ControlClient(i) => Self::CONTROL_CLIENT_BASE + i,
             Token::Monitor(n) => Self::MONITOR_BASE + n as usize,
+            Token::TapGuard(n) => Self::TAP_GUARD_BASE + n as usize,
         })
     }
 
@@ -133,7 +137,8 @@ impl Token {
             1 => Token::Control,
             i if i < Self::CONTROL_CLIENT_BASE => Token::Relay(i - Self::RELAY_BASE),
             i if i < Self::MONITOR_BASE => Token::ControlClient(i - Self::CONTROL_CLIENT_BASE),
-            n => Token::Monitor((n - Self::MONITOR_BASE) as u32),
+            n if n < Self::TAP_GUARD_BASE => Token::Monitor((n - Self::MONITOR_BASE) as u32),
+            n => Token::TapGuard((n - Self::TAP_GUARD_BASE) as u32),
         }
     }
 }
@@ -578,6 +583,7 @@ impl Supervisor {
                 Token::Signals => self.on_signals(),
                 Token::Relay(i) => self.on_relay(i),
                 Token::Monitor(n) => self.on_monitor(n),
+                Token::TapGuard(n) => self.on_tap_guard(n),
                 Token::Control => self.on_control(),
                 Token::ControlClient(i) => self.on_control_client(i),
             }
@@ -635,6 +641,20 @@ impl Supervisor {
         if result.is_err() || gen.qmp.is_closed() {
             let fd = gen.qmp.raw_fd();
             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        }
+    }
+
+    fn on_tap_guard(&mut self, number: u32) {
+        let gen = match self.incoming.as_mut() {
+            Some(g) if g.number == number => g,
+            _ if self.current.number == number => &mut self.current,
+            _ => return,
+        };
+        if let Some(guard) = gen.tap_guard.as_mut() {
+            if !guard.on_readable() {
+                let fd = guard.raw_fd();
+                let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            }
         }
     }
 
@@ -700,10 +720,18 @@ fn spawn_registered(
                 .map(|fd| fd.as_fd())
                 .zip(layout.monitors.iter().copied()),
         );
+    // Every generation but the first starts while another runs the guest on the same taps.
+    let filter = crate::tapguard::program();
+    let guarded = number > 1
+        && !config.base.cmd.opts("netdev").any(|o| {
+            // qemu-bridge-helper is setuid, which the filter's no_new_privs would defeat.
+            o.parse_arg().and_then(|a| a.get("type")).as_deref() == Some("bridge")
+        });
     let fds = Fds {
         layout,
         stdio,
         place: place.collect(),
+        tap_guard: guarded.then_some(filter.as_slice()),
     };
     let gen = Generation::spawn(number, binary, &config.argv0, &cmd, &fds, &config.signals)?;
     let fd = gen.qmp.raw_fd();
@@ -714,6 +742,16 @@ fn spawn_registered(
             Interest::READABLE,
         )
         .map_err(GenerationError::Socket)?;
+    if let Some(guard) = &gen.tap_guard {
+        let fd = guard.raw_fd();
+        registry
+            .register(
+                &mut SourceFd(&fd),
+                Token::TapGuard(number).to_mio(),
+                Interest::READABLE,
+            )
+            .map_err(GenerationError::Socket)?;
+    }
     Ok(gen)
 }
 

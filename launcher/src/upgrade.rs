@@ -101,6 +101,8 @@ struct Stats {
     ram_bytes: Option<u64>,
     shared: bool,
     threads: Value,
+    /// Tap ioctls the new QEMU made while the old one ran the guest, answered without effect.
+    tap_ioctls_held: Option<u32>,
 }
 
 impl Supervisor {
@@ -143,6 +145,7 @@ impl Supervisor {
                 report["downtime_ms"] = json!(stats.downtime_ms);
                 report["ram_bytes"] = json!(stats.ram_bytes);
                 report["threads"] = stats.threads;
+                report["tap_ioctls_held"] = json!(stats.tap_ioctls_held);
             }
             Err(e) => {
                 report["result"] = "failed".into();
@@ -344,6 +347,10 @@ impl Supervisor {
         undo.out_fd_named = true;
         drop((pipe_r, pipe_w));
         undo.migrating = true;
+        // From here the old QEMU stops the guest and the new one sets up the taps for it.
+        if let Some(guard) = self.gen_mut(Which::Incoming).tap_guard.as_mut() {
+            guard.live = true;
+        }
         self.call(
             Which::Current,
             "migrate",
@@ -432,6 +439,11 @@ impl Supervisor {
             Some(caps_arg(&on_old, false)),
             deadline(),
         );
+        stats.tap_ioctls_held = self
+            .gen(Which::Incoming)
+            .tap_guard
+            .as_ref()
+            .map(|g| g.suppressed);
         // Each new vCPU and iothread gets the placement libvirt gave the old one.
         let old_threads = self.thread_list(Which::Current);
         let new_threads = self.thread_list(Which::Incoming);
