@@ -351,3 +351,35 @@ fn client_sending_flat_out_during_an_upgrade_gets_every_reply_in_order() {
         "answers came from the old QEMU, then the new"
     );
 }
+
+#[test]
+fn tap_named_by_ifname_is_opened_once_and_kept() {
+    // The tap lives in the host's namespace with no address: nothing can reach or leave it.
+    let name = format!("qlu{}", std::process::id() % 100_000);
+    let netdev = format!("tap,id=n0,ifname={name},script=no,downscript=no,vhost=off");
+    let vm = UpgradeVm::start(
+        "7.2.22",
+        256,
+        &["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"],
+    );
+    let ifindex = || std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex")).ok();
+    let before = ifindex().expect("the tap exists while the VM runs");
+    for to in ["10.0.2", "7.2.22"] {
+        vm.install(to);
+        assert_eq!(vm.upgrade()["result"], "ok");
+        assert_eq!(
+            ifindex().as_ref(),
+            Some(&before),
+            "the same tap, never recreated"
+        );
+    }
+    let child = qemu_child(vm.vm.pid()).unwrap();
+    let argv = qemu_liveupgrade_tests::shim::cmdline_of(child).join(" ");
+    assert!(!argv.contains("ifname="), "QEMU got the tap by fd: {argv}");
+    let mut vm = vm;
+    vm.vm.signal(Signal::SIGTERM);
+    vm.vm.wait_exit(Duration::from_secs(30));
+    wait_until(Duration::from_secs(5), "the tap to go with the VM", || {
+        ifindex().is_none()
+    });
+}

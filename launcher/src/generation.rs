@@ -21,6 +21,7 @@ use crate::qmp::Qmp;
 use crate::resolve::Binary;
 use crate::resources::{resources, Resources};
 use crate::tapguard::TapGuard;
+use crate::taps::{self, NamedTap};
 
 /// Id of the chardev and monitor the launcher adds for itself.
 pub const PRIVATE_MONITOR_ID: &str = "qemu-liveupgrade-qmp";
@@ -47,6 +48,8 @@ pub struct Layout {
     pub ram: Vec<RawFd>,
     /// Where each generation finds its listening socket for each proxied monitor or chardev.
     pub monitors: Vec<RawFd>,
+    /// Where each generation finds the queues of the taps the launcher opened by name.
+    pub taps: Vec<RawFd>,
 }
 
 impl Layout {
@@ -59,6 +62,7 @@ impl Layout {
         resources: &Resources,
         ram_regions: usize,
         proxied: &[Proxied],
+        tap_queues: usize,
         is_open: impl Fn(RawFd) -> bool,
     ) -> Layout {
         let mut named: Vec<RawFd> = resources.fds.iter().map(|f| f.fd).collect();
@@ -68,6 +72,7 @@ impl Layout {
         let private_monitor = free.next().unwrap_or(3);
         let ram = free.by_ref().take(ram_regions).collect();
         let monitors = free.by_ref().take(proxied.len()).collect();
+        let taps = free.by_ref().take(tap_queues).collect();
         let served: Vec<RawFd> = proxied
             .iter()
             .filter_map(|p| match p.listen {
@@ -84,6 +89,7 @@ impl Layout {
             private_monitor,
             ram,
             monitors,
+            taps,
         }
     }
 }
@@ -102,6 +108,8 @@ pub struct Base {
     pub unshared: Option<String>,
     /// The socket servers the launcher serves, in layout order.
     pub proxied: Vec<Proxied>,
+    /// The taps the launcher opens by name, in layout order.
+    pub taps: Vec<NamedTap>,
 }
 
 impl Base {
@@ -112,14 +120,18 @@ impl Base {
             Err(Unshareable(why)) => (Vec::new(), Some(why)),
         };
         let proxied = monitors::find(user);
-        let layout = Layout::new(&resources(user), regions.len(), &proxied, is_open);
+        let taps = taps::find(user);
+        let queues = taps.iter().map(|t| t.queues).sum();
+        let layout = Layout::new(&resources(user), regions.len(), &proxied, queues, is_open);
         let cmd = memfd::rewrite(user, &regions, &layout.ram);
+        let cmd = taps::rewrite(&cmd, &taps, &layout.taps);
         Base {
             cmd,
             layout,
             regions,
             unshared,
             proxied,
+            taps,
         }
     }
 

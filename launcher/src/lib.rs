@@ -11,7 +11,8 @@
 //! - [`child`]: fork/exec of one QEMU generation with an explicit fd layout.
 //! - [`qmp`]: QMP framing over the launcher's private monitor.
 //! - [`relay`]: QEMU output copied through the launcher.
-//! - [`tapguard`]: a starting QEMU kept from resetting the VM's taps.
+//! - [`tapguard`]: a starting QEMU kept from resetting the VM's taps; [`taps`]: taps opened
+//!   by name once, for every generation.
 //! - [`generation`]: the argv and fds one QEMU generation gets.
 //! - [`memfd`]: guest RAM the launcher owns and every generation maps.
 //! - [`monitors`], [`proxy`]: monitor and chardev sockets the launcher serves across generations.
@@ -37,6 +38,7 @@ pub mod resolve;
 pub mod resources;
 pub mod supervisor;
 pub mod tapguard;
+pub mod taps;
 pub mod threads;
 pub mod upgrade;
 

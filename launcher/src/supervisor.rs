@@ -152,6 +152,8 @@ pub struct Config {
     pub base: Base,
     /// The memfds of guest RAM, in layout order.
     pub ram: Vec<OwnedFd>,
+    /// The taps the launcher opened by name, in layout order.
+    pub taps: Vec<crate::taps::OpenTap>,
     /// The real QEMU for the first generation.
     pub binary: Binary,
     /// The signal state to give every QEMU.
@@ -385,6 +387,11 @@ impl Supervisor {
                 // QEMU's last words (its SHUTDOWN event) reach monitor clients before they see
                 // EOF: libvirt treats EOF without SHUTDOWN as a crash.
                 self.proxy.flush(Instant::now() + Duration::from_secs(1));
+                // The taps opened by name go now, with their down scripts, as QEMU's would.
+                self.config
+                    .taps
+                    .drain(..)
+                    .for_each(crate::taps::OpenTap::close);
                 // A daemonized QEMU that failed to start: its error is relayed by now, and
                 // the foreground exits with its status.
                 if let Some(d) = self.config.daemon.as_mut() {
@@ -719,6 +726,13 @@ fn spawn_registered(
                 .iter()
                 .map(|fd| fd.as_fd())
                 .zip(layout.monitors.iter().copied()),
+        )
+        .chain(
+            config
+                .taps
+                .iter()
+                .flat_map(|t| t.fds.iter().map(|fd| fd.as_fd()))
+                .zip(layout.taps.iter().copied()),
         );
     // Every generation but the first starts while another runs the guest on the same taps.
     let filter = crate::tapguard::program();

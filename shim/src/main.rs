@@ -93,10 +93,22 @@ fn launch(
             return Err(error_chain(&e));
         }
     };
+    // Taps given by name are opened here, once, as QEMU would open them at start.
+    let mut taps = Vec::new();
+    for tap in &base.taps {
+        match launcher::taps::open(tap) {
+            Ok(t) => taps.push(t),
+            Err(e) => {
+                taps.into_iter().for_each(launcher::taps::OpenTap::close);
+                return Err(error_chain(&e));
+            }
+        }
+    }
     let config = Config {
         argv0: argv0.clone(),
         base,
         ram,
+        taps,
         binary,
         signals,
         daemon,
