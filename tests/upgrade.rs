@@ -383,3 +383,72 @@ fn tap_named_by_ifname_is_opened_once_and_kept() {
         ifindex().is_none()
     });
 }
+
+#[test]
+fn disks_opened_by_path_move_and_stay_locked_by_the_running_qemu() {
+    let dir = tempdir();
+    let (qcow, raw, ro) = (
+        make_image(&dir.join("a.qcow2"), "qcow2"),
+        make_image(&dir.join("b.raw"), "raw"),
+        make_image(&dir.join("c.raw"), "raw"),
+    );
+    let args = [
+        "-drive".to_owned(),
+        format!("file={},format=qcow2,if=virtio", qcow.display()),
+        "-blockdev".to_owned(),
+        format!(
+            r#"{{"driver":"file","filename":"{}","node-name":"rawfile"}}"#,
+            raw.display()
+        ),
+        "-device".to_owned(),
+        "virtio-blk-pci,drive=rawfile".to_owned(),
+        "-drive".to_owned(),
+        format!("file={},format=raw,if=virtio,readonly=on", ro.display()),
+    ];
+    let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+    let vm = UpgradeVm::start("7.2.22", 256, &extra);
+    // qemu-img cannot take its shared lock on an image a running QEMU writes to.
+    let locked = |path: &std::path::Path| {
+        let out = Command::new("qemu-img")
+            .arg("info")
+            .arg(path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).contains("lock")
+    };
+    for to in ["10.0.2", "7.2.22"] {
+        vm.install(to);
+        let report = vm.upgrade();
+        assert_eq!(report["result"], "ok", "{report}");
+        let mut qmp = vm.connect();
+        let block = qmp.execute("query-block", json!({})).to_string();
+        for path in [&qcow, &ro] {
+            assert!(
+                block.contains(&path.display().to_string()),
+                "{path:?} missing: {block}"
+            );
+        }
+        // (A bare -blockdev file node shares reads, so qemu-img can still open it.)
+        assert!(
+            locked(&qcow),
+            "the qcow2 image is not locked by the running QEMU"
+        );
+    }
+    vm.assert_guest_healthy(200);
+}
+
+/// A 16 MiB image made with qemu-img.
+fn make_image(path: &std::path::Path, format: &str) -> std::path::PathBuf {
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", format])
+        .arg(path)
+        .arg("16M")
+        .output()
+        .expect("qemu-img (apt-get install qemu-utils)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path.to_owned()
+}

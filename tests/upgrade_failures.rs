@@ -6,6 +6,7 @@
 //! way (missing, crashing at start, hanging); a failed migration and an incompatible machine
 //! type come from real QEMU builds.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
@@ -111,4 +112,52 @@ fn migration_fails_on_the_new_side() {
     let mut qmp = vm.connect();
     let devices = qmp.execute("qom-list", json!({"path": "/machine/peripheral"}));
     assert!(devices.to_string().contains("rng0"), "{devices}");
+}
+
+#[test]
+fn disk_in_an_fdset_is_refused_before_anything_is_tried() {
+    // QEMU itself (7.2 and 10.0, plain migration too) keeps the image lock of a disk opened
+    // through an fdset after migration, so the new QEMU cannot activate it and the old one
+    // cannot take it back either. The upgrade is refused before anything is tried.
+    let vm0 = tempfile_image();
+    let rw = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&vm0)
+        .unwrap();
+    let ro = std::fs::File::open(&vm0).unwrap();
+    let (fd_rw, fd_ro) = (rw.as_raw_fd(), ro.as_raw_fd());
+    for fd in [fd_rw, fd_ro] {
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .unwrap();
+    }
+    let (a, b) = (format!("fd={fd_rw},set=7"), format!("fd={fd_ro},set=7"));
+    let vm = UpgradeVm::start(
+        "7.2.22",
+        256,
+        &[
+            "-add-fd",
+            &a,
+            "-add-fd",
+            &b,
+            "-drive",
+            "file=/dev/fdset/7,format=raw,if=virtio",
+        ],
+    );
+    vm.install("10.0.2");
+    let report = vm.upgrade();
+    assert_rolled_back(&vm, &report, "opened through an fdset", "7.2.22");
+    std::fs::remove_file(&vm0).unwrap();
+}
+
+fn tempfile_image() -> PathBuf {
+    let path = std::env::temp_dir().join(format!("qlu-fdset-{}.raw", std::process::id()));
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    path
 }

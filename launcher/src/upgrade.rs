@@ -54,6 +54,9 @@ pub enum UpgradeError {
     /// The new QEMU could not be started or did not answer.
     #[error("new QEMU did not start")]
     Start(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The VM has something QEMU cannot hand over; nothing was tried.
+    #[error("cannot upgrade this VM: {0}")]
+    Unsupported(String),
     /// The new QEMU lacks something the running VM needs.
     #[error("new QEMU is incompatible: {0}")]
     Incompatible(String),
@@ -119,8 +122,9 @@ impl Supervisor {
         self.upgrading = true;
         let result = self.swap(to, &mut undo);
         let mut said = None;
+        let mut unrestored = Vec::new();
         if result.is_err() {
-            self.roll_back(&undo);
+            unrestored = self.roll_back(&undo);
             // The new QEMU's own explanation, if it gave one on stderr before it was killed.
             said = self.last_stderr_line(self.current.number + 1);
         }
@@ -154,6 +158,9 @@ impl Supervisor {
                     reason.push_str(&format!(" (new QEMU: {line})"));
                 }
                 report["reason"] = reason.into();
+                if !unrestored.is_empty() {
+                    report["rollback_problems"] = json!(unrestored);
+                }
                 report["generation"] = self.current.number.into();
             }
         }
@@ -184,6 +191,9 @@ impl Supervisor {
             return Err(UpgradeError::State(old_status));
         }
         undo.old_status = Some(old_status.clone());
+        if let Some(why) = self.unmovable() {
+            return Err(UpgradeError::Unsupported(why));
+        }
         let migration = self
             .call(Which::Current, "query-migrate", None, deadline())
             .map_err(step("query-migrate"))?;
@@ -464,66 +474,98 @@ impl Supervisor {
     }
 
     /// Puts the old QEMU back exactly as it was: new QEMU gone, migration cancelled, settings
-    /// restored, and the guest running again only if it was running before.
-    fn roll_back(&mut self, undo: &Undo) {
+    /// restored, and the guest running again only if it was running before. Returns what
+    /// could not be put back, for the report.
+    fn roll_back(&mut self, undo: &Undo) -> Vec<String> {
         let deadline = || Some(Instant::now() + STEP_TIMEOUT);
+        let mut problems = Vec::new();
+        let mut note = |what: &str, r: Result<Value, CallError>| {
+            if let Err(e) = r {
+                problems.push(format!("{what}: {}", crate::error_chain(&e)));
+            }
+        };
         self.kill_incoming();
         if undo.held {
             self.proxy.abort(self.poll.registry());
         }
         if self.has_exited() {
-            return;
+            return problems;
         }
         if undo.migrating {
-            let _ = self.call(Which::Current, "migrate_cancel", None, deadline());
+            note(
+                "migrate_cancel",
+                self.call(Which::Current, "migrate_cancel", None, deadline()),
+            );
             let settle = Instant::now() + STEP_TIMEOUT;
             while Instant::now() < settle {
                 match self.call(Which::Current, "query-migrate", None, deadline()) {
                     Ok(info) if info["status"].as_str().is_some_and(is_active) => {
-                        let _ = self.wait_until(
-                            "cancel",
-                            Instant::now() + Duration::from_millis(2),
-                            |_| false,
-                        );
+                        let pause = Instant::now() + Duration::from_millis(2);
+                        let _ = self.wait_until("cancel", pause, |_| false);
                     }
                     _ => break,
                 }
             }
         }
         if undo.out_fd_named {
-            let _ = self.call(
-                Which::Current,
+            let args = json!({"fdname": FD_OUT});
+            note(
                 "closefd",
-                Some(json!({"fdname": FD_OUT})),
-                deadline(),
+                self.call(Which::Current, "closefd", Some(args), deadline()),
             );
         }
         if !undo.capabilities.is_empty() {
             let names: Vec<String> = undo.capabilities.iter().map(|(c, _)| c.clone()).collect();
-            let _ = self.call(
+            let args = caps_arg(&names, false);
+            let r = self.call(
                 Which::Current,
                 "migrate-set-capabilities",
-                Some(caps_arg(&names, false)),
+                Some(args),
                 deadline(),
             );
+            note("migrate-set-capabilities", r);
         }
         if let Some(params) = &undo.parameters {
-            let _ = self.call(
+            let r = self.call(
                 Which::Current,
                 "migrate-set-parameters",
                 Some(params.clone()),
                 deadline(),
             );
+            note("migrate-set-parameters", r);
         }
         // QEMU resumes a source whose migration failed by itself, but not one that finished
-        // sending and then lost its destination.
+        // sending and then lost its destination: `cont` takes its disks back and runs it.
         if undo.old_status.as_deref() == Some("running") {
             let now = self.call(Which::Current, "query-status", None, deadline());
             if now.is_ok_and(|s| s["status"] != "running") {
-                let _ = self.call(Which::Current, "cont", None, deadline());
+                note("cont", self.call(Which::Current, "cont", None, deadline()));
             }
         }
         let _ = self.current.qmp.take_events();
+        problems
+    }
+
+    /// What QEMU cannot hand from one process to another, found before anything is tried.
+    ///
+    /// A disk opened through an fdset (`/dev/fdset/N`) with image locking: QEMU keeps the lock
+    /// on the fdset's read-only descriptor after inactivating the image for migration, so
+    /// neither the new QEMU nor, after a failure, the old one can take the write lock again
+    /// (seen with 7.2 and 10.0, by plain migration too). Trying would strand the guest paused.
+    fn unmovable(&self) -> Option<String> {
+        let cmd = &self.config.base.cmd;
+        for opt in cmd.opts("drive").chain(cmd.opts("blockdev")) {
+            let Some(arg) = opt.arg_str() else { continue };
+            let locking_off = ["locking=off", "\"locking\":\"off\"", "\"locking\": \"off\""]
+                .iter()
+                .any(|l| arg.contains(l));
+            if arg.contains("/dev/fdset/") && !locking_off {
+                return Some(format!(
+                    "disk {arg} is opened through an fdset, whose image lock QEMU does not hand over"
+                ));
+            }
+        }
+        None
     }
 
     /// A generation's vCPU and iothread ids, for [`threads::copy_placement`].
