@@ -33,6 +33,9 @@ const SHARED_MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Added per GiB of guest RAM when RAM travels in the stream.
 const STREAMED_TIMEOUT_PER_GIB: Duration = Duration::from_secs(30);
 
+/// How often a long migration reports its progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
 /// fd names the launcher gives the stream's pipe ends inside each QEMU.
 const FD_OUT: &str = "qemu-liveupgrade-out";
 const FD_IN: &str = "qemu-liveupgrade-in";
@@ -378,27 +381,37 @@ impl Supervisor {
             SHARED_MIGRATION_TIMEOUT + STREAMED_TIMEOUT_PER_GIB * (1 + (ram_size >> 30) as u32)
         };
         let mut outcome: Option<Result<(), String>> = None;
-        self.wait_until("migration", Instant::now() + limit, |s| {
-            for e in s.gen_mut(Which::Incoming).qmp.take_events() {
-                match migration_status(&e) {
-                    Some("completed") => outcome = Some(Ok(())),
-                    Some(st) if SOURCE_FAILED.contains(&st) => {
-                        outcome = Some(Err(format!("new QEMU reports {st}")))
+        let until = Instant::now() + limit;
+        loop {
+            // When RAM is streamed this takes seconds: every half second, tell waiting control
+            // clients how far it got.
+            let tick = until.min(Instant::now() + PROGRESS_EVERY);
+            let waited = self.wait_until("migration", tick, |s| {
+                for e in s.gen_mut(Which::Incoming).qmp.take_events() {
+                    match migration_status(&e) {
+                        Some("completed") => outcome = Some(Ok(())),
+                        Some(st) if SOURCE_FAILED.contains(&st) => {
+                            outcome = Some(Err(format!("new QEMU reports {st}")))
+                        }
+                        _ => {}
                     }
-                    _ => {}
                 }
-            }
-            for e in s.current.qmp.take_events() {
-                if let Some(st) = migration_status(&e).filter(|st| SOURCE_FAILED.contains(st)) {
-                    outcome = Some(Err(format!("old QEMU reports {st}")));
+                for e in s.current.qmp.take_events() {
+                    if let Some(st) = migration_status(&e).filter(|st| SOURCE_FAILED.contains(st)) {
+                        outcome = Some(Err(format!("old QEMU reports {st}")));
+                    }
                 }
+                if s.incoming_exit.is_some() {
+                    outcome = Some(Err("new QEMU exited".into()));
+                }
+                outcome.is_some() || s.has_exited()
+            });
+            match waited {
+                Ok(()) => break,
+                Err(CallError::Timeout(_)) if Instant::now() < until => self.report_progress(),
+                Err(e) => return Err(step("waiting for the migration")(e)),
             }
-            if s.incoming_exit.is_some() {
-                outcome = Some(Err("new QEMU exited".into()));
-            }
-            outcome.is_some() || s.has_exited()
-        })
-        .map_err(step("waiting for the migration"))?;
+        }
         if let Some(Err(reason)) = outcome {
             return Err(UpgradeError::Migration(reason));
         }
@@ -544,6 +557,21 @@ impl Supervisor {
         }
         let _ = self.current.qmp.take_events();
         problems
+    }
+
+    /// Sends waiting control clients the old QEMU's migration figures.
+    fn report_progress(&mut self) {
+        let deadline = Some(Instant::now() + STEP_TIMEOUT);
+        if let Ok(info) = self.call(Which::Current, "query-migrate", None, deadline) {
+            let ram = &info["ram"];
+            let line = format!(
+                "migrating: {} of {} MiB sent, {} MiB left",
+                ram["transferred"].as_u64().unwrap_or(0) >> 20,
+                ram["total"].as_u64().unwrap_or(0) >> 20,
+                ram["remaining"].as_u64().unwrap_or(0) >> 20,
+            );
+            self.progress(&line);
+        }
     }
 
     /// What QEMU cannot hand from one process to another, found before anything is tried.
