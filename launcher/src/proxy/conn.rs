@@ -3,11 +3,22 @@
 //! All sockets are non-blocking and registered edge-triggered: every side is read until it
 //! would block, and a side left unread because a buffer was full is read again as soon as the
 //! buffer drains, since no new edge would come for bytes already waiting.
+//!
+//! Fds a client passes with SCM_RIGHTS (libvirt's `getfd` and `add-fd`) go to QEMU in a
+//! message that starts with a unit of the client's input. QEMU keeps the fds of the last
+//! message that brought any, closing those before, and hands them to the next `getfd` or
+//! `add-fd` it runs (`tcp_chr_recv`, `qemu_chr_fe_get_msgfd`); it reads monitor input a byte at
+//! a time (`monitor_can_read`), so it has them from that message's first byte. They must reach
+//! QEMU no later than the command they are for. The kernel returns at most one fd-carrying
+//! message per read, as the read's last part (`unix_stream_read_generic`), so that command ends
+//! in the read that brought them, and the fds go with the first byte of the unit that holds
+//! the read's first byte. That is early only by commands that take no fds, or by one that has
+//! a batch of its own already, in which case the batch goes with the next unit.
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::Path;
 use std::time::Instant;
@@ -15,10 +26,12 @@ use std::time::Instant;
 use mio::net::UnixStream;
 use mio::Token;
 use nix::poll::PollFlags;
+use serde_json::Value;
 
-use super::framing::{Filter, Greeting, Inbound, Outbound, Unit, CAP};
-use super::sockets::{send, wait_fd};
+use super::framing::{Filter, Greeting, Inbound, Outbound, Request, Seen, Unit, CAP};
+use super::sockets::{recv_fds, send, send_fds, wait_fd};
 use super::Mode;
+use crate::journal::{Journal, Outcome};
 
 const CHUNK: usize = 64 * 1024;
 
@@ -30,11 +43,23 @@ enum Got {
     End,
 }
 
-fn read_chunk(stream: &mut UnixStream, buf: &mut Vec<u8>) -> Got {
+/// Reads what is there into `buf`; with `fds`, also the fds passed along.
+fn read_chunk(
+    stream: &mut UnixStream,
+    buf: &mut Vec<u8>,
+    mut fds: Option<&mut Vec<OwnedFd>>,
+) -> Got {
     let len = buf.len();
     buf.resize(len + CHUNK, 0);
     let got = loop {
-        match stream.read(&mut buf[len..]) {
+        let got = match fds.as_deref_mut() {
+            Some(fds) => recv_fds(stream.as_fd(), &mut buf[len..]).map(|(n, got)| {
+                fds.extend(got);
+                n
+            }),
+            None => stream.read(&mut buf[len..]),
+        };
+        match got {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             r => break r,
         }
@@ -86,6 +111,23 @@ pub(super) enum Handshake {
     Refused(String),
 }
 
+/// A forwarded command QEMU has yet to answer.
+#[derive(Debug)]
+struct Pending {
+    request: Request,
+    /// A `qmp_capabilities`' bytes, to be replayed if QEMU accepts it.
+    caps: Option<Vec<u8>>,
+    /// A copy of the fd QEMU takes for it (`getfd`, `add-fd`), for the journal.
+    fd: Option<OwnedFd>,
+}
+
+/// Fds a client passed, and where in a buffer they go: with the byte at `at`.
+#[derive(Debug)]
+struct Batch {
+    at: usize,
+    fds: Vec<OwnedFd>,
+}
+
 /// One connection to one QEMU generation's monitor or chardev.
 #[derive(Debug)]
 pub(super) struct Backend {
@@ -94,9 +136,13 @@ pub(super) struct Backend {
     rx: Vec<u8>,
     pub out: Outbound,
     to_qemu: Vec<u8>,
-    /// One entry per forwarded unit QEMU will answer, oldest first; a `qmp_capabilities`
-    /// carries its bytes, to be replayed if QEMU accepts it.
-    pending: VecDeque<Option<Vec<u8>>>,
+    /// Client fds to pass along with `to_qemu`, in order.
+    fds_out: VecDeque<Batch>,
+    /// A copy of the first fd QEMU holds for this connection once it has read what was
+    /// forwarded: the next `getfd` or `add-fd` takes it.
+    qemu_fd: Option<OwnedFd>,
+    /// The forwarded units QEMU will answer, oldest first.
+    pending: VecDeque<Pending>,
     /// Output of a generation not yet committed, filtered, waiting for the client.
     held: Vec<u8>,
     pub eof: bool,
@@ -121,6 +167,8 @@ impl Backend {
             rx: Vec::new(),
             out: Outbound::new(mode, greeting, filter),
             to_qemu: Vec::new(),
+            fds_out: VecDeque::new(),
+            qemu_fd: None,
             pending: VecDeque::new(),
             held: Vec::new(),
             eof: false,
@@ -130,14 +178,14 @@ impl Backend {
 
     /// Reads what QEMU sent and frames it into `out`, or into `held` when `out` is `None`.
     /// With `bounded`, stops once the destination holds [`CAP`] bytes. Returns whether
-    /// anything happened, and the answers seen.
-    fn pull(&mut self, out: Option<&mut Vec<u8>>, bounded: bool) -> (bool, Vec<bool>) {
+    /// anything happened, and the answers and events seen.
+    fn pull(&mut self, out: Option<&mut Vec<u8>>, bounded: bool) -> (bool, Vec<Seen>) {
         let mut held = std::mem::take(&mut self.held);
         let out = out.unwrap_or(&mut held);
         let mut progress = false;
         let mut answers = Vec::new();
         while !self.eof && (!bounded || out.len() < CAP) {
-            match read_chunk(&mut self.stream, &mut self.rx) {
+            match read_chunk(&mut self.stream, &mut self.rx, None) {
                 Got::Data => answers.extend(self.out.process(&mut self.rx, out)),
                 Got::Blocked => break,
                 Got::End => self.eof = true,
@@ -148,27 +196,108 @@ impl Backend {
         (progress, answers)
     }
 
-    /// Writes forwarded input to QEMU. A QEMU that stopped reading for good is gone.
+    /// Queues `fds` to go to QEMU with the next byte forwarded.
+    fn attach(&mut self, fds: Vec<OwnedFd>) {
+        // QEMU closes fds it still held when a message brings others, and `getfd` and
+        // `add-fd` take the first one and close the rest.
+        self.qemu_fd = fds.first().and_then(|fd| fd.try_clone().ok());
+        self.fds_out.push_back(Batch {
+            at: self.to_qemu.len(),
+            fds,
+        });
+    }
+
+    /// Writes forwarded input to QEMU, each batch of fds with the byte it goes with. A QEMU
+    /// that stopped reading for good is gone.
     fn push(&mut self) -> bool {
-        match write_some(&self.stream, &mut self.to_qemu) {
-            Ok(progress) => progress,
-            Err(()) => {
-                self.to_qemu.clear();
-                self.eof = true;
-                true
+        let mut at = 0;
+        let mut gone = false;
+        while at < self.to_qemu.len() {
+            let fds = self.fds_out.front().filter(|b| b.at == at);
+            let next = self.fds_out.iter().map(|b| b.at).find(|&b| b > at);
+            let buf = &self.to_qemu[at..next.unwrap_or(self.to_qemu.len())];
+            let sent = match fds {
+                Some(b) => send_fds(self.stream.as_fd(), buf, &b.fds),
+                None => send(self.stream.as_fd(), buf),
+            };
+            match sent {
+                Ok(n) => {
+                    // The fds went with the first byte; QEMU has its own copies now.
+                    if fds.is_some() {
+                        self.fds_out.pop_front();
+                    }
+                    at += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    gone = true;
+                    break;
+                }
+            }
+        }
+        if gone {
+            self.to_qemu.clear();
+            self.fds_out.clear();
+            self.eof = true;
+            return true;
+        }
+        self.to_qemu.drain(..at);
+        for b in &mut self.fds_out {
+            b.at -= at;
+        }
+        at > 0
+    }
+
+    /// Matches answers to the commands they answer, and tells the journal. A
+    /// `qmp_capabilities` QEMU accepted is remembered.
+    fn settle(
+        &mut self,
+        seen: Vec<Seen>,
+        caps: &mut Option<Vec<u8>>,
+        monitor: usize,
+        journal: &mut Journal,
+    ) {
+        for s in seen {
+            let (id, outcome) = match s {
+                Seen::Event(event) => {
+                    journal.event(&event);
+                    continue;
+                }
+                Seen::Answer { id, outcome } => (id, outcome),
+            };
+            let Some(p) = self.answered(id.as_ref()) else {
+                continue;
+            };
+            if let (Some(bytes), Outcome::Return(_)) = (p.caps, &outcome) {
+                caps.get_or_insert(bytes);
+            }
+            if let Some(cmd) = p.request.command {
+                journal.record(monitor, cmd, outcome, p.fd);
             }
         }
     }
 
-    /// Matches answers to forwarded units; a `qmp_capabilities` QEMU accepted is remembered.
-    fn settle(&mut self, answers: &[bool], caps: &mut Option<Vec<u8>>) {
-        for &ok in answers {
-            if let Some(Some(bytes)) = self.pending.pop_front() {
-                if ok && caps.is_none() {
-                    *caps = Some(bytes);
-                }
-            }
-        }
+    /// The command a reply answers. QEMU answers in order (`monitor/qmp.c` dispatches one
+    /// command at a time), but for `exec-oob` commands, which run at once: a reply goes to
+    /// the command with its `id`, else to the oldest in-band command without an `id` (QEMU
+    /// answers what it could not parse without one), else to the oldest in-band one.
+    fn answered(&mut self, id: Option<&Value>) -> Option<Pending> {
+        let in_band = |p: &Pending| !p.request.oob;
+        let at = match id {
+            Some(id) => self
+                .pending
+                .iter()
+                .position(|p| p.request.id.as_ref() == Some(id)),
+            None => self
+                .pending
+                .iter()
+                .position(|p| in_band(p) && p.request.id.is_none()),
+        };
+        let at = at
+            .or_else(|| self.pending.iter().position(in_band))
+            .unwrap_or(0);
+        self.pending.remove(at)
     }
 
     /// Whether everything forwarded has been written and answered (or QEMU is gone).
@@ -231,6 +360,8 @@ pub(super) struct Conn {
     pub token: Token,
     to_client: Vec<u8>,
     from_client: Vec<u8>,
+    /// Fds the client passed, by where in `from_client` the read that brought them began.
+    fds_in: VecDeque<Batch>,
     inbound: Inbound,
     client_eof: bool,
     /// The client is gone: nothing more can be delivered.
@@ -253,6 +384,7 @@ impl Conn {
             token,
             to_client: Vec::new(),
             from_client: Vec::new(),
+            fds_in: VecDeque::new(),
             inbound: Inbound::new(mode),
             client_eof: false,
             dead: false,
@@ -263,16 +395,19 @@ impl Conn {
         }
     }
 
-    /// Moves bytes every way it can until nothing moves. With `hold`, client input is left
-    /// unread and unforwarded; QEMU's output and input forwarded earlier still flow.
-    pub(super) fn pump(&mut self, hold: bool) {
+    /// Moves bytes every way it can until nothing moves, and tells `journal` what QEMU
+    /// answered. With `hold`, client input is left unread and unforwarded; QEMU's output and
+    /// input forwarded earlier still flow.
+    pub(super) fn pump(&mut self, hold: bool, journal: &mut Journal) {
         loop {
             let mut progress = false;
             if let Some(b) = &mut self.back {
-                let (moved, answers) = b.pull(Some(&mut self.to_client), true);
-                b.settle(&answers, &mut self.caps);
+                let (moved, seen) = b.pull(Some(&mut self.to_client), true);
+                b.settle(seen, &mut self.caps, self.monitor, journal);
                 progress |= moved;
             }
+            // What a generation not yet committed says changes nothing: until the switch, the
+            // old generation is the VM's state.
             if let Some(n) = &mut self.next {
                 progress |= n.pull(None, true).0;
             }
@@ -304,24 +439,37 @@ impl Conn {
     fn read_client(&mut self) -> bool {
         let mut progress = false;
         while !self.client_eof && !self.dead && self.from_client.len() < CAP {
-            match read_chunk(&mut self.client, &mut self.from_client) {
+            let at = self.from_client.len();
+            let mut fds = Vec::new();
+            match read_chunk(&mut self.client, &mut self.from_client, Some(&mut fds)) {
                 Got::Data => {}
                 Got::Blocked => break,
                 Got::End => self.client_eof = true,
+            }
+            if !fds.is_empty() && self.from_client.len() > at {
+                self.fds_in.push_back(Batch { at, fds });
             }
             progress = true;
         }
         progress
     }
 
-    /// Moves complete units of client input to QEMU, keeping count of those it will answer.
+    /// Moves complete units of client input to QEMU, with the fds that came with them,
+    /// keeping track of those it will answer.
     fn forward(&mut self) -> bool {
         let Some(b) = &mut self.back else {
             return false;
         };
+        let raw = matches!(self.inbound, Inbound::Raw);
         let mut at = 0;
         while b.to_qemu.len() < CAP && at < self.from_client.len() {
-            let rest = &self.from_client[at..];
+            let mut rest = &self.from_client[at..];
+            if raw {
+                // Bytes with no units: fds go exactly where they came.
+                if let Some(next) = self.fds_in.iter().map(|f| f.at).find(|&f| f > at) {
+                    rest = &rest[..next - at];
+                }
+            }
             let unit = match self.inbound.next(rest) {
                 Some(unit) => unit,
                 // Half a unit waits for the rest, unless the rest can never come: the client
@@ -331,19 +479,34 @@ impl Conn {
                     Unit {
                         len: rest.len(),
                         answered: false,
-                        caps: false,
+                        request: Request::default(),
                     }
                 }
                 None => break,
             };
+            let end = at + unit.len;
+            // A second batch in the same unit belongs to a later one (see the module doc).
+            if self.fds_in.front().is_some_and(|f| f.at < end) {
+                let batch = self.fds_in.pop_front().expect("front exists");
+                b.attach(batch.fds);
+            }
             let bytes = &rest[..unit.len];
             b.to_qemu.extend_from_slice(bytes);
             if unit.answered {
-                b.pending.push_back(unit.caps.then(|| bytes.to_vec()));
+                let request = unit.request;
+                let takes_fd = request.command.as_ref().is_some_and(|c| c.takes_fd());
+                b.pending.push_back(Pending {
+                    caps: request.caps.then(|| bytes.to_vec()),
+                    fd: if takes_fd { b.qemu_fd.take() } else { None },
+                    request,
+                });
             }
-            at += unit.len;
+            at = end;
         }
         self.from_client.drain(..at);
+        for f in &mut self.fds_in {
+            f.at = f.at.saturating_sub(at);
+        }
         at > 0
     }
 
@@ -377,7 +540,8 @@ impl Conn {
     /// greeting (did the client see one?) or its answer to a `qmp_capabilities` (replay it?).
     pub(super) fn unsettled(&self) -> bool {
         self.back.as_ref().is_some_and(|b| {
-            !b.eof && (b.out.greeting != Greeting::Done || b.pending.iter().any(Option::is_some))
+            !b.eof
+                && (b.out.greeting != Greeting::Done || b.pending.iter().any(|p| p.caps.is_some()))
         })
     }
 
@@ -392,10 +556,15 @@ impl Conn {
     /// one said so far, then the new one live. Returns the old connection to deregister.
     /// `resumed_by_swap`: the guest ran before the swap, so the new generation's first RESUME
     /// is the swap's own, not news to the client.
-    pub(super) fn switch(&mut self, resumed_by_swap: bool) -> Option<Backend> {
+    pub(super) fn switch(
+        &mut self,
+        resumed_by_swap: bool,
+        journal: &mut Journal,
+    ) -> Option<Backend> {
         let mut old = self.back.take();
         if let Some(o) = &mut old {
-            o.pull(Some(&mut self.to_client), false);
+            let (_, seen) = o.pull(Some(&mut self.to_client), false);
+            o.settle(seen, &mut self.caps, self.monitor, journal);
         }
         match self.next.take() {
             Some(mut new) => {

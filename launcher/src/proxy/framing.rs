@@ -5,9 +5,10 @@
 //! split into whole messages so that events the swap causes can be dropped; everything else is
 //! passed on byte for byte.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::Mode;
+use crate::journal::{Command, Outcome};
 
 /// How much may wait in one direction before the proxy stops reading the side that fills it.
 pub(super) const CAP: usize = 1 << 20;
@@ -89,15 +90,71 @@ impl JsonScan {
 }
 
 /// One unit of client input ready to forward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub(super) struct Unit {
     /// Its length at the front of the buffer.
     pub len: usize,
     /// Whether QEMU answers it: QMP answers every top-level value with one `return` or `error`
     /// (`monitor/qmp.c`), HMP prints a prompt after every CR or LF (`util/readline.c`).
     pub answered: bool,
-    /// Whether it is `qmp_capabilities`, whose arguments a new generation must be given again.
+    /// What the command is, for one QEMU answers.
+    pub request: Request,
+}
+
+/// What the proxy knows of one command: its envelope, and what the journal makes of it.
+#[derive(Debug, Default)]
+pub(super) struct Request {
+    /// The QMP `id`, which QEMU copies into the reply.
+    pub id: Option<Value>,
+    /// Sent with `exec-oob`: its reply may overtake those of earlier commands.
+    pub oob: bool,
+    /// It is `qmp_capabilities`, whose arguments a new generation must be given again.
     pub caps: bool,
+    /// The command itself, for the journal: QMP name and arguments, or the HMP line.
+    pub command: Option<Command>,
+}
+
+impl Request {
+    /// Reads a QMP command's envelope. Anything QEMU will refuse reads as no command.
+    fn qmp(bytes: &[u8]) -> Request {
+        let Ok(Value::Object(mut msg)) = serde_json::from_slice::<Value>(bytes) else {
+            return Request::default();
+        };
+        let id = msg.remove("id");
+        let (name, oob) = match (msg.get("execute"), msg.get("exec-oob")) {
+            (Some(Value::String(name)), None) => (name.clone(), false),
+            (None, Some(Value::String(name))) => (name.clone(), true),
+            _ => {
+                return Request {
+                    id,
+                    ..Request::default()
+                }
+            }
+        };
+        let arguments = msg
+            .remove("arguments")
+            .unwrap_or_else(|| Value::Object(Map::new()));
+        Request {
+            id,
+            oob,
+            caps: name == "qmp_capabilities",
+            command: Some(Command::qmp(&name, arguments)),
+        }
+    }
+
+    /// Reads an HMP line (without its line end). A line with control characters is an edit
+    /// that QEMU's readline resolves, not text to read.
+    fn hmp(line: &[u8]) -> Request {
+        let edited = line.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f);
+        let command = match std::str::from_utf8(line) {
+            Ok(text) if !edited => Command::hmp(text),
+            _ => None,
+        };
+        Request {
+            command,
+            ..Request::default()
+        }
+    }
 }
 
 /// Splits client input into units.
@@ -122,7 +179,7 @@ impl Inbound {
         let plain = |len| Unit {
             len,
             answered: false,
-            caps: false,
+            request: Request::default(),
         };
         match self {
             Inbound::Raw => (!buf.is_empty()).then(|| plain(buf.len())),
@@ -132,14 +189,14 @@ impl Inbound {
                 .map(|i| Unit {
                     len: i + 1,
                     answered: true,
-                    caps: false,
+                    request: Request::hmp(&buf[..i]),
                 }),
             Inbound::Qmp(scan) => match scan.next(buf)? {
                 Piece::Gap(len) => Some(plain(len)),
                 Piece::Value(len) => Some(Unit {
                     len,
                     answered: true,
-                    caps: is_capabilities(&buf[..len]),
+                    request: Request::qmp(&buf[..len]),
                 }),
             },
         }
@@ -151,13 +208,6 @@ impl Inbound {
             scan.consumed();
         }
     }
-}
-
-fn is_capabilities(bytes: &[u8]) -> bool {
-    serde_json::from_slice::<Value>(bytes)
-        .ok()
-        .and_then(|v| v.get("execute")?.as_str().map(|c| c == "qmp_capabilities"))
-        .unwrap_or(false)
 }
 
 /// Which events to hide, by the role of the QEMU generation the stream comes from.
@@ -186,7 +236,21 @@ pub(super) enum Greeting {
     Done,
 }
 
-/// Splits QEMU's output into messages, drops those the swap hides, counts answers.
+/// How much of an HMP command's output is kept to judge it: the commands the journal follows
+/// print a line at most.
+const PRINTED_CAP: usize = 4096;
+
+/// What QEMU said that the proxy acts on, besides relaying it.
+#[derive(Debug)]
+pub(super) enum Seen {
+    /// The answer to a client's command: a QMP reply, with the command's `id`, or an HMP
+    /// prompt, with what the command printed.
+    Answer { id: Option<Value>, outcome: Outcome },
+    /// An event the journal follows (DEVICE_DELETED).
+    Event(Value),
+}
+
+/// Splits QEMU's output into messages, drops those the swap hides, reports answers.
 #[derive(Debug)]
 pub(super) struct Outbound {
     mode: Mode,
@@ -205,6 +269,10 @@ pub(super) struct Outbound {
     pub swallow: bool,
     /// What the swallowed reply said: `Ok` for `return`, else the error's text.
     pub replayed: Option<Result<(), String>>,
+    /// HMP: past the echo of the line typed since the last prompt.
+    echoed: bool,
+    /// HMP: what the current command printed so far.
+    printed: Vec<u8>,
 }
 
 impl Outbound {
@@ -225,12 +293,14 @@ impl Outbound {
             hidden_stop: false,
             swallow: false,
             replayed: None,
+            echoed: false,
+            printed: Vec::new(),
         }
     }
 
-    /// Moves every complete message from `rx` to `out` (or drops it), and returns one entry per
-    /// answer seen: `true` for a QMP `return` or an HMP prompt, `false` for a QMP `error`.
-    pub(super) fn process(&mut self, rx: &mut Vec<u8>, out: &mut Vec<u8>) -> Vec<bool> {
+    /// Moves every complete message from `rx` to `out` (or drops it), and returns the answers
+    /// and followed events seen, in order.
+    pub(super) fn process(&mut self, rx: &mut Vec<u8>, out: &mut Vec<u8>) -> Vec<Seen> {
         let mut answers = Vec::new();
         match self.mode {
             Mode::Raw => out.append(rx),
@@ -240,9 +310,18 @@ impl Outbound {
         answers
     }
 
-    fn process_hmp(&mut self, rx: &mut Vec<u8>, out: &mut Vec<u8>, answers: &mut Vec<bool>) {
+    fn process_hmp(&mut self, rx: &mut Vec<u8>, out: &mut Vec<u8>, answers: &mut Vec<Seen>) {
         let mut start = 0;
         for (i, &b) in rx.iter().enumerate() {
+            // QEMU's readline echoes the line as it is typed, redrawing it with escape
+            // sequences, and ends it with a line end before the command runs.
+            if self.echoed {
+                if self.printed.len() < PRINTED_CAP {
+                    self.printed.push(b);
+                }
+            } else {
+                self.echoed = b == b'\n';
+            }
             if b == PROMPT[self.prompt] {
                 self.prompt += 1;
             } else {
@@ -256,9 +335,18 @@ impl Outbound {
                 // The banner ends at the first prompt ("QEMU x.y.z monitor - type 'help'...").
                 Greeting::Drop => start = i + 1,
                 Greeting::Pass => {}
-                Greeting::Done => answers.push(true),
+                Greeting::Done => {
+                    let printed = std::mem::take(&mut self.printed);
+                    let printed = printed.strip_suffix(PROMPT).unwrap_or(&printed);
+                    answers.push(Seen::Answer {
+                        id: None,
+                        outcome: Outcome::Printed(String::from_utf8_lossy(printed).into_owned()),
+                    });
+                }
             }
             self.greeting = Greeting::Done;
+            self.echoed = false;
+            self.printed.clear();
         }
         if self.greeting != Greeting::Drop {
             out.extend_from_slice(&rx[start..]);
@@ -266,7 +354,7 @@ impl Outbound {
         rx.clear();
     }
 
-    fn process_qmp(&mut self, rx: &mut Vec<u8>, out: &mut Vec<u8>, answers: &mut Vec<bool>) {
+    fn process_qmp(&mut self, rx: &mut Vec<u8>, out: &mut Vec<u8>, answers: &mut Vec<Seen>) {
         let mut at = 0;
         while let Some(piece) = self.scan.next(&rx[at..]) {
             match piece {
@@ -313,8 +401,8 @@ impl Outbound {
     }
 
     /// Whether one message from QEMU goes to the client. Only the envelope is looked at.
-    fn judge(&mut self, bytes: &[u8], answers: &mut Vec<bool>) -> bool {
-        let Ok(Value::Object(msg)) = serde_json::from_slice::<Value>(bytes) else {
+    fn judge(&mut self, bytes: &[u8], answers: &mut Vec<Seen>) -> bool {
+        let Ok(Value::Object(mut msg)) = serde_json::from_slice::<Value>(bytes) else {
             return true;
         };
         if msg.contains_key("QMP") {
@@ -331,13 +419,22 @@ impl Outbound {
                 });
                 return false;
             }
-            answers.push(msg.contains_key("return"));
+            let id = msg.remove("id");
+            let outcome = match msg.remove("return") {
+                Some(ret) => Outcome::Return(ret),
+                None => Outcome::Error,
+            };
+            answers.push(Seen::Answer { id, outcome });
             return true;
         }
-        match msg.get("event").and_then(Value::as_str) {
-            Some(name) => self.keep_event(name),
-            None => true,
+        let Some(name) = msg.get("event").and_then(Value::as_str) else {
+            return true;
+        };
+        let keep = self.keep_event(name);
+        if name == "DEVICE_DELETED" {
+            answers.push(Seen::Event(Value::Object(msg)));
         }
+        keep
     }
 
     fn keep_event(&mut self, name: &str) -> bool {
@@ -407,25 +504,33 @@ mod tests {
     #[test]
     fn hmp_lines_end_at_cr_or_lf() {
         let mut i = Inbound::new(Mode::Hmp);
-        assert_eq!(i.next(b"info st"), None);
+        assert!(i.next(b"info st").is_none());
         assert_eq!(i.next(b"info status\r\n").map(|u| u.len), Some(12));
         assert_eq!(i.next(b"\n").map(|u| u.answered), Some(true));
     }
 
     #[test]
-    fn qmp_capabilities_is_recognised() {
+    fn qmp_envelopes_are_read() {
         let mut i = Inbound::new(Mode::Qmp);
-        let cmd = br#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#;
-        assert_eq!(
-            i.next(cmd),
-            Some(Unit {
-                len: cmd.len(),
-                answered: true,
-                caps: true
-            })
-        );
-        let other = br#"{"execute":"query-status"}"#;
-        assert!(!i.next(other).unwrap().caps);
+        let cmd = br#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":7}"#;
+        let unit = i.next(cmd).unwrap();
+        assert_eq!((unit.len, unit.answered), (cmd.len(), true));
+        assert!(unit.request.caps && !unit.request.oob);
+        assert_eq!(unit.request.id, Some(Value::from(7)));
+        let other = i.next(br#"{"exec-oob":"query-status","id":"x"}"#).unwrap();
+        assert!(!other.request.caps && other.request.oob);
+        let getfd = i.next(br#"{"execute":"getfd","arguments":{"fdname":"f"}}"#);
+        assert!(getfd.unwrap().request.command.unwrap().takes_fd());
+        let junk = i.next(b"[1]").unwrap();
+        assert!(junk.answered && junk.request.command.is_none());
+    }
+
+    #[test]
+    fn hmp_lines_are_read_unless_edited() {
+        let mut i = Inbound::new(Mode::Hmp);
+        let getfd = i.next(b"getfd f\r\n").unwrap().request.command;
+        assert!(getfd.unwrap().takes_fd());
+        assert!(i.next(b"getfd g\x08f\n").unwrap().request.command.is_none());
     }
 
     #[test]
@@ -435,9 +540,15 @@ mod tests {
         let mut out = Vec::new();
         o.process(&mut rx, &mut out);
         rx.extend_from_slice(b"\n{\"event\":\"X\"}\r\n{\"return\":{}}\r\n");
-        let answers = o.process(&mut rx, &mut out);
+        let seen = o.process(&mut rx, &mut out);
         assert_eq!(out, b"{\"event\":\"X\"}\r\n{\"return\":{}}\r\n");
-        assert_eq!(answers, vec![true]);
+        assert!(matches!(
+            &seen[..],
+            [Seen::Answer {
+                id: None,
+                outcome: Outcome::Return(_)
+            }]
+        ));
         assert!(o.hidden_stop);
     }
 
@@ -447,9 +558,15 @@ mod tests {
         let mut rx = b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qe".to_vec();
         let mut out = Vec::new();
         assert!(o.process(&mut rx, &mut out).is_empty());
-        rx.extend_from_slice(b"mu) info x\r\nok\r\n(qemu) ");
-        assert_eq!(o.process(&mut rx, &mut out), vec![true]);
-        assert_eq!(out, b"info x\r\nok\r\n(qemu) ");
+        rx.extend_from_slice(b"mu) info x\x1b[K\r\nok\r\n(qe");
+        assert!(o.process(&mut rx, &mut out).is_empty());
+        rx.extend_from_slice(b"mu) ");
+        let seen = o.process(&mut rx, &mut out);
+        assert!(
+            matches!(&seen[..], [Seen::Answer { outcome: Outcome::Printed(p), .. }] if p == "ok\r\n"),
+            "{seen:?}"
+        );
+        assert_eq!(out, b"info x\x1b[K\r\nok\r\n(qemu) ");
     }
 
     #[test]

@@ -17,6 +17,10 @@
 //! connection to the new generation and replays its capability negotiation, and
 //! [`Proxy::commit`] switches over. Events the swap itself causes are hidden.
 //!
+//! Fds clients pass with SCM_RIGHTS (`getfd`, `add-fd`) go to QEMU with the command they came
+//! with. Every hot-plug command QEMU answers with success is recorded in the [`Journal`], with
+//! copies of those fds, for the next generation to be given before the guest moves into it.
+//!
 //! Everything runs from the supervisor's single `mio::Poll`. Only [`Proxy::prepare`] blocks,
 //! with a deadline, on a new QEMU that answers at once, and [`Proxy::flush`], which relays an
 //! exited QEMU's last words before the launcher exits.
@@ -38,6 +42,7 @@ use mio::net::UnixListener;
 use mio::{Interest, Registry, Token};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
+use crate::journal::Journal;
 use conn::{Backend, Conn};
 use framing::{Filter, Greeting};
 use sockets::{BackendDir, BoundPath};
@@ -153,6 +158,7 @@ pub struct Proxy {
     /// A swap is under way (from `hold` to `commit` or `abort`).
     swapping: bool,
     swap_running: bool,
+    journal: Journal,
 }
 
 impl Proxy {
@@ -177,6 +183,7 @@ impl Proxy {
             live: None,
             swapping: false,
             swap_running: false,
+            journal: Journal::default(),
         }
     }
 
@@ -267,6 +274,21 @@ impl Proxy {
         Ok(())
     }
 
+    /// What clients hot-plugged into the VM and did not undo, from every QMP and HMP monitor
+    /// proxied: replay these into a new generation, in order, before `migrate-incoming`.
+    /// Commands held during a swap run on the new generation after commit, and are journaled
+    /// as they succeed there.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Takes note of an event read elsewhere, such as on the launcher's own monitor, for the
+    /// journal: a DEVICE_DELETED completes a `device_del` even when no client's monitor
+    /// was connected to see it. An event seen twice counts once.
+    pub fn note_event(&mut self, event: &serde_json::Value) {
+        self.journal.event(event);
+    }
+
     /// Whether `token` is one of the proxy's.
     pub fn owns(&self, token: Token) -> bool {
         token.0 >= self.token_base
@@ -289,7 +311,7 @@ impl Proxy {
     pub fn flush(&mut self, deadline: Instant) {
         loop {
             for conn in self.conns.values_mut() {
-                conn.pump(true);
+                conn.pump(true, &mut self.journal);
             }
             let mut fds = Vec::new();
             for (read, write) in self.conns.values().filter_map(Conn::unflushed) {
@@ -368,7 +390,7 @@ impl Proxy {
             // Waiting its turn: left unread, as in QEMU's backlog.
             return false;
         }
-        conn.pump(self.swapping);
+        conn.pump(self.swapping, &mut self.journal);
         // QEMU closed the connection, so it exited: close the client too, once it has all
         // QEMU said. During a swap the old generation's end is expected.
         if !self.swapping && conn.back.as_ref().is_some_and(|b| b.eof) {

@@ -1,15 +1,18 @@
 //! The sockets under the proxy: the ones clients connect to, and each generation's backends.
 
 use std::fs;
-use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{self, sockopt, AddressFamily, MsgFlags, SockaddrLike, SockaddrStorage};
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockaddrLike,
+    SockaddrStorage,
+};
 
 /// A socket path the launcher bound; unlinked on drop while it is still the launcher's socket.
 #[derive(Debug)]
@@ -162,4 +165,40 @@ pub(super) fn wait_fd(fd: BorrowedFd<'_>, events: PollFlags, deadline: Instant) 
 /// supervisor (whose signal dispositions are its own business).
 pub(super) fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     socket::send(fd.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
+}
+
+/// Most fds one read takes, as many as QEMU's own socket channel accepts per message
+/// (`SOCKET_MAX_FDS` in `io/channel-socket.c`); the kernel closes any beyond.
+const MAX_FDS: usize = 16;
+
+/// `recvmsg` taking the fds a client passed with SCM_RIGHTS (libvirt's `getfd` and `add-fd`),
+/// close-on-exec from the start so that no QEMU generation inherits them by accident.
+pub(super) fn recv_fds(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = socket::recvmsg::<()>(
+        fd.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: the kernel installed these fds in this process for this message just
+            // now; nothing else knows their numbers, so each is owned exactly once here.
+            fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+        }
+    }
+    Ok((msg.bytes, fds))
+}
+
+/// [`send`] passing `fds` with the first byte written, by SCM_RIGHTS. On a partial write the
+/// fds went with the part written; on `WouldBlock` nothing was sent.
+pub(super) fn send_fds(fd: BorrowedFd<'_>, buf: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let iov = [IoSlice::new(buf)];
+    socket::sendmsg::<()>(fd.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(io::Error::from)
 }

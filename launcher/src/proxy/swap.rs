@@ -95,7 +95,7 @@ impl Proxy {
         let index = conn.monitor;
         // How to prepare depends on what the old generation has yet to say.
         loop {
-            conn.pump(true);
+            conn.pump(true, &mut self.journal);
             let Some(back) = conn.back.as_ref().filter(|_| conn.unsettled()) else {
                 break;
             };
@@ -136,7 +136,7 @@ impl Proxy {
         let resumed_by_swap = self.swap_running;
         let mut old = Vec::new();
         for conn in self.conns.values_mut().filter(|c| c.back.is_some()) {
-            old.extend(conn.switch(resumed_by_swap));
+            old.extend(conn.switch(resumed_by_swap, &mut self.journal));
         }
         for b in old {
             self.drop_backend(registry, b);

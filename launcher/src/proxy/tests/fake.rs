@@ -1,8 +1,8 @@
 //! A scripted QEMU monitor for the proxy's tests: a thread serving one backend listening
 //! socket one connection at a time, as a QEMU socket chardev does.
 
-use std::io::{ErrorKind, Read, Write};
-use std::os::fd::OwnedFd;
+use std::io::{ErrorKind, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::proxy::sockets::recv_fds;
 use crate::proxy::Mode;
 
 #[derive(Default)]
@@ -20,6 +21,8 @@ struct Shared {
     writer: Mutex<Option<UnixStream>>,
     /// What it was sent: QMP commands as received text, HMP and raw lines.
     got: Mutex<Vec<String>>,
+    /// Fds `getfd` and `add-fd` took: the command, and the fd's inode.
+    fds: Mutex<Vec<(String, u64)>>,
     accepted: AtomicUsize,
 }
 
@@ -81,6 +84,11 @@ impl Fake {
         self.emit(format!("{ev}\r\n").as_bytes());
     }
 
+    /// The inode of each fd a `getfd` or `add-fd` took, with the command's name.
+    pub(super) fn fds(&self) -> Vec<(String, u64)> {
+        self.shared.fds.lock().unwrap().clone()
+    }
+
     /// What it was sent so far.
     pub(super) fn got(&self) -> Vec<String> {
         self.shared.got.lock().unwrap().clone()
@@ -106,7 +114,7 @@ impl Drop for Fake {
     }
 }
 
-fn serve(s: &Shared, mut conn: UnixStream, script: Script) {
+fn serve(s: &Shared, conn: UnixStream, script: Script) {
     conn.set_read_timeout(Some(Duration::from_millis(10)))
         .unwrap();
     *s.writer.lock().unwrap() = Some(conn.try_clone().unwrap());
@@ -128,13 +136,30 @@ fn serve(s: &Shared, mut conn: UnixStream, script: Script) {
     }
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
+    // As QEMU: the fds of the last message that had any, until a command takes them.
+    let mut held: Option<OwnedFd> = None;
+    // A reply held back until the next command's.
+    let mut deferred: Option<Value> = None;
     while !s.stop.load(Ordering::SeqCst) {
-        match conn.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        match recv_fds(conn.as_fd(), &mut chunk) {
+            Ok((0, _)) => break,
+            Ok((n, fds)) => {
+                if let Some(fd) = fds.into_iter().next() {
+                    held = Some(fd);
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
             Err(_) => break,
         }
+        let mut take_fd = |name: &str| match held.take() {
+            Some(fd) => {
+                let ino = nix::sys::stat::fstat(fd.as_raw_fd()).unwrap().st_ino;
+                s.fds.lock().unwrap().push((name.to_owned(), ino));
+                true
+            }
+            None => false,
+        };
         match script.mode {
             Mode::Qmp => {
                 let mut values = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
@@ -143,7 +168,17 @@ fn serve(s: &Shared, mut conn: UnixStream, script: Script) {
                     let text = String::from_utf8_lossy(&buf[used..values.byte_offset()]);
                     s.got.lock().unwrap().push(text.trim().to_owned());
                     used = values.byte_offset();
-                    say(format!("{}\r\n", answer(&cmd, script)));
+                    let name = cmd["execute"].as_str().unwrap_or("");
+                    let fd = matches!(name, "getfd" | "add-fd") && take_fd(name);
+                    let reply = answer(&cmd, script, fd);
+                    if cmd["arguments"]["defer"] == true {
+                        deferred = Some(reply);
+                        continue;
+                    }
+                    say(format!("{reply}\r\n"));
+                    if let Some(late) = deferred.take() {
+                        say(format!("{late}\r\n"));
+                    }
                 }
                 buf.drain(..used);
             }
@@ -157,6 +192,10 @@ fn serve(s: &Shared, mut conn: UnixStream, script: Script) {
                     } else {
                         let out = if line == "info version" {
                             format!("7.2.{gen}\r\n")
+                        } else if line.starts_with("getfd") && !take_fd("getfd") {
+                            "Error: No file descriptor supplied via SCM_RIGHTS\r\n".into()
+                        } else if line.contains("fail") {
+                            "Error: failed\r\n".into()
                         } else {
                             String::new()
                         };
@@ -169,8 +208,17 @@ fn serve(s: &Shared, mut conn: UnixStream, script: Script) {
     *s.writer.lock().unwrap() = None;
 }
 
-fn answer(cmd: &Value, script: Script) -> Value {
-    let mut reply = match cmd["execute"].as_str().unwrap_or("") {
+fn answer(cmd: &Value, script: Script, fd: bool) -> Value {
+    let name = cmd["execute"].as_str().or(cmd["exec-oob"].as_str());
+    let mut reply = match name.unwrap_or("") {
+        "getfd" | "add-fd" if !fd => json!({"error": {"class": "GenericError",
+            "desc": "No file descriptor supplied via SCM_RIGHTS"}}),
+        "add-fd" => {
+            json!({"return": {"fdset-id": cmd["arguments"]["fdset-id"].as_i64().unwrap_or(0), "fd": 40}})
+        }
+        _ if cmd["arguments"]["fail"] == true => {
+            json!({"error": {"class": "GenericError", "desc": "failed"}})
+        }
         "qmp_capabilities" if script.refuse_caps => {
             json!({"error": {"class": "GenericError", "desc": "no oob here"}})
         }

@@ -1,6 +1,7 @@
 //! The proxy driven by a real `mio::Poll`, with real sockets and fake QEMU monitors.
 
 mod fake;
+mod journal;
 mod real;
 
 use std::io::{ErrorKind, Read, Write};
@@ -217,6 +218,15 @@ impl H {
 
 fn send(c: &mut Client, text: &str) {
     c.s.write_all(format!("{text}\n").as_bytes()).unwrap();
+}
+
+/// Sends `text` with `fd` passed along by SCM_RIGHTS, as libvirt sends `getfd`.
+fn send_fd(c: &mut Client, text: &str, fd: std::os::fd::BorrowedFd<'_>) {
+    let fd = fd.try_clone_to_owned().unwrap();
+    let line = format!("{text}\n");
+    let n =
+        super::sockets::send_fds(std::os::fd::AsFd::as_fd(&c.s), line.as_bytes(), &[fd]).unwrap();
+    c.s.write_all(&line.as_bytes()[n..]).unwrap();
 }
 
 fn version(reply: &Value) -> u64 {

@@ -116,3 +116,93 @@ fn clients_move_between_real_qemus() {
         "{out:?}"
     );
 }
+
+#[test]
+fn fds_and_hot_plugs_through_a_real_qemu() {
+    use std::os::fd::{AsFd, AsRawFd};
+
+    let Some(bin) = binary() else {
+        eprintln!("qemu-system-x86_64 not installed; skipped");
+        return;
+    };
+    let ino = |fd: &dyn AsRawFd| nix::sys::stat::fstat(fd.as_raw_fd()).unwrap().st_ino;
+    let mut h = H::new(&[Mode::Qmp, Mode::Hmp]);
+    let fds = h.proxy.backends_for(1).unwrap();
+    let _q = start(&bin, "g1", fds);
+    h.proxy.activate_first(h.poll.registry(), 1).unwrap();
+    let mut qmp = h.connect(0);
+    assert!(h.msg(&mut qmp).get("QMP").is_some());
+    h.cmd(&mut qmp, r#"{"execute":"qmp_capabilities"}"#);
+
+    let (_r1, w1) = nix::unistd::pipe().unwrap();
+    let getfd = r#"{"execute":"getfd","arguments":{"fdname":"f1"},"id":1}"#;
+    super::send_fd(&mut qmp, getfd, w1.as_fd());
+    assert_eq!(h.msg(&mut qmp), json!({"return": {}, "id": 1}));
+    let (_r2, w2) = nix::unistd::pipe().unwrap();
+    let add = r#"{"execute":"add-fd","arguments":{"opaque":"log"},"id":2}"#;
+    super::send_fd(&mut qmp, add, w2.as_fd());
+    let r = h.msg(&mut qmp);
+    let set = r["return"]["fdset-id"].as_i64().expect("add-fd answered");
+    let sets = h.cmd(&mut qmp, r#"{"execute":"query-fdsets"}"#);
+    assert_eq!(sets["return"][0]["fds"][0]["opaque"], "log", "{sets}");
+    let io = r#"{"execute":"object-add","arguments":{"qom-type":"iothread","id":"io1"}}"#;
+    assert_eq!(h.cmd(&mut qmp, io), json!({"return": {}}));
+
+    let mut hmp = h.connect(1);
+    h.upto(&mut hmp, "(qemu) ");
+    let (_r3, w3) = nix::unistd::pipe().unwrap();
+    super::send_fd(&mut hmp, "getfd f3", w3.as_fd());
+    let out = h.upto(&mut hmp, "(qemu) ");
+    assert!(!out.contains("Error"), "{out:?}");
+    send(&mut hmp, "netdev_add user,id=n1");
+    h.upto(&mut hmp, "(qemu) ");
+    send(&mut hmp, "netdev_add user,id=n1");
+    h.upto(&mut hmp, "(qemu) ");
+
+    let journal = h.proxy.journal();
+    let got: Vec<_> = journal
+        .entries()
+        .iter()
+        .map(|e| e.command.as_str())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "getfd",
+            "add-fd",
+            "object-add",
+            "getfd",
+            "human-monitor-command"
+        ]
+    );
+    assert_eq!(journal.entries()[1].arguments["fdset-id"], set);
+    let kept: Vec<u64> = journal
+        .entries()
+        .iter()
+        .flat_map(|e| e.fds.iter().map(|fd| ino(fd)))
+        .collect();
+    assert_eq!(kept, [ino(&w1), ino(&w2), ino(&w3)]);
+
+    h.cmd(
+        &mut qmp,
+        r#"{"execute":"closefd","arguments":{"fdname":"f1"}}"#,
+    );
+    let remove = format!(r#"{{"execute":"remove-fd","arguments":{{"fdset-id":{set}}}}}"#);
+    assert_eq!(h.cmd(&mut qmp, &remove), json!({"return": {}}));
+    h.cmd(
+        &mut qmp,
+        r#"{"execute":"object-del","arguments":{"id":"io1"}}"#,
+    );
+    send(&mut hmp, "closefd f3");
+    h.upto(&mut hmp, "(qemu) ");
+    send(&mut hmp, "netdev_del n1");
+    h.upto(&mut hmp, "(qemu) ");
+    let left: Vec<_> = h
+        .proxy
+        .journal()
+        .entries()
+        .iter()
+        .map(|e| &e.command)
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
