@@ -3,6 +3,7 @@
 //! alarms, and be able to fail. Every whole-process test relies on these.
 
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use qemu_liveupgrade_tests::{
@@ -11,6 +12,15 @@ use qemu_liveupgrade_tests::{
 use serde_json::json;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Held by the heartbeat-rate test and by the short device tests (power button, unplug), so
+/// that these do not run beside it: every guest keeps a host core busy, and on a 2-core
+/// machine more of them at once would slow the guest the rate test measures.
+static RATE_MEASUREMENT: Mutex<()> = Mutex::new(());
+
+fn exclusive_of_rate_test() -> MutexGuard<'static, ()> {
+    RATE_MEASUREMENT.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn spawn_guest(argv: Vec<String>) -> Vm {
     let mut cmd = Command::new(system_qemu());
@@ -30,6 +40,7 @@ fn ready_mem(vm: &Vm) -> u64 {
 
 #[test]
 fn heartbeats_every_millisecond_with_clean_memory() {
+    let _cpu = exclusive_of_rate_test();
     let vm = spawn_guest(guest_argv(256));
     vm.wait_ready(READY_TIMEOUT);
     assert_eq!(
@@ -178,6 +189,7 @@ fn spawn_guest_with_qmp(dir: &std::path::Path, extra: &[&str]) -> (Vm, Qmp) {
 /// ends with status 0.
 #[test]
 fn power_button_powers_the_guest_off() {
+    let _cpu = exclusive_of_rate_test();
     let dir = tempdir();
     let (mut vm, mut qmp) = spawn_guest_with_qmp(dir.path(), &[]);
     assert!(
@@ -202,6 +214,7 @@ fn power_button_powers_the_guest_off() {
 /// state, and its heartbeats stop.
 #[test]
 fn power_button_with_no_shutdown_leaves_qemu_in_shutdown_state() {
+    let _cpu = exclusive_of_rate_test();
     let dir = tempdir();
     let (vm, mut qmp) = spawn_guest_with_qmp(dir.path(), &["-no-shutdown"]);
     qmp.execute("system_powerdown", json!({}));
@@ -224,6 +237,7 @@ fn power_button_with_no_shutdown_leaves_qemu_in_shutdown_state() {
 /// DEVICE_DELETED and the device is gone.
 #[test]
 fn guest_ejects_a_device_on_device_del() {
+    let _cpu = exclusive_of_rate_test();
     let dir = tempdir();
     let (vm, mut qmp) = spawn_guest_with_qmp(dir.path(), &[]);
     let pci_ids = |qmp: &mut Qmp| -> Vec<String> {
