@@ -643,7 +643,11 @@ impl Supervisor {
         };
         let result = gen.qmp.on_readable();
         if !self.upgrading {
-            let _ = gen.qmp.take_events();
+            // The journal learns of completed device removals (DEVICE_DELETED) here too, even
+            // when no client is connected to see them.
+            for event in gen.qmp.take_events() {
+                self.proxy.note_event(&event);
+            }
         }
         if result.is_err() || gen.qmp.is_closed() {
             let fd = gen.qmp.raw_fd();

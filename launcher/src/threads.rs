@@ -56,8 +56,9 @@ pub fn copy_placement(old: &[(String, i32)], new: &[(String, i32)]) -> Value {
     json!({ "placed": copied, "problems": problems })
 }
 
-/// Moves `new` into the cgroup v2 of `old` when they differ. On cgroup v1 (several lines
-/// in /proc/TID/cgroup) nothing is copied and that is reported.
+/// Moves `new` into every cgroup of `old` where they differ: on cgroup v2 through the
+/// group's `cgroup.threads`, on v1 through each controller hierarchy's `tasks` (libvirt 9 on a
+/// v1 host keeps `machine/<vm>/vcpuN` under cpu, cpuacct and cpuset).
 fn copy_cgroup(old: Pid, new: Pid) -> Result<(), String> {
     let read = |tid: Pid| {
         fs::read_to_string(format!("/proc/self/task/{tid}/cgroup"))
@@ -65,18 +66,37 @@ fn copy_cgroup(old: Pid, new: Pid) -> Result<(), String> {
             .map_err(|e| e.to_string())
     };
     let (from, to) = (read(old)?, read(new)?);
-    if from == to {
-        return Ok(());
+    let mut problems = Vec::new();
+    for line in from.lines().filter(|l| !to.lines().any(|t| t == *l)) {
+        // "hierarchy-id:controllers:path"
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let path = path.trim_end_matches('/');
+        let file = if controllers.is_empty() {
+            format!("/sys/fs/cgroup{path}/cgroup.threads")
+        } else {
+            let mount = controllers.strip_prefix("name=").unwrap_or(controllers);
+            format!("/sys/fs/cgroup/{mount}{path}/tasks")
+        };
+        // A hierarchy that is not mounted where libvirt looks has nothing to copy.
+        if controllers.is_empty()
+            && !std::path::Path::new(&file).exists()
+            && from.lines().count() > 1
+        {
+            continue;
+        }
+        if let Err(e) = fs::write(&file, new.to_string()) {
+            problems.push(format!("{file}: {e}"));
+        }
     }
-    let path = from
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or_else(|| "not a cgroup v2 hierarchy".to_owned())?;
-    let threads = format!(
-        "/sys/fs/cgroup{}/cgroup.threads",
-        path.trim_end_matches('/')
-    );
-    fs::write(&threads, new.to_string()).map_err(|e| format!("{threads}: {e}"))
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
 }
 
 #[cfg(test)]

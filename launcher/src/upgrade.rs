@@ -12,7 +12,7 @@
 //! because the old one is paused (by migration) before the new one starts running, and never
 //! on none, because the old one is quit only once the new one runs.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,9 @@ pub enum UpgradeError {
     /// The migration reported failure.
     #[error("migration failed: {0}")]
     Migration(String),
+    /// A hot-plugged device could not be added to the new QEMU.
+    #[error("cannot replay hot-plugged devices: {0}")]
+    Replay(String),
     /// Monitor clients could not be connected to the new QEMU.
     #[error("cannot move monitor clients: {0}")]
     Monitors(String),
@@ -325,8 +328,12 @@ impl Supervisor {
                 .prepare(self.poll.registry(), number, Instant::now() + STEP_TIMEOUT);
         prepared.map_err(|e| UpgradeError::Monitors(crate::error_chain(&e)))?;
 
+        // 6. Devices the VM's users hot-plugged exist only in the old QEMU: the new one gets
+        //    them now, in the order they came, before any device state arrives for them.
+        self.replay_hotplug()?;
+
         self.progress("migrating");
-        // 6. The stream: one pipe, its read end in the new QEMU, its write end in the old.
+        // 7. The stream: one pipe, its read end in the new QEMU, its write end in the old.
         let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| step("pipe")(CallError::Poll(e.into())))?;
         // A larger pipe lets streamed RAM move in bigger batches; best effort.
@@ -373,7 +380,7 @@ impl Supervisor {
         .map_err(step("migrate"))?;
         undo.out_fd_named = false;
 
-        // 7. Completion, as the new QEMU sees it; the old one's failure, or either's exit.
+        // 8. Completion, as the new QEMU sees it; the old one's failure, or either's exit.
         let ram_size: u64 = self.ram_size();
         let limit = if shared {
             SHARED_MIGRATION_TIMEOUT
@@ -419,7 +426,7 @@ impl Supervisor {
             return Err(UpgradeError::Migration("old QEMU exited".into()));
         }
 
-        // 8. The run state the guest had. A destination started with -S (libvirt's way)
+        // 9. The run state the guest had. A destination started with -S (libvirt's way)
         //    stays paused after migration even when the source ran; QEMU autostarts it
         //    otherwise, a few moments after reporting completion.
         let mut status = String::from("inmigrate");
@@ -446,7 +453,7 @@ impl Supervisor {
         undo.held = false;
 
         self.progress("quitting the old QEMU");
-        // 9. Measurements, from the old QEMU, then the new one's capabilities put back to
+        // 10. Measurements, from the old QEMU, then the new one's capabilities put back to
         //    what the VM's users had, and the old QEMU quit.
         let mut stats = Stats {
             shared,
@@ -557,6 +564,56 @@ impl Supervisor {
         }
         let _ = self.current.qmp.take_events();
         problems
+    }
+
+    /// Replays the hot-plug journal into the incoming generation through its private
+    /// monitor. QEMU keeps `getfd` names per monitor, so fds and the commands that use them
+    /// both go through this one monitor.
+    fn replay_hotplug(&mut self) -> Result<(), UpgradeError> {
+        let entries: Vec<(String, Value, Option<OwnedFd>)> = self
+            .proxy
+            .journal()
+            .entries()
+            .iter()
+            .map(|e| {
+                let fd = e.fds.first().and_then(|fd| fd.try_clone().ok());
+                (e.command.clone(), e.arguments.clone(), fd)
+            })
+            .collect();
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.progress("replaying hot-plugged devices");
+        for (i, (command, arguments, fd)) in entries.iter().enumerate() {
+            let deadline = Some(Instant::now() + STEP_TIMEOUT);
+            let fd = fd.as_ref().map(|f| f.as_fd());
+            let ret = self
+                .call_with_fd(
+                    Which::Incoming,
+                    command,
+                    Some(arguments.clone()),
+                    fd,
+                    deadline,
+                )
+                .map_err(|e| {
+                    UpgradeError::Replay(format!(
+                        "{command} {arguments}: {}",
+                        crate::error_chain(&e)
+                    ))
+                })?;
+            let ok = self
+                .proxy
+                .journal()
+                .entries()
+                .get(i)
+                .is_none_or(|e| e.succeeded(&ret));
+            if !ok {
+                return Err(UpgradeError::Replay(format!(
+                    "{command} {arguments}: {ret}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Sends waiting control clients the old QEMU's migration figures.
