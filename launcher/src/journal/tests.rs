@@ -1,0 +1,428 @@
+//! Unit tests of the hot-plug journal.
+use std::io::Read;
+use std::os::fd::AsRawFd;
+
+use super::*;
+
+fn qmp(j: &mut Journal, name: &str, args: Value, ret: Value) {
+    j.record(0, Command::qmp(name, args), Outcome::Return(ret), None);
+}
+
+fn ok(j: &mut Journal, name: &str, args: Value) {
+    qmp(j, name, args, json!({}));
+}
+
+fn hmp(j: &mut Journal, line: &str, printed: &str, fd: Option<OwnedFd>) {
+    let cmd = Command::hmp(line).unwrap();
+    j.record(1, cmd, Outcome::Printed(printed.into()), fd);
+}
+
+fn commands(j: &Journal) -> Vec<(String, Value)> {
+    let e = j.entries().iter();
+    e.map(|e| (e.command.clone(), e.arguments.clone()))
+        .collect()
+}
+
+fn names(j: &Journal) -> Vec<&str> {
+    j.entries().iter().map(|e| e.command.as_str()).collect()
+}
+
+fn deleted(id: &str, seconds: u64) -> Value {
+    json!({"event": "DEVICE_DELETED", "data": {"device": id, "path": format!("{PERIPHERAL}{id}")},
+           "timestamp": {"seconds": seconds, "microseconds": 0}})
+}
+
+/// A pipe: the read end, and the write end for the journal. Reading gives EOF once every
+/// copy of the write end is closed.
+fn pipe() -> (std::fs::File, OwnedFd) {
+    let (r, w) = nix::unistd::pipe().unwrap();
+    (std::fs::File::from(r), w)
+}
+
+fn closed(r: &mut std::fs::File) -> bool {
+    nix::fcntl::fcntl(
+        r.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    matches!(r.read(&mut [0u8; 1]), Ok(0))
+}
+
+#[test]
+fn additions_undone_leave_nothing_and_removals_of_the_command_line_stay() {
+    let mut j = Journal::default();
+    ok(&mut j, "netdev_add", json!({"type": "user", "id": "n1"}));
+    ok(
+        &mut j,
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "b1"}),
+    );
+    ok(
+        &mut j,
+        "chardev-add",
+        json!({"id": "c1", "backend": {"type": "null", "data": {}}}),
+    );
+    ok(
+        &mut j,
+        "object-add",
+        json!({"qom-type": "iothread", "id": "o1"}),
+    );
+    assert_eq!(
+        names(&j),
+        ["netdev_add", "blockdev-add", "chardev-add", "object-add"]
+    );
+    ok(&mut j, "blockdev-del", json!({"node-name": "b1"}));
+    ok(&mut j, "netdev_del", json!({"id": "n1"}));
+    ok(&mut j, "chardev-remove", json!({"id": "c1"}));
+    ok(&mut j, "object-del", json!({"id": "o1"}));
+    assert!(j.is_empty());
+    // Made by the command line: the new generation has it, and must lose it too.
+    ok(&mut j, "netdev_del", json!({"id": "hostnet0"}));
+    assert_eq!(
+        commands(&j),
+        [("netdev_del".into(), json!({"id": "hostnet0"}))]
+    );
+}
+
+#[test]
+fn a_device_goes_with_its_device_deleted_event_once() {
+    let mut j = Journal::default();
+    ok(
+        &mut j,
+        "device_add",
+        json!({"driver": "virtio-net-pci", "id": "d1"}),
+    );
+    ok(&mut j, "set_link", json!({"name": "d1", "up": false}));
+    ok(
+        &mut j,
+        "device_del",
+        json!({"id": "/machine/peripheral/d1"}),
+    );
+    ok(&mut j, "device_del", json!({"id": "d1"}));
+    assert_eq!(names(&j), ["device_add", "set_link", "device_del"]);
+    let changes = j.changes();
+    j.event(&json!({"event": "DEVICE_TRAY_MOVED", "data": {"id": "d1"}}));
+    assert_eq!(j.changes(), changes);
+    j.event(&deleted("d1", 10));
+    assert!(j.is_empty());
+    // Added again; another monitor's copy of the old event must not remove it.
+    ok(
+        &mut j,
+        "device_add",
+        json!({"driver": "virtio-net-pci", "id": "d1"}),
+    );
+    j.event(&deleted("d1", 10));
+    assert_eq!(names(&j), ["device_add"]);
+    // Only the path, as for a device the event has no id for.
+    let by_path = json!({"event": "DEVICE_DELETED", "data": {"path": "/machine/peripheral/d1"}});
+    j.event(&by_path);
+    assert!(j.is_empty());
+}
+
+#[test]
+fn a_device_from_the_command_line_keeps_its_device_del() {
+    let mut j = Journal::default();
+    ok(&mut j, "device_del", json!({"id": "net0"}));
+    j.event(&deleted("net0", 1));
+    assert_eq!(commands(&j), [("device_del".into(), json!({"id": "net0"}))]);
+}
+
+#[test]
+fn failures_are_not_recorded() {
+    let mut j = Journal::default();
+    let cmd = Command::qmp("device_add", json!({"driver": "x", "id": "d"}));
+    j.record(0, cmd, Outcome::Error, None);
+    hmp(
+        &mut j,
+        "netdev_add user,id=n1",
+        "Try \"help netdev_add\" for more information\r\n",
+        None,
+    );
+    hmp(&mut j, "drive_del d1", "Device 'd1' not found\r\n", None);
+    hmp(
+        &mut j,
+        "device_add foo,id=x",
+        "Error: 'foo' is not a valid device model name\r\n",
+        None,
+    );
+    let hmc = |line: &str| json!({ "command-line": line });
+    qmp(
+        &mut j,
+        "human-monitor-command",
+        hmc("object_add iothread,id=i"),
+        json!("Error: no\r\n"),
+    );
+    assert!(j.is_empty());
+    assert_eq!(j.changes(), 0);
+    qmp(
+        &mut j,
+        "human-monitor-command",
+        hmc("object_add iothread,id=i"),
+        json!(""),
+    );
+    hmp(
+        &mut j,
+        "netdev_add user,id=n1",
+        "warning: deprecated\r\n",
+        None,
+    );
+    assert_eq!(
+        names(&j),
+        ["human-monitor-command", "human-monitor-command"]
+    );
+}
+
+#[test]
+fn hmp_commands_become_qmp_where_the_arguments_are_simple() {
+    let mut j = Journal::default();
+    let (_r, w) = pipe();
+    hmp(&mut j, "  getfd tap0", "", Some(w));
+    hmp(&mut j, "netdev_add tap,id=n1,fd=tap0", "", None);
+    hmp(
+        &mut j,
+        "device_add virtio-net-pci,netdev=n1,id=nic1",
+        "",
+        None,
+    );
+    hmp(&mut j, "set_link nic1 off", "", None);
+    hmp(
+        &mut j,
+        "object_add {\"qom-type\":\"iothread\",\"id\":\"io1\"}",
+        "",
+        None,
+    );
+    hmp(&mut j, "chardev-add null,id=c1", "", None);
+    hmp(
+        &mut j,
+        "drive_add 0 if=none,id=dr1,file=/dev/null,format=raw",
+        "OK\r\n",
+        None,
+    );
+    hmp(
+        &mut j,
+        "drive_add -n 0 node-name=nn1,driver=null-co",
+        "",
+        None,
+    );
+    hmp(&mut j, "getfd spare", "", None);
+    let hmc = |line: &str| {
+        (
+            "human-monitor-command".to_owned(),
+            json!({ "command-line": line }),
+        )
+    };
+    assert_eq!(
+        commands(&j),
+        [
+            ("getfd".into(), json!({"fdname": "tap0"})),
+            hmc("netdev_add tap,id=n1,fd=tap0"),
+            hmc("device_add virtio-net-pci,netdev=n1,id=nic1"),
+            ("set_link".into(), json!({"name": "nic1", "up": false})),
+            hmc("object_add {\"qom-type\":\"iothread\",\"id\":\"io1\"}"),
+            hmc("chardev-add null,id=c1"),
+            hmc("drive_add 0 if=none,id=dr1,file=/dev/null,format=raw"),
+            hmc("drive_add -n 0 node-name=nn1,driver=null-co"),
+            ("getfd".into(), json!({"fdname": "spare"})),
+        ]
+    );
+    assert_eq!(j.entries()[0].fds.len(), 1);
+    assert_eq!(j.entries()[0].monitor, 1);
+    hmp(&mut j, "closefd spare", "", None);
+    hmp(&mut j, "drive_del dr1", "", None);
+    hmp(&mut j, "drive_del nn1", "", None);
+    hmp(&mut j, "chardev-remove c1", "", None);
+    hmp(&mut j, "object_del io1", "", None);
+    hmp(&mut j, "device_del \"nic1\"", "", None);
+    assert_eq!(names(&j)[3..], ["set_link", "device_del"]);
+    j.event(&deleted("nic1", 5));
+    hmp(&mut j, "netdev_del n1", "", None);
+    assert!(j.is_empty(), "{:?}", commands(&j));
+}
+
+#[test]
+fn set_link_keeps_the_latest_per_device() {
+    let mut j = Journal::default();
+    ok(&mut j, "set_link", json!({"name": "net0", "up": false}));
+    ok(&mut j, "set_link", json!({"name": "net1", "up": false}));
+    ok(&mut j, "set_link", json!({"name": "net0", "up": true}));
+    assert_eq!(
+        commands(&j),
+        [
+            ("set_link".into(), json!({"name": "net1", "up": false})),
+            ("set_link".into(), json!({"name": "net0", "up": true})),
+        ]
+    );
+}
+
+#[test]
+fn a_getfd_fd_is_kept_while_its_netdev_exists() {
+    let mut j = Journal::default();
+    let (mut r, w) = pipe();
+    let ino = nix::sys::stat::fstat(w.as_raw_fd()).unwrap().st_ino;
+    let cmd = Command::qmp("getfd", json!({"fdname": "fd-net1"}));
+    assert!(cmd.takes_fd());
+    j.record(0, cmd, Outcome::Return(json!({})), Some(w));
+    let args = json!({"type": "tap", "id": "net1", "fd": "fd-net1"});
+    ok(&mut j, "netdev_add", args);
+    // The same name on another monitor is another fd.
+    j.record(
+        1,
+        Command::qmp("closefd", json!({"fdname": "fd-net1"})),
+        Outcome::Return(json!({})),
+        None,
+    );
+    assert_eq!(names(&j), ["getfd", "netdev_add"]);
+    let kept = &j.entries()[0].fds[0];
+    assert_eq!(nix::sys::stat::fstat(kept.as_raw_fd()).unwrap().st_ino, ino);
+    assert!(!closed(&mut r));
+    ok(&mut j, "netdev_del", json!({"id": "net1"}));
+    assert!(j.is_empty());
+    assert!(closed(&mut r));
+}
+
+#[test]
+fn a_getfd_fd_used_by_something_unjournaled_or_closed_is_dropped() {
+    let mut j = Journal::default();
+    let (mut r, w) = pipe();
+    j.record(
+        0,
+        Command::qmp("getfd", json!({"fdname": "migrate"})),
+        Outcome::Return(json!({})),
+        Some(w),
+    );
+    ok(&mut j, "query-status", json!({}));
+    assert_eq!(names(&j), ["getfd"]);
+    ok(&mut j, "migrate", json!({"uri": "fd:migrate"}));
+    assert!(j.is_empty());
+    // libvirt's `virsh save` reads the other end until EOF.
+    assert!(closed(&mut r));
+    let (mut r, w) = pipe();
+    j.record(
+        0,
+        Command::qmp("getfd", json!({"fdname": "x"})),
+        Outcome::Return(json!({})),
+        Some(w),
+    );
+    let (_r2, w2) = pipe();
+    j.record(
+        0,
+        Command::qmp("getfd", json!({"fdname": "x"})),
+        Outcome::Return(json!({})),
+        Some(w2),
+    );
+    assert_eq!(names(&j), ["getfd"]);
+    assert!(closed(&mut r), "a name given again replaces its fd");
+    ok(&mut j, "closefd", json!({"fdname": "x"}));
+    assert!(j.is_empty());
+}
+
+#[test]
+fn add_fd_names_its_set_and_remove_fd_takes_it_out() {
+    let mut j = Journal::default();
+    let (_r, w) = pipe();
+    let cmd = Command::qmp("add-fd", json!({"opaque": "log"}));
+    assert!(cmd.takes_fd());
+    j.record(
+        0,
+        cmd,
+        Outcome::Return(json!({"fdset-id": 3, "fd": 25})),
+        Some(w),
+    );
+    assert_eq!(
+        commands(&j),
+        [("add-fd".into(), json!({"opaque": "log", "fdset-id": 3}))]
+    );
+    assert_eq!(j.entries()[0].fds.len(), 1);
+    ok(&mut j, "remove-fd", json!({"fdset-id": 3, "fd": 26}));
+    assert_eq!(
+        names(&j),
+        ["add-fd", "remove-fd"],
+        "not this fd: the command line's"
+    );
+    ok(&mut j, "remove-fd", json!({"fdset-id": 3, "fd": 25}));
+    assert_eq!(names(&j), ["remove-fd"]);
+}
+
+#[test]
+fn an_fd_set_in_use_stays_until_its_user_goes() {
+    let mut j = Journal::default();
+    let (mut r, w) = pipe();
+    j.record(
+        0,
+        Command::qmp("add-fd", json!({"fdset-id": 1})),
+        Outcome::Return(json!({"fdset-id": 1, "fd": 30})),
+        Some(w),
+    );
+    let file = json!({"driver": "file", "filename": "/dev/fdset/1", "node-name": "f1"});
+    ok(&mut j, "blockdev-add", file);
+    ok(
+        &mut j,
+        "blockdev-add",
+        json!({"driver": "raw", "file": "f1", "node-name": "fmt1"}),
+    );
+    ok(&mut j, "remove-fd", json!({"fdset-id": 1}));
+    assert_eq!(
+        names(&j),
+        ["add-fd", "blockdev-add", "blockdev-add", "remove-fd"]
+    );
+    ok(&mut j, "blockdev-del", json!({"node-name": "fmt1"}));
+    assert!(!closed(&mut r));
+    ok(&mut j, "blockdev-del", json!({"node-name": "f1"}));
+    assert!(j.is_empty(), "{:?}", commands(&j));
+    assert!(closed(&mut r));
+    // Not removed by the client: the fd stays in its set after its user goes.
+    let (_r, w) = pipe();
+    j.record(
+        0,
+        Command::qmp("add-fd", json!({})),
+        Outcome::Return(json!({"fdset-id": 0, "fd": 31})),
+        Some(w),
+    );
+    ok(
+        &mut j,
+        "blockdev-add",
+        json!({"driver": "file", "filename": "/dev/fdset/0", "node-name": "f0"}),
+    );
+    ok(&mut j, "blockdev-del", json!({"node-name": "f0"}));
+    assert_eq!(names(&j), ["add-fd"]);
+    ok(&mut j, "remove-fd", json!({"fdset-id": 0}));
+    assert!(j.is_empty());
+}
+
+#[test]
+fn replayed_hmp_text_is_judged_like_the_original() {
+    let mut j = Journal::default();
+    let hmc = |line: &str| json!({ "command-line": line });
+    qmp(
+        &mut j,
+        "human-monitor-command",
+        hmc("drive_add 0 if=none,id=d"),
+        json!("OK\r\n"),
+    );
+    ok(&mut j, "netdev_add", json!({"type": "user", "id": "n"}));
+    let e = j.entries();
+    assert!(e[0].succeeded(&json!("OK\r\n")));
+    assert!(!e[0].succeeded(&json!("Could not open 'x'\r\n")));
+    assert!(e[1].succeeded(&json!({})));
+}
+
+#[test]
+fn options_are_read_as_qemu_reads_them() {
+    assert_eq!(
+        option("virtio-blk,id=a,,b,serial=x", "id").as_deref(),
+        Some("a,b")
+    );
+    assert_eq!(option("driver=x,serial=id=y", "id"), None);
+    assert_eq!(hmp_args(r#" "a b\"c"  d "#), ["a b\"c", "d"]);
+    assert!(Command::hmp(" \r").is_none());
+    let cmd = Command::qmp(
+        "netdev_add",
+        json!({"type": "tap", "id": "n", "fds": "a:b"}),
+    );
+    assert!(cmd.mentions("b") && !cmd.mentions("n2"));
+    let cmd = Command::qmp(
+        "blockdev-add",
+        json!({"filename": "/dev/fdset/12", "node-name": "x"}),
+    );
+    assert!(cmd.mentions_fdset(12) && !cmd.mentions_fdset(1));
+}
