@@ -250,16 +250,9 @@ impl Supervisor {
             binary,
             &GenArgs::default(),
         );
-        let current = match first.and_then(|g| {
-            proxy
-                .activate_first(poll.registry(), 1)
-                .map_err(GenerationError::Socket)?;
-            Ok(g)
-        }) {
-            Ok(g) => g,
-            // The daemon's foreground exits 1 once the caller has printed this error.
-            Err(e) => return Err(e.into()),
-        };
+        // On failure the daemon's foreground exits 1 once the caller has printed the error.
+        let current = first?;
+        proxy.activate_first(poll.registry(), 1).map_err(GenerationError::Socket)?;
         let mut sup = Supervisor {
             poll,
             events: Events::with_capacity(64),
