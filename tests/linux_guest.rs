@@ -237,7 +237,7 @@ fn linux_guest_across_an_upgrade_to_10_0_2() {
         ping.transmitted,
         ping.received,
         lost.len(),
-        when.join(", "),
+        if when.is_empty() { "none".to_owned() } else { when.join(", ") },
         ping.duplicates
     );
 

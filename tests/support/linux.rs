@@ -46,7 +46,8 @@ pub const SECTOR: usize = 512;
 /// Kernel and initramfs of the Linux test guest.
 #[derive(Clone, Debug)]
 pub struct LinuxGuest {
-    /// `vmlinuz`, for `-kernel`.
+    /// For `-kernel`: the uncompressed ELF `vmlinux`, which QEMU enters through its PVH note
+    /// (the guest does not decompress itself under TCG), or a bzImage `vmlinuz`.
     pub kernel: PathBuf,
     /// `initrd.gz`, for `-initrd`.
     pub initrd: PathBuf,
