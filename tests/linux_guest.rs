@@ -264,6 +264,16 @@ fn linux_guest_across_an_upgrade_to_10_0_2() {
     wait_disk_acked(&vm.vm, acked_at_upgrade + 10);
     let stats = stat_counters(&vm.vm.stdout_text());
     assert!(stats.len() >= 2, "too few STAT lines: {stats:?}");
+    // Not asserted yet: a complete console line sequence across upgrades is the aim.
+    let gaps: Vec<(u64, u64)> = stats
+        .windows(2)
+        .filter(|p| p[1] != p[0] + 1)
+        .map(|p| (p[0], p[1]))
+        .collect();
+    eprintln!(
+        "linux guest: {} STAT lines on the serial console, breaks in their numbering: {gaps:?}",
+        stats.len()
+    );
     let acked = kill_and_last_ack(&mut vm.vm);
     verify_disk(&guest.disk(), acked);
     assert!(failures(&vm.vm.stdout_text()).is_empty());
