@@ -43,45 +43,42 @@ enum Got {
     End,
 }
 
+thread_local! {
+    /// Where reads land before they are appended to a connection's buffer: zeroed once, so a
+    /// read costs a copy of what arrived rather than a 64 KiB clear of the buffer's tail.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; CHUNK]);
+}
+
 /// Reads what is there into `buf`; with `fds`, also the fds passed along.
 fn read_chunk(
     stream: &mut UnixStream,
     buf: &mut Vec<u8>,
     mut fds: Option<&mut Vec<OwnedFd>>,
 ) -> Got {
-    let len = buf.len();
-    buf.resize(len + CHUNK, 0);
-    let got = loop {
-        let got = match fds.as_deref_mut() {
-            Some(fds) => recv_fds(stream.as_fd(), &mut buf[len..]).map(|(n, got)| {
-                fds.extend(got);
-                n
-            }),
-            None => stream.read(&mut buf[len..]),
+    SCRATCH.with_borrow_mut(|scratch| {
+        let got = loop {
+            let got = match fds.as_deref_mut() {
+                Some(fds) => recv_fds(stream.as_fd(), scratch).map(|(n, got)| {
+                    fds.extend(got);
+                    n
+                }),
+                None => stream.read(scratch),
+            };
+            match got {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r,
+            }
         };
         match got {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => break r,
-        }
-    };
-    match got {
-        Ok(n) => {
-            buf.truncate(len + n);
-            if n == 0 {
-                Got::End
-            } else {
+            Ok(0) => Got::End,
+            Ok(n) => {
+                buf.extend_from_slice(&scratch[..n]);
                 Got::Data
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Got::Blocked,
+            Err(_) => Got::End,
         }
-        Err(e) => {
-            buf.truncate(len);
-            if e.kind() == io::ErrorKind::WouldBlock {
-                Got::Blocked
-            } else {
-                Got::End
-            }
-        }
-    }
+    })
 }
 
 /// Writes the front of `buf` until the socket would block. `Err` when the peer is gone.
