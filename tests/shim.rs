@@ -1109,11 +1109,24 @@ fn plan_for_a_script_lists_its_socket_and_memory() {
     assert_eq!(argv[0], QEMU_NAME);
     assert!(!argv.iter().any(|a| a.contains("/tmp/q.sock")), "{argv:?}");
     assert!(has_generation_socket(&argv, fd), "{argv:?}");
+    // The tap named tap0 is opened by the launcher and reaches QEMU by fd.
+    let taps = p["taps_opened_by_launcher"].as_array().expect("taps");
+    assert_eq!(taps.len(), 1, "{taps:?}");
+    assert_eq!(taps[0]["ifname"], "tap0");
+    let tap_fd = taps[0]["fds"][0].as_i64().expect("tap fd");
+    let tap_word = format!("tap,id=n0,fd={tap_fd}");
     // Every other word of the user's, in the user's order.
     let mut rest = argv[1..].iter();
     for word in args
         .iter()
         .filter(|a| !a.starts_with("-qmp") && !a.contains("q.sock"))
+        .map(|a| {
+            if a.starts_with("tap,") {
+                tap_word.as_str()
+            } else {
+                *a
+            }
+        })
     {
         assert!(
             rest.any(|a| a == word),
@@ -1122,8 +1135,8 @@ fn plan_for_a_script_lists_its_socket_and_memory() {
     }
     let private_fd = planned_private_monitor(&p);
     let ram_fd = memfds[0]["fd"].as_i64().unwrap();
-    let mut ours = vec![ram_fd, private_fd, fd];
+    let mut ours = vec![ram_fd, private_fd, fd, tap_fd];
     ours.sort_unstable();
     ours.dedup();
-    assert_eq!(ours.len(), 3, "launcher fds not distinct");
+    assert_eq!(ours.len(), 4, "launcher fds not distinct");
 }

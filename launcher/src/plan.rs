@@ -33,6 +33,8 @@ pub struct Plan {
     pub unshared: Option<String>,
     /// Socket servers the launcher serves itself: where clients connect, and what it carries.
     pub served: Vec<(String, String)>,
+    /// Taps the launcher opens by name: interface name and queue count.
+    pub taps: Vec<(String, usize)>,
     /// Whether the launcher daemonizes itself.
     pub daemonize: bool,
     /// The pidfile the launcher writes with its own pid.
@@ -57,6 +59,11 @@ impl Plan {
                 .map(|r| (r.id.clone(), r.size, r.hugetlb))
                 .collect(),
             unshared: base.unshared,
+            taps: base
+                .taps
+                .iter()
+                .map(|t| (t.ifname.clone(), t.queues))
+                .collect(),
             served: base
                 .proxied
                 .iter()
@@ -91,11 +98,26 @@ impl Plan {
                     "id": id, "size": size, "hugetlb": huge, "fd": fd,
                 })).collect::<Vec<_>>(),
             },
+            "taps_opened_by_launcher": self.taps_json(),
             "served_by_launcher": self.served.iter().zip(&self.layout.monitors).map(|((at, mode), fd)| json!({
                 "listen": at, "mode": mode, "generation_fd": fd,
             })).collect::<Vec<_>>(),
             "resources": self.resources.to_json(),
         })
+    }
+
+    /// Each tap the launcher opens, with the fd numbers its queues get in every generation.
+    fn taps_json(&self) -> Value {
+        let mut numbers = self.layout.taps.iter();
+        let taps: Vec<Value> = self
+            .taps
+            .iter()
+            .map(|(ifname, queues)| {
+                let fds: Vec<_> = numbers.by_ref().take(*queues).collect();
+                json!({ "ifname": ifname, "fds": fds })
+            })
+            .collect();
+        Value::Array(taps)
     }
 
     /// The plan as text, for people.
@@ -161,6 +183,14 @@ impl Plan {
             writeln!(
                 out,
                 "served by the launcher: {at} ({mode}), each generation listens on fd {fd}"
+            )
+            .ok();
+        }
+        for tap in self.taps_json().as_array().into_iter().flatten() {
+            writeln!(
+                out,
+                "tap opened by the launcher: {} at fds {}",
+                tap["ifname"], tap["fds"]
             )
             .ok();
         }
