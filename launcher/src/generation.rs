@@ -17,6 +17,7 @@ use crate::child::{self, ChildError, InheritedSignals};
 use crate::cmdline::CmdLine;
 use crate::memfd::{self, Region, Unshareable};
 use crate::monitors::{self, ListenOn, Proxied};
+use crate::ptys::{self, KeptPty};
 use crate::qmp::Qmp;
 use crate::resolve::Binary;
 use crate::resources::{resources, Resources};
@@ -50,19 +51,22 @@ pub struct Layout {
     pub monitors: Vec<RawFd>,
     /// Where each generation finds the queues of the taps the launcher opened by name.
     pub taps: Vec<RawFd>,
+    /// Where each generation finds its socket in place of each pty the launcher holds.
+    pub ptys: Vec<RawFd>,
 }
 
 impl Layout {
-    /// Chooses the layout for a command line with `ram_regions` launcher-owned RAM regions and
-    /// `proxied` monitors. `is_open` says whether an fd was inherited open; fds named on the
-    /// command line but not open are not kept (QEMU reports them), listening fds the launcher
-    /// serves itself are not passed on, and no launcher fd is ever placed at a number the
-    /// command line names.
+    /// Chooses the layout for a command line with `ram_regions` launcher-owned RAM regions,
+    /// `proxied` monitors, `tap_queues` tap fds and `ptys` kept ptys. `is_open` says whether an
+    /// fd was inherited open; fds named on the command line but not open are not kept (QEMU
+    /// reports them), listening fds the launcher serves itself are not passed on, and no
+    /// launcher fd is ever placed at a number the command line names.
     pub fn new(
         resources: &Resources,
         ram_regions: usize,
         proxied: &[Proxied],
         tap_queues: usize,
+        ptys: usize,
         is_open: impl Fn(RawFd) -> bool,
     ) -> Layout {
         let mut named: Vec<RawFd> = resources.fds.iter().map(|f| f.fd).collect();
@@ -73,6 +77,7 @@ impl Layout {
         let ram = free.by_ref().take(ram_regions).collect();
         let monitors = free.by_ref().take(proxied.len()).collect();
         let taps = free.by_ref().take(tap_queues).collect();
+        let ptys = free.by_ref().take(ptys).collect();
         let served: Vec<RawFd> = proxied
             .iter()
             .filter_map(|p| match p.listen {
@@ -90,6 +95,7 @@ impl Layout {
             ram,
             monitors,
             taps,
+            ptys,
         }
     }
 }
@@ -110,6 +116,8 @@ pub struct Base {
     pub proxied: Vec<Proxied>,
     /// The taps the launcher opens by name, in layout order.
     pub taps: Vec<NamedTap>,
+    /// The ptys the launcher holds, in layout order.
+    pub ptys: Vec<KeptPty>,
 }
 
 impl Base {
@@ -122,9 +130,18 @@ impl Base {
         let proxied = monitors::find(user);
         let taps = taps::find(user);
         let queues = taps.iter().map(|t| t.queues).sum();
-        let layout = Layout::new(&resources(user), regions.len(), &proxied, queues, is_open);
+        let kept = ptys::find(user);
+        let layout = Layout::new(
+            &resources(user),
+            regions.len(),
+            &proxied,
+            queues,
+            kept.len(),
+            is_open,
+        );
         let cmd = memfd::rewrite(user, &regions, &layout.ram);
         let cmd = taps::rewrite(&cmd, &taps, &layout.taps);
+        let cmd = ptys::rewrite(&cmd, &kept, &layout.ptys);
         Base {
             cmd,
             layout,
@@ -132,6 +149,7 @@ impl Base {
             unshared,
             proxied,
             taps,
+            ptys: kept,
         }
     }
 

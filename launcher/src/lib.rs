@@ -16,6 +16,7 @@
 //! - [`generation`]: the argv and fds one QEMU generation gets.
 //! - [`memfd`]: guest RAM the launcher owns and every generation maps.
 //! - [`monitors`], [`proxy`]: monitor and chardev sockets the launcher serves across generations.
+//! - [`ptys`]: ptys the launcher holds and relays, so that their path outlives each QEMU.
 //! - [`supervisor`]: the event loop: signals, reaping, exit-status mirroring.
 //! - [`daemonize`]: `-daemonize` and `-pidfile` done by the launcher itself.
 //! - [`upgrade`]: the live upgrade, step by step; [`threads`]: vCPU placement carried over.
@@ -32,6 +33,7 @@ pub mod memfd;
 pub mod monitors;
 pub mod plan;
 pub mod proxy;
+pub mod ptys;
 pub mod qmp;
 pub mod relay;
 pub mod resolve;

@@ -31,6 +31,7 @@ use crate::generation::{
 };
 use crate::monitors::ListenOn;
 use crate::proxy::{Listen, Proxy};
+use crate::ptys::{OpenPty, PtyRelay};
 use crate::qmp::{self, QmpError};
 use crate::relay::{self, Relay};
 use crate::resolve::Binary;
@@ -110,6 +111,8 @@ pub(crate) enum Token {
     Monitor(u32),
     /// A generation's tap guard, by generation number.
     TapGuard(u32),
+    /// A kept pty's master or generation sockets, by pty.
+    Pty(usize),
 }
 
 impl Token {
@@ -117,6 +120,7 @@ impl Token {
     const CONTROL_CLIENT_BASE: usize = 1 << 16;
     const MONITOR_BASE: usize = 1 << 20;
     const TAP_GUARD_BASE: usize = 1 << 22;
+    const PTY_BASE: usize = 1 << 23;
     /// Tokens from here up belong to the proxy.
     const PROXY_BASE: usize = 1 << 24;
 
@@ -128,6 +132,7 @@ impl Token {
             Token::ControlClient(i) => Self::CONTROL_CLIENT_BASE + i,
             Token::Monitor(n) => Self::MONITOR_BASE + n as usize,
             Token::TapGuard(n) => Self::TAP_GUARD_BASE + n as usize,
+            Token::Pty(i) => Self::PTY_BASE + i,
         })
     }
 
@@ -138,7 +143,8 @@ impl Token {
             i if i < Self::CONTROL_CLIENT_BASE => Token::Relay(i - Self::RELAY_BASE),
             i if i < Self::MONITOR_BASE => Token::ControlClient(i - Self::CONTROL_CLIENT_BASE),
             n if n < Self::TAP_GUARD_BASE => Token::Monitor((n - Self::MONITOR_BASE) as u32),
-            n => Token::TapGuard((n - Self::TAP_GUARD_BASE) as u32),
+            n if n < Self::PTY_BASE => Token::TapGuard((n - Self::TAP_GUARD_BASE) as u32),
+            i => Token::Pty(i - Self::PTY_BASE),
         }
     }
 }
@@ -154,6 +160,8 @@ pub struct Config {
     pub ram: Vec<OwnedFd>,
     /// The taps the launcher opened by name, in layout order.
     pub taps: Vec<crate::taps::OpenTap>,
+    /// The ptys the launcher opened, in layout order; the supervisor relays them.
+    pub ptys: Vec<OpenPty>,
     /// The real QEMU for the first generation.
     pub binary: Binary,
     /// The signal state to give every QEMU.
@@ -201,11 +209,13 @@ pub struct Supervisor {
     retired: Vec<Pid>,
     /// The monitor and chardev sockets served across generations.
     pub(crate) proxy: Proxy,
+    /// The ptys held across generations.
+    ptys: PtyRelay,
 }
 
 impl Supervisor {
     /// Starts the first generation and the loop around it.
-    pub fn start(config: Config) -> Result<Supervisor, SupervisorError> {
+    pub fn start(mut config: Config) -> Result<Supervisor, SupervisorError> {
         let poll = Poll::new().map_err(SupervisorError::Poll)?;
         let mut watched = vec![SIGCHLD, SIGUSR2];
         watched.extend(FORWARDED);
@@ -240,10 +250,17 @@ impl Supervisor {
                 .add(poll.registry(), listen, p.mode)
                 .map_err(|source| SupervisorError::Listen { what, source })?;
         }
+        let opened = std::mem::take(&mut config.ptys);
+        let mut ptys = PtyRelay::new(poll.registry(), opened, |i| Token::Pty(i).to_mio())
+            .map_err(SupervisorError::Poll)?;
         let binary = config.binary.clone();
+        let sockets = Sockets {
+            proxy: &mut proxy,
+            ptys: &mut ptys,
+        };
         let first = spawn_registered(
             poll.registry(),
-            &mut proxy,
+            sockets,
             &config,
             child_stdio(&null, &child_out),
             1,
@@ -252,7 +269,9 @@ impl Supervisor {
         );
         // On failure the daemon's foreground exits 1 once the caller has printed the error.
         let current = first?;
-        proxy.activate_first(poll.registry(), 1).map_err(GenerationError::Socket)?;
+        proxy
+            .activate_first(poll.registry(), 1)
+            .map_err(GenerationError::Socket)?;
         let mut sup = Supervisor {
             poll,
             events: Events::with_capacity(64),
@@ -276,6 +295,7 @@ impl Supervisor {
             exit: None,
             retired: Vec::new(),
             proxy,
+            ptys,
             config,
         };
         match Control::bind(&control::run_dir(), std::process::id()) {
@@ -315,9 +335,13 @@ impl Supervisor {
         let (r, w) = relay::pipe().map_err(|e| GenerationError::Socket(e.into()))?;
         let mut stdio = child_stdio(&self.null, &self.child_out);
         stdio.fds[2] = Some(w.as_fd());
+        let sockets = Sockets {
+            proxy: &mut self.proxy,
+            ptys: &mut self.ptys,
+        };
         let gen = spawn_registered(
             self.poll.registry(),
-            &mut self.proxy,
+            sockets,
             &self.config,
             stdio,
             number,
@@ -380,6 +404,7 @@ impl Supervisor {
                 // QEMU's last words (its SHUTDOWN event) reach monitor clients before they see
                 // EOF: libvirt treats EOF without SHUTDOWN as a crash.
                 self.proxy.flush(Instant::now() + Duration::from_secs(1));
+                self.ptys.flush(Instant::now() + Duration::from_secs(1));
                 // The taps opened by name go now, with their down scripts, as QEMU's would.
                 self.config
                     .taps
@@ -535,6 +560,8 @@ impl Supervisor {
 
     /// Kills the incoming generation and waits until it is reaped.
     pub(crate) fn kill_incoming(&mut self) {
+        // Even when the new QEMU never started: its pty sockets may have been made.
+        self.ptys.abort(self.poll.registry());
         let Some(gen) = self.incoming.as_ref() else {
             return;
         };
@@ -556,6 +583,7 @@ impl Supervisor {
     /// from here on its exit no longer ends the VM.
     pub(crate) fn promote_incoming(&mut self) -> Generation {
         let new = self.incoming.take().expect("no incoming generation");
+        self.ptys.commit(self.poll.registry(), new.number);
         let old = std::mem::replace(&mut self.current, new);
         let fd = old.qmp.raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
@@ -584,6 +612,7 @@ impl Supervisor {
                 Token::Relay(i) => self.on_relay(i),
                 Token::Monitor(n) => self.on_monitor(n),
                 Token::TapGuard(n) => self.on_tap_guard(n),
+                Token::Pty(i) => self.ptys.handle(i),
                 Token::Control => self.on_control(),
                 Token::ControlClient(i) => self.on_control_client(i),
             }
@@ -698,10 +727,17 @@ fn child_stdio<'a>(null: &'a std::fs::File, child_out: &'a [OwnedFd]) -> Stdio<'
     }
 }
 
+/// What makes each generation's own sockets: listening ones for the proxy, connected ones for
+/// the ptys.
+struct Sockets<'a> {
+    proxy: &'a mut Proxy,
+    ptys: &'a mut PtyRelay,
+}
+
 /// Starts a generation with the layout's fds and registers its private monitor.
 fn spawn_registered(
     registry: &mio::Registry,
-    proxy: &mut Proxy,
+    sockets: Sockets<'_>,
     config: &Config,
     stdio: Stdio<'_>,
     number: u32,
@@ -710,8 +746,13 @@ fn spawn_registered(
 ) -> Result<Generation, GenerationError> {
     let cmd = generation_cmdline(&config.base, args);
     let layout = &config.base.layout;
-    let backends = proxy
+    let backends = sockets
+        .proxy
         .backends_for(number)
+        .map_err(GenerationError::Socket)?;
+    let pty_ends = sockets
+        .ptys
+        .ends_for(registry, number)
         .map_err(GenerationError::Socket)?;
     let place = config
         .ram
@@ -730,6 +771,12 @@ fn spawn_registered(
                 .iter()
                 .flat_map(|t| t.fds.iter().map(|fd| fd.as_fd()))
                 .zip(layout.taps.iter().copied()),
+        )
+        .chain(
+            pty_ends
+                .iter()
+                .map(|fd| fd.as_fd())
+                .zip(layout.ptys.iter().copied()),
         );
     // Every generation but the first starts while another runs the guest on the same taps.
     let filter = crate::tapguard::program();

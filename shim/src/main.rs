@@ -6,6 +6,7 @@
 //! QEMU ends.
 
 use std::ffi::{CString, OsString};
+use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
@@ -104,11 +105,31 @@ fn launch(
             }
         }
     }
+    // Ptys too, each announced on stdout as QEMU announces the one it opens.
+    let mut ptys = Vec::new();
+    for pty in &base.ptys {
+        match launcher::ptys::open(pty) {
+            Ok(p) => ptys.push(p),
+            Err(e) => {
+                taps.into_iter().for_each(launcher::taps::OpenTap::close);
+                return Err(error_chain(&e));
+            }
+        }
+    }
+    // As QEMU's printf does, a stdout that cannot be written is no reason to stop.
+    let mut stdout = std::io::stdout().lock();
+    for pty in &ptys {
+        let _ = writeln!(stdout, "{}", pty.announcement());
+    }
+    let _ = stdout.flush();
+    drop(stdout);
+    launcher::ptys::publish(&ptys);
     let config = Config {
         argv0: argv0.clone(),
         base,
         ram,
         taps,
+        ptys,
         binary,
         signals,
         daemon,
