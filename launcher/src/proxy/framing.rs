@@ -250,6 +250,27 @@ pub(super) enum Seen {
     Event(Value),
 }
 
+/// What becomes of one message from QEMU.
+#[derive(Debug)]
+enum Verdict {
+    /// It goes to the client as QEMU wrote it.
+    Pass,
+    /// It is hidden, with its line end.
+    Drop,
+    /// These bytes go in its place.
+    Replace(Vec<u8>),
+}
+
+impl Verdict {
+    fn keep(keep: bool) -> Verdict {
+        if keep {
+            Verdict::Pass
+        } else {
+            Verdict::Drop
+        }
+    }
+}
+
 /// Splits QEMU's output into messages, drops those the swap hides, reports answers.
 #[derive(Debug)]
 pub(super) struct Outbound {
@@ -388,11 +409,13 @@ impl Outbound {
                     at += n;
                 }
                 Piece::Value(n) => {
-                    let keep = self.judge(&rx[at..at + n], answers);
-                    if keep {
-                        out.extend_from_slice(&rx[at..at + n]);
+                    let verdict = self.judge(&rx[at..at + n], answers);
+                    match &verdict {
+                        Verdict::Pass => out.extend_from_slice(&rx[at..at + n]),
+                        Verdict::Replace(bytes) => out.extend_from_slice(bytes),
+                        Verdict::Drop => {}
                     }
-                    self.trailer = Some(!keep);
+                    self.trailer = Some(matches!(verdict, Verdict::Drop));
                     at += n;
                 }
             }
@@ -400,15 +423,17 @@ impl Outbound {
         rx.drain(..at);
     }
 
-    /// Whether one message from QEMU goes to the client. Only the envelope is looked at.
-    fn judge(&mut self, bytes: &[u8], answers: &mut Vec<Seen>) -> bool {
+    /// Whether one message from QEMU goes to the client, and as what. Only the envelope is
+    /// looked at, but for the one reply rewritten: `query-chardev`'s, whose ptys the launcher
+    /// holds ([`crate::ptys`]) while QEMU reports the socket it was given in their place.
+    fn judge(&mut self, bytes: &[u8], answers: &mut Vec<Seen>) -> Verdict {
         let Ok(Value::Object(mut msg)) = serde_json::from_slice::<Value>(bytes) else {
-            return true;
+            return Verdict::Pass;
         };
         if msg.contains_key("QMP") {
             let keep = self.greeting != Greeting::Drop;
             self.greeting = Greeting::Done;
-            return keep;
+            return Verdict::keep(keep);
         }
         if msg.contains_key("return") || msg.contains_key("error") {
             if self.swallow {
@@ -417,7 +442,15 @@ impl Outbound {
                     None => Ok(()),
                     Some(e) => Err(e.get("desc").and_then(Value::as_str).unwrap_or("").into()),
                 });
-                return false;
+                return Verdict::Drop;
+            }
+            let mut verdict = Verdict::Pass;
+            if let Some(ret) = msg.get("return").and_then(crate::ptys::chardev_info_reply) {
+                let mut reply = msg.clone();
+                reply.insert("return".into(), ret);
+                if let Ok(bytes) = serde_json::to_vec(&reply) {
+                    verdict = Verdict::Replace(bytes);
+                }
             }
             let id = msg.remove("id");
             let outcome = match msg.remove("return") {
@@ -425,16 +458,16 @@ impl Outbound {
                 None => Outcome::Error,
             };
             answers.push(Seen::Answer { id, outcome });
-            return true;
+            return verdict;
         }
         let Some(name) = msg.get("event").and_then(Value::as_str) else {
-            return true;
+            return Verdict::Pass;
         };
         let keep = self.keep_event(name);
         if name == "DEVICE_DELETED" {
             answers.push(Seen::Event(Value::Object(msg)));
         }
-        keep
+        Verdict::keep(keep)
     }
 
     fn keep_event(&mut self, name: &str) -> bool {
@@ -567,6 +600,29 @@ mod tests {
             "{seen:?}"
         );
         assert_eq!(out, b"info x\x1b[K\r\nok\r\n(qemu) ");
+    }
+
+    #[test]
+    fn query_chardev_replies_report_the_kept_pty() {
+        crate::ptys::publish_filenames(vec![("serial0".into(), "pty:/dev/pts/7".into())]);
+        let mut o = Outbound::new(Mode::Qmp, Greeting::Done, Filter::Live);
+        let reply = br#"{"return": [{"frontend-open": true, "filename": "unix:", "label": "serial0"}, {"frontend-open": false, "filename": "null", "label": "n0"}], "id": 3}"#;
+        let mut rx = reply.to_vec();
+        rx.extend_from_slice(b"\r\n{\"return\": [{\"label\": \"serial0\"}]}\r\n");
+        let mut out = Vec::new();
+        let seen = o.process(&mut rx, &mut out);
+        assert_eq!(seen.len(), 2);
+        let text = String::from_utf8(out).unwrap();
+        let mut lines = text.split("\r\n");
+        let first: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        assert_eq!(
+            first,
+            serde_json::json!({"return": [
+                {"frontend-open": true, "filename": "pty:/dev/pts/7", "label": "serial0"},
+                {"frontend-open": false, "filename": "null", "label": "n0"}], "id": 3})
+        );
+        // Another shape is another command's reply: untouched, byte for byte.
+        assert_eq!(lines.next(), Some(r#"{"return": [{"label": "serial0"}]}"#));
     }
 
     #[test]
