@@ -35,6 +35,8 @@ pub struct Plan {
     pub served: Vec<(String, String)>,
     /// Taps the launcher opens by name: interface name and queue count.
     pub taps: Vec<(String, usize)>,
+    /// Labels of the ptys the launcher opens and relays.
+    pub ptys: Vec<String>,
     /// Whether the launcher daemonizes itself.
     pub daemonize: bool,
     /// The pidfile the launcher writes with its own pid.
@@ -64,6 +66,7 @@ impl Plan {
                 .iter()
                 .map(|t| (t.ifname.clone(), t.queues))
                 .collect(),
+            ptys: base.ptys.iter().map(|p| p.label.clone()).collect(),
             served: base
                 .proxied
                 .iter()
@@ -99,6 +102,9 @@ impl Plan {
                 })).collect::<Vec<_>>(),
             },
             "taps_opened_by_launcher": self.taps_json(),
+            "ptys_held_by_launcher": self.ptys.iter().zip(&self.layout.ptys).map(|(label, fd)| json!({
+                "label": label, "generation_fd": fd,
+            })).collect::<Vec<_>>(),
             "served_by_launcher": self.served.iter().zip(&self.layout.monitors).map(|((at, mode), fd)| json!({
                 "listen": at, "mode": mode, "generation_fd": fd,
             })).collect::<Vec<_>>(),
@@ -191,6 +197,13 @@ impl Plan {
                 out,
                 "tap opened by the launcher: {} at fds {}",
                 tap["ifname"], tap["fds"]
+            )
+            .ok();
+        }
+        for (label, fd) in self.ptys.iter().zip(&self.layout.ptys) {
+            writeln!(
+                out,
+                "pty held by the launcher: {label}, each generation gets a socket at fd {fd}"
             )
             .ok();
         }
@@ -334,6 +347,25 @@ mod tests {
         assert_eq!(plan.layout.monitors, vec![11]);
         // The monitor's listening fd 3 is served by the launcher, not passed on.
         assert_eq!(plan.layout.keep, vec![4, 5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn a_serial_pty_is_held_by_the_launcher() {
+        let cmd = CmdLine::parse(&args(&["-nodefaults", "-serial", "pty"])).unwrap();
+        let plan = Plan::new(OsStr::new("qemu-system-x86_64"), &cmd);
+        let fd = plan.layout.ptys[0];
+        assert_eq!(plan.ptys, ["serial0"]);
+        assert_eq!(
+            &plan.argv[1..4],
+            args(&["-nodefaults", "-serial", "chardev:serial0"])
+        );
+        let chardev = OsString::from(format!("socket,id=serial0,fd={fd}"));
+        assert!(plan.argv.contains(&chardev), "{:?}", plan.argv);
+        assert_eq!(
+            plan.to_json()["ptys_held_by_launcher"][0]["label"],
+            "serial0"
+        );
+        assert!(plan.to_text().contains("pty held by the launcher: serial0"));
     }
 
     #[test]
