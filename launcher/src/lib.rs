@@ -17,7 +17,8 @@
 //! - [`memfd`]: guest RAM the launcher owns and every generation maps.
 //! - [`monitors`], [`proxy`]: monitor and chardev sockets the launcher serves across generations.
 //! - [`ptys`]: ptys the launcher holds and relays, so that their path outlives each QEMU.
-//! - [`supervisor`]: the event loop: signals, reaping, exit-status mirroring.
+//! - [`supervisor`]: the event loop: signals, reaping, exit-status mirroring; [`spawn`]: a
+//!   generation started from it with every owner's fds.
 //! - [`daemonize`]: `-daemonize` and `-pidfile` done by the launcher itself.
 //! - [`upgrade`]: the live upgrade, step by step; [`threads`]: vCPU placement carried over.
 //! - [`control`]: the per-VM control socket behind `qemu-liveupgrade upgrade|status|list`.
@@ -38,6 +39,7 @@ pub mod qmp;
 pub mod relay;
 pub mod resolve;
 pub mod resources;
+pub mod spawn;
 pub mod supervisor;
 pub mod tapguard;
 pub mod taps;

@@ -26,15 +26,14 @@ use signal_hook_mio::v1_0::Signals;
 use crate::child::InheritedSignals;
 use crate::control::{self, Client, Control};
 use crate::daemonize::{Daemon, StartResult};
-use crate::generation::{
-    generation_cmdline, Base, Fds, GenArgs, Generation, GenerationError, Stdio,
-};
+use crate::generation::{Base, GenArgs, Generation, GenerationError};
 use crate::monitors::ListenOn;
 use crate::proxy::{Listen, Proxy};
 use crate::ptys::{OpenPty, PtyRelay};
 use crate::qmp::{self, QmpError};
 use crate::relay::{self, Relay};
 use crate::resolve::Binary;
+use crate::spawn::{child_stdio, spawn_registered, Sockets};
 
 /// Signals the launcher passes on to the running QEMU, as QEMU would have received them.
 pub const FORWARDED: [i32; 4] = [SIGTERM, SIGINT, SIGHUP, SIGQUIT];
@@ -715,102 +714,6 @@ impl Supervisor {
     pub(crate) fn is_retired_alive(&self, pid: Pid) -> bool {
         self.retired.contains(&pid)
     }
-}
-
-/// Where a generation's stdio goes: the launcher's own, or the relay pipes when daemonized.
-fn child_stdio<'a>(null: &'a std::fs::File, child_out: &'a [OwnedFd]) -> Stdio<'a> {
-    match child_out {
-        [out, err] => Stdio {
-            fds: [Some(null.as_fd()), Some(out.as_fd()), Some(err.as_fd())],
-        },
-        _ => Stdio::default(),
-    }
-}
-
-/// What makes each generation's own sockets: listening ones for the proxy, connected ones for
-/// the ptys.
-struct Sockets<'a> {
-    proxy: &'a mut Proxy,
-    ptys: &'a mut PtyRelay,
-}
-
-/// Starts a generation with the layout's fds and registers its private monitor.
-fn spawn_registered(
-    registry: &mio::Registry,
-    sockets: Sockets<'_>,
-    config: &Config,
-    stdio: Stdio<'_>,
-    number: u32,
-    binary: Binary,
-    args: &GenArgs,
-) -> Result<Generation, GenerationError> {
-    let cmd = generation_cmdline(&config.base, args);
-    let layout = &config.base.layout;
-    let backends = sockets
-        .proxy
-        .backends_for(number)
-        .map_err(GenerationError::Socket)?;
-    let pty_ends = sockets
-        .ptys
-        .ends_for(registry, number)
-        .map_err(GenerationError::Socket)?;
-    let place = config
-        .ram
-        .iter()
-        .map(|fd| fd.as_fd())
-        .zip(layout.ram.iter().copied())
-        .chain(
-            backends
-                .iter()
-                .map(|fd| fd.as_fd())
-                .zip(layout.monitors.iter().copied()),
-        )
-        .chain(
-            config
-                .taps
-                .iter()
-                .flat_map(|t| t.fds.iter().map(|fd| fd.as_fd()))
-                .zip(layout.taps.iter().copied()),
-        )
-        .chain(
-            pty_ends
-                .iter()
-                .map(|fd| fd.as_fd())
-                .zip(layout.ptys.iter().copied()),
-        );
-    // Every generation but the first starts while another runs the guest on the same taps.
-    let filter = crate::tapguard::program();
-    let guarded = number > 1
-        && !config.base.cmd.opts("netdev").any(|o| {
-            // qemu-bridge-helper is setuid, which the filter's no_new_privs would defeat.
-            o.parse_arg().and_then(|a| a.get("type")).as_deref() == Some("bridge")
-        });
-    let fds = Fds {
-        layout,
-        stdio,
-        place: place.collect(),
-        tap_guard: guarded.then_some(filter.as_slice()),
-    };
-    let gen = Generation::spawn(number, binary, &config.argv0, &cmd, &fds, &config.signals)?;
-    let fd = gen.qmp.raw_fd();
-    registry
-        .register(
-            &mut SourceFd(&fd),
-            Token::Monitor(number).to_mio(),
-            Interest::READABLE,
-        )
-        .map_err(GenerationError::Socket)?;
-    if let Some(guard) = &gen.tap_guard {
-        let fd = guard.raw_fd();
-        registry
-            .register(
-                &mut SourceFd(&fd),
-                Token::TapGuard(number).to_mio(),
-                Interest::READABLE,
-            )
-            .map_err(GenerationError::Socket)?;
-    }
-    Ok(gen)
 }
 
 /// Time left until `deadline`, or a timeout error naming `what`.
