@@ -1,0 +1,269 @@
+//! Upgrades timed from outside, and what the guest's network saw during each of them.
+//!
+//! An upgrade is requested over the VM's control socket, as `qemu-liveupgrade upgrade` does
+//! (the same request a SIGUSR2 makes), so that the launcher's progress lines arrive on the
+//! way and can be stamped: the swap itself, from the old QEMU stopping the guest to the new
+//! one running it, lies between the `migrating` and `quitting the old QEMU` steps. A ping
+//! lost there may have been in the old QEMU's hands; one lost anywhere else was lost by
+//! something the upgrade should not have done.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::echo::EchoLog;
+use super::ping::PingRequest;
+use super::unix_now;
+
+/// The progress step sent just before the stream is set up and `migrate` issued: the old
+/// QEMU still runs the guest then.
+pub const STEP_MIGRATING: &str = "migrating";
+/// The progress step sent once the new QEMU runs the guest.
+pub const STEP_QUITTING: &str = "quitting the old QEMU";
+
+/// One upgrade, with the unix time of each thing the launcher said about it.
+#[derive(Clone, Debug)]
+pub struct TimedUpgrade {
+    /// When the request was sent.
+    pub requested: f64,
+    /// The progress steps, each with when it arrived.
+    pub steps: Vec<(String, f64)>,
+    /// The report.
+    pub report: Value,
+    /// When the report arrived.
+    pub reported: f64,
+}
+
+impl TimedUpgrade {
+    /// Requests an upgrade of the VM whose launcher has `pid`, on its control socket in
+    /// `rundir`, and reads progress and the report, for at most `timeout`.
+    pub fn request(rundir: &Path, pid: i32, timeout: Duration) -> TimedUpgrade {
+        let path = rundir.join(format!("{pid}.sock"));
+        let mut stream = UnixStream::connect(&path)
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()));
+        stream.set_read_timeout(Some(timeout)).expect("SO_RCVTIMEO");
+        let mut request = json!({"execute": "upgrade", "to": null}).to_string();
+        request.push('\n');
+        let requested = unix_now();
+        stream
+            .write_all(request.as_bytes())
+            .unwrap_or_else(|e| panic!("write to {}: {e}", path.display()));
+        let mut steps = Vec::new();
+        for line in BufReader::new(stream).lines() {
+            let line = line.unwrap_or_else(|e| {
+                panic!("reading {} after steps {steps:?}: {e}", path.display())
+            });
+            let at = unix_now();
+            let value: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("{} sent {line:?}: {e}", path.display()));
+            if let Some(step) = value["progress"].as_str() {
+                steps.push((step.to_owned(), at));
+            } else if value.get("qemu-liveupgrade").is_some() {
+                return TimedUpgrade {
+                    requested,
+                    steps,
+                    report: value,
+                    reported: at,
+                };
+            }
+        }
+        panic!(
+            "{} closed without a report after steps {steps:?}",
+            path.display()
+        )
+    }
+
+    /// When progress step `name` arrived.
+    pub fn step(&self, name: &str) -> Option<f64> {
+        self.steps.iter().find(|(s, _)| s == name).map(|&(_, t)| t)
+    }
+
+    /// Unix times that bound the swap: from the `migrating` step to the `quitting the old
+    /// QEMU` step (or the report, if that step is missing).
+    pub fn swap_window(&self) -> (f64, f64) {
+        let from = self.step(STEP_MIGRATING).unwrap_or(self.requested);
+        let to = self.step(STEP_QUITTING).unwrap_or(self.reported);
+        (from, to)
+    }
+
+    /// `7.2.22 -> 10.0.2`, from the report.
+    pub fn label(&self) -> String {
+        let v = |side: &str| {
+            self.report[side]["version"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned()
+        };
+        format!("{} -> {}", v("from"), v("to"))
+    }
+
+    /// Milliseconds from this upgrade's request to unix time `t`.
+    fn ms(&self, t: f64) -> f64 {
+        (t - self.requested) * 1000.0
+    }
+}
+
+/// The guest's network over one stretch of the test: during one upgrade, or outside them.
+#[derive(Clone, Debug, Default)]
+pub struct NetWindow {
+    /// Pings sent in it.
+    pub pings: usize,
+    /// The pings among them that got no answer: (`icmp_seq`, unix time sent).
+    pub lost: Vec<(u64, f64)>,
+    /// Longest ping round trip in it, seconds.
+    pub max_rtt: f64,
+    /// Echo lines sent in it.
+    pub echoes: usize,
+    /// Longest echo round trip in it, seconds.
+    pub max_echo: f64,
+}
+
+impl NetWindow {
+    fn add(&mut self, req: &PingRequest) {
+        self.pings += 1;
+        match req.rtt {
+            Some(rtt) => self.max_rtt = self.max_rtt.max(rtt),
+            None => self.lost.push((req.seq, req.sent_at)),
+        }
+    }
+}
+
+/// The network per upgrade (pings and echo lines sent from its request to its report), and
+/// outside the upgrades.
+pub fn net_windows(
+    upgrades: &[TimedUpgrade],
+    pings: &[PingRequest],
+    echo: &EchoLog,
+) -> (Vec<NetWindow>, NetWindow) {
+    let mut during = vec![NetWindow::default(); upgrades.len()];
+    let mut outside = NetWindow::default();
+    for req in pings {
+        let i = upgrades
+            .iter()
+            .position(|u| (u.requested..=u.reported).contains(&req.sent_at));
+        match i {
+            Some(i) => during[i].add(req),
+            None => outside.add(req),
+        }
+    }
+    for (w, u) in during.iter_mut().zip(upgrades) {
+        (w.echoes, w.max_echo) = echo.during(u.requested, u.reported);
+    }
+    let all = echo.during(f64::MIN, f64::MAX);
+    let inside: usize = during.iter().map(|w| w.echoes).sum();
+    outside.echoes = all.0 - inside;
+    outside.max_echo = echo
+        .sent_at
+        .iter()
+        .enumerate()
+        .filter(|&(_, &t)| {
+            !upgrades
+                .iter()
+                .any(|u| (u.requested..=u.reported).contains(&t))
+        })
+        .filter_map(|(i, &t)| echo.echoed_at.get(i).map(|&b| b - t))
+        .fold(0.0, f64::max);
+    (during, outside)
+}
+
+/// How far off a lost ping's estimated send time may be: it is interpolated between the
+/// answered pings around it, whose send times come from ping's round trips, printed in whole
+/// milliseconds from 100 ms up.
+const ESTIMATE_SLACK: f64 = 0.002;
+
+/// Whether upgrade `u` lost pings beyond the allowance: at most one, and only one sent within
+/// its swap window (give or take [`ESTIMATE_SLACK`]). `Ok(Some(..))` describes the allowance
+/// used.
+pub fn allowance(u: &TimedUpgrade, w: &NetWindow) -> Result<Option<String>, String> {
+    let (from, to) = u.swap_window();
+    let window = from - ESTIMATE_SLACK..=to + ESTIMATE_SLACK;
+    match w.lost[..] {
+        [] => Ok(None),
+        [(seq, sent)] if window.contains(&sent) => Ok(Some(format!(
+            "upgrade {}: 1 ping lost, #{seq}, sent within the swap window ({}), allowed",
+            u.label(),
+            describe(u, sent)
+        ))),
+        _ => Err(format!(
+            "upgrade {}: {} ping(s) lost where at most 1, sent within the swap window, is allowed: {}",
+            u.label(),
+            w.lost.len(),
+            w.lost
+                .iter()
+                .map(|&(seq, sent)| format!("#{seq} ({})", describe(u, sent)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// When a ping sent at `sent` went out, relative to upgrade `u`'s request, swap window and
+/// report.
+pub fn describe(u: &TimedUpgrade, sent: f64) -> String {
+    let (from, to) = u.swap_window();
+    format!(
+        "sent {:+.1} ms after the request, {:.1} ms before the report; swap window {:+.1}..{:+.1} ms",
+        u.ms(sent),
+        (u.reported - sent) * 1000.0,
+        u.ms(from),
+        u.ms(to)
+    )
+}
+
+/// The per-upgrade table: the launcher's timings and what the network saw.
+pub fn net_table(upgrades: &[TimedUpgrade], during: &[NetWindow], outside: &NetWindow) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "  # upgrade             total_ms downtime_ms  swap window ms | pings lost max_rtt_ms | echoes max_echo_ms"
+    );
+    let row = |t: &mut String, head: String, w: &NetWindow| {
+        let _ = writeln!(
+            t,
+            "{head} | {:>5} {:>4} {:>10.1} | {:>6} {:>11.1}",
+            w.pings,
+            w.lost.len(),
+            w.max_rtt * 1000.0,
+            w.echoes,
+            w.max_echo * 1000.0
+        );
+    };
+    for (i, (u, w)) in upgrades.iter().zip(during).enumerate() {
+        let (from, to) = u.swap_window();
+        let head = format!(
+            "  {} {:<18} {:>8.1} {:>11} {:>15}",
+            i + 1,
+            u.label(),
+            u.report["total_ms"].as_f64().unwrap_or(f64::NAN),
+            u.report["downtime_ms"]
+                .as_u64()
+                .map_or("-".to_owned(), |d| d.to_string()),
+            format!("{:+.0}..{:+.0}", u.ms(from), u.ms(to)),
+        );
+        row(&mut t, head, w);
+    }
+    row(
+        &mut t,
+        format!("    {:<56}", "outside the upgrades"),
+        outside,
+    );
+    let mut all = outside.clone();
+    for w in during {
+        all.pings += w.pings;
+        all.lost.extend(&w.lost);
+        all.max_rtt = all.max_rtt.max(w.max_rtt);
+        all.echoes += w.echoes;
+        all.max_echo = all.max_echo.max(w.max_echo);
+    }
+    row(&mut t, format!("    {:<56}", "overall"), &all);
+    t.push_str(
+        "  (swap window: from the launcher's `migrating` step to its `quitting the old QEMU` \
+         step, ms after the request; an upgrade's pings and echo lines are those sent from \
+         its request to its report)\n",
+    );
+    t
+}
