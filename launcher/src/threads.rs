@@ -13,7 +13,7 @@
 
 use std::fs;
 
-use nix::sched::{sched_getaffinity, sched_setaffinity};
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
@@ -34,38 +34,72 @@ pub fn threads(cpus: &Value, iothreads: &Value) -> Vec<(String, i32)> {
     out
 }
 
-/// Copies affinity and cgroup from each old thread to the new thread of the same name.
-/// Returns a report: how many threads were placed and what could not be copied.
-pub fn copy_placement(old: &[(String, i32)], new: &[(String, i32)]) -> Value {
+/// Where one old thread ran: taken before the old QEMU goes, applied to the new threads after.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    name: String,
+    affinity: Result<CpuSet, String>,
+    cgroups: Result<String, String>,
+}
+
+/// Reads the placement of the old generation's threads.
+pub fn snapshot(old: &[(String, i32)]) -> Vec<Placement> {
+    old.iter()
+        .map(|(name, tid)| {
+            let tid = Pid::from_raw(*tid);
+            Placement {
+                name: name.clone(),
+                affinity: sched_getaffinity(tid).map_err(|e| e.desc().to_owned()),
+                cgroups: read_cgroups(tid),
+            }
+        })
+        .collect()
+}
+
+/// Gives each new thread the placement of the old thread of the same name. Returns a report:
+/// how many threads were placed and what could not be copied.
+pub fn apply(old: &[Placement], new: &[(String, i32)]) -> Value {
     let mut copied = 0;
     let mut problems = Vec::new();
     for (name, new_tid) in new {
-        let Some((_, old_tid)) = old.iter().find(|(n, _)| n == name) else {
+        let Some(p) = old.iter().find(|p| &p.name == name) else {
             problems.push(format!("{name}: no such thread in the old QEMU"));
             continue;
         };
-        let (old_tid, new_tid) = (Pid::from_raw(*old_tid), Pid::from_raw(*new_tid));
-        match sched_getaffinity(old_tid).and_then(|set| sched_setaffinity(new_tid, &set)) {
+        let new_tid = Pid::from_raw(*new_tid);
+        match p
+            .affinity
+            .as_ref()
+            .map_err(String::clone)
+            .and_then(|set| sched_setaffinity(new_tid, set).map_err(|e| e.desc().to_owned()))
+        {
             Ok(()) => copied += 1,
-            Err(e) => problems.push(format!("{name}: affinity: {}", e.desc())),
+            Err(e) => problems.push(format!("{name}: affinity: {e}")),
         }
-        if let Err(why) = copy_cgroup(old_tid, new_tid) {
+        let moved = p
+            .cgroups
+            .as_ref()
+            .map_err(String::clone)
+            .and_then(|from| copy_cgroup(from, new_tid));
+        if let Err(why) = moved {
             problems.push(format!("{name}: cgroup: {why}"));
         }
     }
     json!({ "placed": copied, "problems": problems })
 }
 
-/// Moves `new` into every cgroup of `old` where they differ: on cgroup v2 through the
-/// group's `cgroup.threads`, on v1 through each controller hierarchy's `tasks` (libvirt 9 on a
-/// v1 host keeps `machine/<vm>/vcpuN` under cpu, cpuacct and cpuset).
-fn copy_cgroup(old: Pid, new: Pid) -> Result<(), String> {
-    let read = |tid: Pid| {
-        fs::read_to_string(format!("/proc/self/task/{tid}/cgroup"))
-            .or_else(|_| fs::read_to_string(format!("/proc/{tid}/cgroup")))
-            .map_err(|e| e.to_string())
-    };
-    let (from, to) = (read(old)?, read(new)?);
+fn read_cgroups(tid: Pid) -> Result<String, String> {
+    fs::read_to_string(format!("/proc/self/task/{tid}/cgroup"))
+        .or_else(|_| fs::read_to_string(format!("/proc/{tid}/cgroup")))
+        .map_err(|e| e.to_string())
+}
+
+/// Moves `new` into every cgroup listed in `from` (an old thread's /proc/TID/cgroup) where it
+/// is not already: on cgroup v2 through the group's `cgroup.threads`, on v1 through each
+/// controller hierarchy's `tasks` (libvirt 9 on a v1 host keeps `machine/<vm>/vcpuN` under
+/// cpu, cpuacct and cpuset).
+fn copy_cgroup(from: &str, new: Pid) -> Result<(), String> {
+    let to = read_cgroups(new)?;
     let mut problems = Vec::new();
     for line in from.lines().filter(|l| !to.lines().any(|t| t == *l)) {
         // "hierarchy-id:controllers:path"
@@ -135,13 +169,13 @@ mod tests {
             done_rx.recv().unwrap();
         });
         let old_tid = rx.recv().unwrap();
-        let report = copy_placement(
-            &[("vcpu0".into(), old_tid.as_raw())],
+        let report = apply(
+            &snapshot(&[("vcpu0".into(), old_tid.as_raw())]),
             &[("vcpu0".into(), me.as_raw())],
         );
         assert_eq!(report["placed"], 1, "{report}");
         assert_eq!(sched_getaffinity(me).unwrap(), one);
-        let missing = copy_placement(&[], &[("vcpu1".into(), me.as_raw())]);
+        let missing = apply(&[], &[("vcpu1".into(), me.as_raw())]);
         assert_eq!(
             missing["problems"][0],
             "vcpu1: no such thread in the old QEMU"

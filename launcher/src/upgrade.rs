@@ -332,6 +332,9 @@ impl Supervisor {
         //    them now, in the order they came, before any device state arrives for them.
         self.replay_hotplug()?;
 
+        // Where libvirt placed the old vCPU threads, read while they are certainly there.
+        let old_placement = threads::snapshot(&self.thread_list(Which::Current));
+
         self.progress("migrating");
         // 7. The stream: one pipe, its read end in the new QEMU, its write end in the old.
         let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -447,14 +450,13 @@ impl Supervisor {
             self.call(Which::Incoming, "cont", None, deadline())
                 .map_err(step("cont on the new QEMU"))?;
         }
-        // From here the new QEMU runs the guest: there is no way back. Monitor clients move
-        // to it now, with their held commands.
-        self.proxy.commit(self.poll.registry(), number);
-        undo.held = false;
+        // From here the new QEMU runs the guest: there is no way back.
 
         self.progress("quitting the old QEMU");
-        // 10. Measurements, from the old QEMU, then the new one's capabilities put back to
-        //    what the VM's users had, and the old QEMU quit.
+        // 10. The old QEMU's figures, then it quits at once: stopped or not, it still polls the
+        //     taps it shares with the new one, and a packet it reads now is lost. Then monitor
+        //     clients move over with their held commands, the new QEMU's capabilities go back
+        //     to what the VM's users had, and its threads get the old ones' placement.
         let mut stats = Stats {
             shared,
             ..Stats::default()
@@ -463,26 +465,18 @@ impl Supervisor {
             stats.downtime_ms = info["downtime"].as_u64();
             stats.ram_bytes = info["ram"]["transferred"].as_u64();
         }
-        let _ = self.call(
-            Which::Incoming,
-            "migrate-set-capabilities",
-            Some(caps_arg(&on_old, false)),
-            deadline(),
-        );
-        stats.tap_ioctls_held = self
-            .gen(Which::Incoming)
-            .tap_guard
-            .as_ref()
-            .map(|g| g.suppressed);
-        // Each new vCPU and iothread gets the placement libvirt gave the old one.
-        let old_threads = self.thread_list(Which::Current);
-        let new_threads = self.thread_list(Which::Incoming);
-        stats.threads = threads::copy_placement(&old_threads, &new_threads);
         let mut old = self.promote_incoming();
         let _ = old.qmp.send("quit", None);
-        let pid = old.pid;
+        self.proxy.commit(self.poll.registry(), number);
+        undo.held = false;
+        let caps = Some(caps_arg(&on_old, false));
+        let _ = self.call(Which::Current, "migrate-set-capabilities", caps, deadline());
+        stats.tap_ioctls_held = self.current.tap_guard.as_ref().map(|g| g.suppressed);
+        let new_threads = self.thread_list(Which::Current);
+        stats.threads = threads::apply(&old_placement, &new_threads);
         // `old` (and its monitor) stays open until QEMU has exited: a monitor closed right
         // after the command would make QEMU drop the command unread.
+        let pid = old.pid;
         let reaped = self.wait_until("the old QEMU to exit", Instant::now() + STEP_TIMEOUT, |s| {
             !s.is_retired_alive(pid)
         });
@@ -653,7 +647,7 @@ impl Supervisor {
         None
     }
 
-    /// A generation's vCPU and iothread ids, for [`threads::copy_placement`].
+    /// A generation's vCPU and iothread ids, for [`threads::snapshot`] and [`threads::apply`].
     fn thread_list(&mut self, which: Which) -> Vec<(String, i32)> {
         let deadline = Some(Instant::now() + STEP_TIMEOUT);
         let cpus = self
