@@ -247,18 +247,7 @@ pub fn set_machine_key(cmd: &mut CmdLine, key: &str, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::ffi::OsString;
-
-    fn parse(s: &[&str]) -> CmdLine {
-        CmdLine::parse(&s.iter().map(OsString::from).collect::<Vec<_>>()).unwrap()
-    }
-
-    fn strings(cmd: &CmdLine) -> Vec<String> {
-        cmd.to_args()
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect()
-    }
+    use crate::cmdline::testing::{parse, strings};
 
     #[test]
     fn plain_m_gets_a_file_backend_and_machine_memory_backend() {

@@ -237,18 +237,7 @@ pub fn append_to_files(cmd: &mut CmdLine) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::ffi::OsString;
-
-    fn parse(s: &[&str]) -> CmdLine {
-        CmdLine::parse(&s.iter().map(OsString::from).collect::<Vec<_>>()).unwrap()
-    }
-
-    fn strings(cmd: &CmdLine) -> Vec<String> {
-        cmd.to_args()
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect()
-    }
+    use crate::cmdline::testing::{parse, strings};
 
     #[test]
     fn libvirt_monitor_and_serial_fds() {

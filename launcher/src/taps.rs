@@ -218,11 +218,7 @@ pub fn rewrite(cmd: &CmdLine, taps: &[NamedTap], numbers: &[RawFd]) -> CmdLine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::ffi::OsString;
-
-    fn parse(s: &[&str]) -> CmdLine {
-        CmdLine::parse(&s.iter().map(OsString::from).collect::<Vec<_>>()).unwrap()
-    }
+    use crate::cmdline::testing::parse;
 
     #[test]
     fn named_taps_become_fds() {

@@ -28,11 +28,8 @@ pub use upgrades::{
 use std::fs::{self, File};
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use crate::paths::{profile_dir, repo_root};
 
 /// The guest's address on its NIC. Private, and only ever configured inside a test's
 /// [`Netns`].
@@ -62,26 +59,8 @@ pub fn linux_guest() -> LinuxGuest {
     static GUEST: OnceLock<LinuxGuest> = OnceLock::new();
     GUEST
         .get_or_init(|| {
-            let out_dir = profile_dir()
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| repo_root().join("target"))
-                .join("linux-guest");
-            let script = repo_root().join("scripts/build-linux-guest");
-            let output = Command::new(&script)
-                .arg(&out_dir)
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-            if !output.status.success() {
-                panic!(
-                    "{} failed ({}); the Linux test guest is missing. Its output:\n{}{}",
-                    script.display(),
-                    output.status,
-                    String::from_utf8_lossy(&output.stdout),
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
-            let stdout = String::from_utf8_lossy(&output.stdout);
+            let (script, _, stdout) =
+                crate::paths::build("build-linux-guest", "linux-guest", "the Linux test guest");
             let mut paths = stdout.lines().map(PathBuf::from);
             let (Some(kernel), Some(initrd)) = (paths.next(), paths.next()) else {
                 panic!("{} printed {stdout:?}, not two paths", script.display());

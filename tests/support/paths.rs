@@ -57,25 +57,7 @@ pub fn cli_bin() -> PathBuf {
 pub fn guest_elf() -> PathBuf {
     static ELF: OnceLock<PathBuf> = OnceLock::new();
     ELF.get_or_init(|| {
-        let target = profile_dir()
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| repo_root().join("target"));
-        let out_dir = target.join("guest");
-        let script = repo_root().join("scripts/build-guest");
-        let output = Command::new(&script)
-            .arg(&out_dir)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        if !output.status.success() {
-            panic!(
-                "{} failed ({}); the heartbeat guest is missing. Its output:\n{}{}",
-                script.display(),
-                output.status,
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
+        let (script, out_dir, _) = build("build-guest", "guest", "the heartbeat guest");
         let elf = out_dir.join("heartbeat.elf");
         assert!(
             elf.is_file(),
@@ -86,6 +68,35 @@ pub fn guest_elf() -> PathBuf {
         elf
     })
     .clone()
+}
+
+/// Runs `scripts/<name> target/<out>` and returns the script, the output directory and what
+/// it printed; panics with the script's output, naming `what` is missing, if it fails.
+pub fn build(name: &str, out: &str, what: &str) -> (PathBuf, PathBuf, String) {
+    let out_dir = profile_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| repo_root().join("target"))
+        .join(out);
+    let script = repo_root().join("scripts").join(name);
+    let output = Command::new(&script)
+        .arg(&out_dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    if !output.status.success() {
+        panic!(
+            "{} failed ({}); {what} is missing. Its output:\n{}{}",
+            script.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    (
+        script,
+        out_dir,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
 }
 
 /// Directory holding the side-by-side QEMU builds of `scripts/fetch-qemu`.

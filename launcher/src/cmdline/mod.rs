@@ -596,3 +596,23 @@ mod tests {
         }
     }
 }
+
+/// Shorthands for unit tests across the crate that build command lines from strings.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::CmdLine;
+    use std::ffi::OsString;
+
+    /// Parses string arguments, panicking on a parse error.
+    pub(crate) fn parse(args: &[&str]) -> CmdLine {
+        CmdLine::parse(&args.iter().map(OsString::from).collect::<Vec<_>>()).unwrap()
+    }
+
+    /// The command line's arguments as strings.
+    pub(crate) fn strings(cmd: &CmdLine) -> Vec<String> {
+        cmd.to_args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+}

@@ -1,21 +1,10 @@
 //! The pty argv rewrite, the `query-chardev` rewrite, and the relay with real ptys and sockets.
 
 use super::*;
-use std::ffi::OsString;
+use crate::cmdline::testing::{parse, strings};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
-
-fn parse(s: &[&str]) -> CmdLine {
-    CmdLine::parse(&s.iter().map(OsString::from).collect::<Vec<_>>()).unwrap()
-}
-
-fn strings(cmd: &CmdLine) -> Vec<String> {
-    cmd.to_args()
-        .into_iter()
-        .map(|a| a.into_string().unwrap())
-        .collect()
-}
 
 #[test]
 fn pty_chardevs_become_sockets_and_shared_ones_stay_qemus() {
