@@ -79,6 +79,8 @@ pub enum Source {
     Config,
     /// `<invoked path>.real`.
     Sibling,
+    /// Named by the operator for one upgrade (`qemu-liveupgrade upgrade --to`).
+    Request,
 }
 
 /// A real QEMU binary ready to be executed.

@@ -182,7 +182,7 @@ impl Supervisor {
         let binary = match to {
             Some(path) => Binary {
                 path,
-                source: Source::Env,
+                source: Source::Request,
             },
             None => resolve::resolve(&self.config.argv0).map_err(UpgradeError::Resolve)?,
         };
