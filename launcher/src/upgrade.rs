@@ -8,9 +8,9 @@
 //!
 //! Until the new QEMU runs the guest, every step can be undone: a failure kills the new QEMU,
 //! cancels the migration, puts the old QEMU's migration settings back and resumes it only if
-//! it was running. After that point the old QEMU is quit. The guest is never on two QEMUs,
+//! it was running. After that point the old QEMU is killed. The guest is never on two QEMUs,
 //! because the old one is paused (by migration) before the new one starts running, and never
-//! on none, because the old one is quit only once the new one runs.
+//! on none, because the old one is killed only once the new one runs.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -453,8 +453,10 @@ impl Supervisor {
         // From here the new QEMU runs the guest: there is no way back.
 
         self.progress("quitting the old QEMU");
-        // 10. The old QEMU's figures, then it quits at once: stopped or not, it still polls the
-        //     taps it shares with the new one, and a packet it reads now is lost. Then monitor
+        // 10. The old QEMU's figures, then it goes at once, by SIGKILL: its guest runs
+        //     elsewhere now, and anything it still does (it keeps polling the taps it shares
+        //     with the new QEMU, and a packet it reads is lost) can only take from the new one.
+        //     A `quit` would let it run its main loop a few milliseconds more. Then monitor
         //     clients move over with their held commands, the new QEMU's capabilities go back
         //     to what the VM's users had, and its threads get the old ones' placement.
         let mut stats = Stats {
@@ -465,8 +467,8 @@ impl Supervisor {
             stats.downtime_ms = info["downtime"].as_u64();
             stats.ram_bytes = info["ram"]["transferred"].as_u64();
         }
-        let mut old = self.promote_incoming();
-        let _ = old.qmp.send("quit", None);
+        let old = self.promote_incoming();
+        let _ = nix::sys::signal::kill(old.pid, nix::sys::signal::Signal::SIGKILL);
         self.proxy.commit(self.poll.registry(), number);
         undo.held = false;
         let caps = Some(caps_arg(&on_old, false));
@@ -474,16 +476,11 @@ impl Supervisor {
         stats.tap_ioctls_held = self.current.tap_guard.as_ref().map(|g| g.suppressed);
         let new_threads = self.thread_list(Which::Current);
         stats.threads = threads::apply(&old_placement, &new_threads);
-        // `old` (and its monitor) stays open until QEMU has exited: a monitor closed right
-        // after the command would make QEMU drop the command unread.
         let pid = old.pid;
-        let reaped = self.wait_until("the old QEMU to exit", Instant::now() + STEP_TIMEOUT, |s| {
+        drop(old);
+        let _ = self.wait_until("the old QEMU to exit", Instant::now() + STEP_TIMEOUT, |s| {
             !s.is_retired_alive(pid)
         });
-        if reaped.is_err() {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        drop(old);
         Ok(stats)
     }
 

@@ -22,7 +22,6 @@ pub use net::{Netns, Tap};
 pub use ping::{PingReply, PingReport, PingRequest, Pinger};
 pub use upgrades::{
     allowance, describe, net_table, net_windows, NetWindow, TimedUpgrade, STEP_MIGRATING,
-    STEP_QUITTING,
 };
 
 use std::fs::{self, File};

@@ -2,10 +2,11 @@
 //!
 //! An upgrade is requested over the VM's control socket, as `qemu-liveupgrade upgrade` does
 //! (the same request a SIGUSR2 makes), so that the launcher's progress lines arrive on the
-//! way and can be stamped: the swap itself, from the old QEMU stopping the guest to the new
-//! one running it, lies between the `migrating` and `quitting the old QEMU` steps. A ping
-//! lost there may have been in the old QEMU's hands; one lost anywhere else was lost by
-//! something the upgrade should not have done.
+//! way and can be stamped: the swap, from the old QEMU stopping the guest to the old QEMU
+//! being gone, lies between the `migrating` step and the report (the launcher reports once it
+//! has reaped the old QEMU, which holds the tap until it exits). A ping lost there may have
+//! been in the old QEMU's hands; one lost anywhere else was lost by something the upgrade
+//! should not have done.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
@@ -22,8 +23,6 @@ use super::unix_now;
 /// The progress step sent just before the stream is set up and `migrate` issued: the old
 /// QEMU still runs the guest then.
 pub const STEP_MIGRATING: &str = "migrating";
-/// The progress step sent once the new QEMU runs the guest.
-pub const STEP_QUITTING: &str = "quitting the old QEMU";
 
 /// One upgrade, with the unix time of each thing the launcher said about it.
 #[derive(Clone, Debug)]
@@ -82,12 +81,11 @@ impl TimedUpgrade {
         self.steps.iter().find(|(s, _)| s == name).map(|&(_, t)| t)
     }
 
-    /// Unix times that bound the swap: from the `migrating` step to the `quitting the old
-    /// QEMU` step (or the report, if that step is missing).
+    /// Unix times that bound the swap: from the `migrating` step to the report, which the
+    /// launcher sends once the old QEMU, and its hold on the tap, is gone.
     pub fn swap_window(&self) -> (f64, f64) {
         let from = self.step(STEP_MIGRATING).unwrap_or(self.requested);
-        let to = self.step(STEP_QUITTING).unwrap_or(self.reported);
-        (from, to)
+        (from, self.reported)
     }
 
     /// `7.2.22 -> 10.0.2`, from the report.
@@ -261,9 +259,9 @@ pub fn net_table(upgrades: &[TimedUpgrade], during: &[NetWindow], outside: &NetW
     }
     row(&mut t, format!("    {:<56}", "overall"), &all);
     t.push_str(
-        "  (swap window: from the launcher's `migrating` step to its `quitting the old QEMU` \
-         step, ms after the request; an upgrade's pings and echo lines are those sent from \
-         its request to its report)\n",
+        "  (swap window: from the launcher's `migrating` step to its report, sent once the old \
+         QEMU is gone, ms after the request; an upgrade's pings and echo lines are those sent \
+         from its request to its report)\n",
     );
     t
 }
