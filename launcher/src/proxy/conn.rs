@@ -144,6 +144,8 @@ pub(super) struct Backend {
     held: Vec<u8>,
     pub eof: bool,
     shut: bool,
+    /// The last read hit EAGAIN.
+    dry: bool,
 }
 
 impl Backend {
@@ -170,6 +172,7 @@ impl Backend {
             held: Vec::new(),
             eof: false,
             shut: false,
+            dry: false,
         })
     }
 
@@ -177,6 +180,7 @@ impl Backend {
     /// With `bounded`, stops once the destination holds [`CAP`] bytes. Returns whether
     /// anything happened, and the answers and events seen.
     fn pull(&mut self, out: Option<&mut Vec<u8>>, bounded: bool) -> (bool, Vec<Seen>) {
+        self.dry = false;
         let mut held = std::mem::take(&mut self.held);
         let out = out.unwrap_or(&mut held);
         let mut progress = false;
@@ -184,7 +188,10 @@ impl Backend {
         while !self.eof && (!bounded || out.len() < CAP) {
             match read_chunk(&mut self.stream, &mut self.rx, None) {
                 Got::Data => answers.extend(self.out.process(&mut self.rx, out)),
-                Got::Blocked => break,
+                Got::Blocked => {
+                    self.dry = true;
+                    break;
+                }
                 Got::End => self.eof = true,
             }
             progress = true;
@@ -396,24 +403,34 @@ impl Conn {
     /// answered. With `hold`, client input is left unread and unforwarded; QEMU's output and
     /// input forwarded earlier still flow.
     pub(super) fn pump(&mut self, hold: bool, journal: &mut Journal) {
+        // A socket read to EAGAIN is not read again in this call: under edge-triggered
+        // readiness (epoll(7)) anything arriving later comes with an event of its own, and
+        // each probe read is a system call on the path of every monitor round trip.
+        let (mut back_dry, mut next_dry, mut client_dry) = (false, false, false);
         loop {
             let mut progress = false;
-            if let Some(b) = &mut self.back {
+            if let Some(b) = self.back.as_mut().filter(|_| !back_dry) {
                 let (moved, seen) = b.pull(Some(&mut self.to_client), true);
                 b.settle(seen, &mut self.caps, self.monitor, journal);
                 progress |= moved;
+                back_dry = b.dry;
             }
             // What a generation not yet committed says changes nothing: until the switch, the
             // old generation is the VM's state.
-            if let Some(n) = &mut self.next {
+            if let Some(n) = self.next.as_mut().filter(|_| !next_dry) {
                 progress |= n.pull(None, true).0;
+                next_dry = n.dry;
             }
             match write_some(&self.client, &mut self.to_client) {
                 Ok(moved) => progress |= moved,
                 Err(()) => self.dead = true,
             }
             if !hold && !self.closing && self.back.is_some() {
-                progress |= self.read_client();
+                if !client_dry {
+                    let (moved, dry) = self.read_client();
+                    progress |= moved;
+                    client_dry = dry;
+                }
                 progress |= self.forward();
             }
             if let Some(b) = &mut self.back {
@@ -433,14 +450,22 @@ impl Conn {
         }
     }
 
-    fn read_client(&mut self) -> bool {
+    /// Reads what the client sent; returns whether anything moved and whether the socket
+    /// was read to EAGAIN.
+    /// Reads what the client sent; returns whether anything moved and whether the socket
+    /// was read to EAGAIN.
+    fn read_client(&mut self) -> (bool, bool) {
         let mut progress = false;
+        let mut dry = false;
         while !self.client_eof && !self.dead && self.from_client.len() < CAP {
             let at = self.from_client.len();
             let mut fds = Vec::new();
             match read_chunk(&mut self.client, &mut self.from_client, Some(&mut fds)) {
                 Got::Data => {}
-                Got::Blocked => break,
+                Got::Blocked => {
+                    dry = true;
+                    break;
+                }
                 Got::End => self.client_eof = true,
             }
             if !fds.is_empty() && self.from_client.len() > at {
@@ -448,7 +473,7 @@ impl Conn {
             }
             progress = true;
         }
-        progress
+        (progress, dry)
     }
 
     /// Moves complete units of client input to QEMU, with the fds that came with them,
