@@ -221,10 +221,11 @@ fn sigterm_during_an_upgrade_ends_the_vm_cleanly() {
 
 #[test]
 fn cli_upgrade_waits_and_reports() {
-    let vm = UpgradeVm::start("7.2.22", 256, &[]);
+    // Named the way libvirt names a domain's QEMU; the CLI finds it by that name.
+    let vm = UpgradeVm::start("7.2.22", 256, &["-name", "guest=cli-vm,debug-threads=on"]);
     vm.install("10.0.2");
     let mut cmd = Command::new(cli_bin());
-    cmd.args(["upgrade", &vm.vm.pid().to_string()])
+    cmd.args(["upgrade", "cli-vm"])
         .env("QEMU_LIVEUPGRADE_RUNDIR", vm.rundir());
     let out = output_within(cmd, UPGRADE_TIMEOUT);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -252,6 +253,7 @@ fn cli_upgrade_waits_and_reports() {
     let out = output_within(cmd, Duration::from_secs(10));
     let listed: Value = serde_json::from_slice(&out.stdout).expect("one VM listed");
     assert_eq!(listed["pid"], vm.vm.pid().as_raw());
+    assert_eq!(listed["name"], "cli-vm");
     assert_eq!(listed["generation"], 3);
     assert_eq!(listed["last_upgrade"]["to"]["version"], "7.2.22");
     vm.assert_guest_healthy(200);
