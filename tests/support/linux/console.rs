@@ -34,6 +34,15 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Text> {
         self.text.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Waits for the reader to add something, at most until `deadline` (which is not past).
+    fn wait<'a>(&self, text: MutexGuard<'a, Text>, deadline: Instant) -> MutexGuard<'a, Text> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.changed
+            .wait_timeout(text, left)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
 }
 
 /// One connection to a console socket, read by a background thread until it ends.
@@ -124,12 +133,7 @@ impl Console {
                     self.name
                 );
             }
-            text = self
-                .shared
-                .changed
-                .wait_timeout(text, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            text = self.shared.wait(text, deadline);
         }
     }
 
@@ -145,12 +149,7 @@ impl Console {
             if now >= deadline {
                 panic!("{}: still connected after {timeout:?}", self.name);
             }
-            text = self
-                .shared
-                .changed
-                .wait_timeout(text, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            text = self.shared.wait(text, deadline);
         }
     }
 }
