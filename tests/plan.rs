@@ -3,13 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::process::Command;
-use std::time::Duration;
 
-use qemu_liveupgrade_tests::shim::{output_within, QEMU_NAME};
+use qemu_liveupgrade_tests::shim::{cli_json, QEMU_NAME};
 use qemu_liveupgrade_tests::{cli_bin, system_qemu};
 use serde_json::{json, Value};
-
-const QUERY: Duration = Duration::from_secs(30);
 
 fn plan(args: &[&str]) -> Value {
     let mut cmd = Command::new(cli_bin());
@@ -17,19 +14,7 @@ fn plan(args: &[&str]) -> Value {
         .args(args)
         .env("QEMU_LIVEUPGRADE_BINARY", system_qemu())
         .env("QEMU_LIVEUPGRADE_CONFIG", "/nonexistent");
-    let out = output_within(cmd, QUERY);
-    assert!(
-        out.status.success(),
-        "plan failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "plan: not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    cli_json(cmd, "plan")
 }
 
 fn strings(v: &Value) -> Vec<String> {

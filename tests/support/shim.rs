@@ -201,16 +201,22 @@ pub fn cli_status(rundir: &Path, pid: Pid) -> Value {
     let mut cmd = Command::new(cli_bin());
     cmd.args(["status", "--json", &pid.to_string()])
         .env("QEMU_LIVEUPGRADE_RUNDIR", rundir);
-    let out = output_within(cmd, Duration::from_secs(10));
+    cli_json(cmd, &format!("status {pid}"))
+}
+
+/// Runs a `qemu-liveupgrade` command that prints JSON and returns it; panics, naming `what`,
+/// if it fails or prints something else.
+pub fn cli_json(cmd: Command, what: &str) -> Value {
+    let out = output_within(cmd, Duration::from_secs(30));
     assert!(
         out.status.success(),
-        "qemu-liveupgrade status {pid} failed ({}): {}",
+        "qemu-liveupgrade {what} failed ({}): {}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
-            "qemu-liveupgrade status {pid}: not JSON ({e}): {}",
+            "qemu-liveupgrade {what}: not JSON ({e}): {}",
             String::from_utf8_lossy(&out.stdout)
         )
     })
