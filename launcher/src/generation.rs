@@ -22,6 +22,7 @@ use crate::qmp::Qmp;
 use crate::resolve::Binary;
 use crate::resources::{resources, Resources};
 use crate::tapguard::TapGuard;
+use crate::verdict::Verdict;
 use crate::taps::{self, NamedTap};
 
 /// Id of the chardev and monitor the launcher adds for itself.
@@ -118,6 +119,8 @@ pub struct Base {
     pub taps: Vec<NamedTap>,
     /// The ptys the launcher holds, in layout order.
     pub ptys: Vec<KeptPty>,
+    /// What in the user's command line stops an upgrade, judged once, on the argv as given.
+    pub verdict: Verdict,
 }
 
 impl Base {
@@ -139,6 +142,7 @@ impl Base {
             kept.len(),
             is_open,
         );
+        let verdict = crate::verdict::of_cmdline(user);
         let cmd = memfd::rewrite(user, &regions, &layout.ram);
         let cmd = taps::rewrite(&cmd, &taps, &layout.taps);
         let cmd = ptys::rewrite(&cmd, &kept, &layout.ptys);
@@ -150,6 +154,7 @@ impl Base {
             proxied,
             taps,
             ptys: kept,
+            verdict,
         }
     }
 

@@ -22,7 +22,7 @@
 //! - [`daemonize`]: `-daemonize` and `-pidfile` done by the launcher itself.
 //! - [`upgrade`]: the live upgrade, step by step; [`threads`]: vCPU placement carried over.
 //! - [`control`]: the per-VM control socket behind `qemu-liveupgrade upgrade|status|list`.
-//! - [`plan`]: the `plan` report.
+//! - [`plan`]: the `plan` report; [`verdict`]: whether a VM can be upgraded, and why not.
 
 pub mod child;
 pub mod cmdline;
@@ -45,6 +45,7 @@ pub mod tapguard;
 pub mod taps;
 pub mod threads;
 pub mod upgrade;
+pub mod verdict;
 
 /// An error and its causes on one line, `outer: inner: innermost`, as the launcher reports
 /// failures (one line, QEMU-style).

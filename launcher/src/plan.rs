@@ -15,6 +15,7 @@ use crate::generation::{generation_cmdline, Base, GenArgs, Layout};
 use crate::monitors::ListenOn;
 use crate::resolve::{self, Binary};
 use crate::resources::{resources, Resources};
+use crate::verdict::{Reason, Verdict};
 
 /// The launcher's plan for one command line.
 #[derive(Debug, Clone)]
@@ -41,6 +42,8 @@ pub struct Plan {
     pub daemonize: bool,
     /// The pidfile the launcher writes with its own pid.
     pub pidfile: Option<OsString>,
+    /// Whether the VM could be upgraded, and every reason it could not.
+    pub verdict: Verdict,
 }
 
 impl Plan {
@@ -48,6 +51,13 @@ impl Plan {
     /// line names will be passed open.
     pub fn new(argv0: &OsStr, cmd: &CmdLine) -> Plan {
         let base = Base::new(cmd, |_| true);
+        let mut verdict = base.verdict.clone();
+        if let Some(why) = &base.unshared {
+            verdict.note(Reason::new(
+                "guest RAM",
+                format!("not shared ({why}): it crosses in the migration stream, which takes seconds and a second copy of it"),
+            ));
+        }
         let mut argv = vec![argv0.to_owned()];
         argv.extend(generation_cmdline(&base, &GenArgs::default()).to_args());
         Plan {
@@ -80,6 +90,7 @@ impl Plan {
                 .collect(),
             daemonize: cmd.has("daemonize"),
             pidfile: cmd.opts("pidfile").last().and_then(|o| o.arg.clone()),
+            verdict,
         }
     }
 
@@ -90,6 +101,7 @@ impl Plan {
                 Ok(b) => json!({ "path": b.path.to_string_lossy(), "source": format!("{:?}", b.source).to_lowercase() }),
                 Err(e) => json!({ "error": e }),
             },
+            "verdict": self.verdict.to_json(),
             "argv": self.argv.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>(),
             "daemonize": self.daemonize,
             "pidfile": self.pidfile.as_ref().map(|p| p.to_string_lossy().into_owned()),
@@ -129,6 +141,10 @@ impl Plan {
     /// The plan as text, for people.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
+        writeln!(out, "{}", self.verdict.summary()).ok();
+        for note in &self.verdict.notes {
+            writeln!(out, "note: {note}").ok();
+        }
         match &self.binary {
             Ok(b) => writeln!(out, "binary: {} (from {:?})", b.path.display(), b.source),
             Err(e) => writeln!(out, "binary: none: {e}"),
@@ -328,6 +344,29 @@ mod tests {
         );
         let text = plan.to_text();
         assert!(text.contains("unix:/run/x/qmp.monitor"), "{text}");
+        assert!(text.starts_with("upgradable: yes\n"), "{text}");
+        assert_eq!(plan.to_json()["verdict"]["upgradable"], true);
+        assert_eq!(plan.verdict.notes[0].option, "guest RAM", "machine none has no RAM");
+    }
+
+    #[test]
+    fn a_vm_that_cannot_be_upgraded_says_why() {
+        let cmd = CmdLine::parse(&args(&[
+            "-m",
+            "1G",
+            "-device",
+            "vfio-pci,host=0000:01:00.0,id=hostdev0",
+        ]))
+        .unwrap();
+        let plan = Plan::new(OsStr::new("qemu-system-x86_64"), &cmd);
+        let json = plan.to_json();
+        assert_eq!(json["verdict"]["upgradable"], false);
+        assert_eq!(json["verdict"]["reasons"][0]["option"], "-device vfio-pci");
+        let text = plan.to_text();
+        assert!(
+            text.starts_with("upgradable: no: -device vfio-pci: a host device"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -197,8 +197,10 @@ impl Supervisor {
             return Err(UpgradeError::State(old_status));
         }
         undo.old_status = Some(old_status.clone());
-        if let Some(why) = self.unmovable() {
-            return Err(UpgradeError::Unsupported(why));
+        // What QEMU cannot hand from one process to another, judged on the user's argv.
+        let verdict = &self.config.base.verdict;
+        if !verdict.upgradable() {
+            return Err(UpgradeError::Unsupported(verdict.reasons_line()));
         }
         let migration = self
             .call(Which::Current, "query-migrate", None, deadline())
@@ -620,28 +622,6 @@ impl Supervisor {
             );
             self.progress(&line);
         }
-    }
-
-    /// What QEMU cannot hand from one process to another, found before anything is tried.
-    ///
-    /// A disk opened through an fdset (`/dev/fdset/N`) with image locking: QEMU keeps the lock
-    /// on the fdset's read-only descriptor after inactivating the image for migration, so
-    /// neither the new QEMU nor, after a failure, the old one can take the write lock again
-    /// (seen with 7.2 and 10.0, by plain migration too). Trying would strand the guest paused.
-    fn unmovable(&self) -> Option<String> {
-        let cmd = &self.config.base.cmd;
-        for opt in cmd.opts("drive").chain(cmd.opts("blockdev")) {
-            let Some(arg) = opt.arg_str() else { continue };
-            let locking_off = ["locking=off", "\"locking\":\"off\"", "\"locking\": \"off\""]
-                .iter()
-                .any(|l| arg.contains(l));
-            if arg.contains("/dev/fdset/") && !locking_off {
-                return Some(format!(
-                    "disk {arg} is opened through an fdset, whose image lock QEMU does not hand over"
-                ));
-            }
-        }
-        None
     }
 
     /// A generation's vCPU and iothread ids, for [`threads::snapshot`] and [`threads::apply`].
