@@ -20,7 +20,8 @@
 //! - [`supervisor`]: the event loop: signals, reaping, exit-status mirroring; [`spawn`]: a
 //!   generation started from it with every owner's fds.
 //! - [`daemonize`]: `-daemonize` and `-pidfile` done by the launcher itself.
-//! - [`upgrade`]: the live upgrade, step by step; [`threads`]: vCPU placement carried over.
+//! - [`upgrade`]: the live upgrade, step by step; [`threads`]: vCPU placement carried over;
+//!   [`translate`]: a later generation's argv for another QEMU version.
 //! - [`control`]: the per-VM control socket behind `qemu-liveupgrade upgrade|status|list`.
 //! - [`plan`]: the `plan` report; [`verdict`]: whether a VM can be upgraded, and why not.
 
@@ -44,6 +45,7 @@ pub mod supervisor;
 pub mod tapguard;
 pub mod taps;
 pub mod threads;
+pub mod translate;
 pub mod upgrade;
 pub mod verdict;
 
