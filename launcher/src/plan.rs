@@ -5,6 +5,7 @@
 //! it, and tests can check the command-line model against real libvirt and script argvs.
 
 use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
 use std::fmt::Write as _;
 use std::os::unix::ffi::OsStrExt;
 
@@ -15,6 +16,7 @@ use crate::generation::{generation_cmdline, Base, GenArgs, Layout};
 use crate::monitors::ListenOn;
 use crate::resolve::{self, Binary};
 use crate::resources::{resources, Resources};
+use crate::translate::{self, probe, Change, Questions};
 use crate::verdict::{Reason, Verdict};
 
 /// The launcher's plan for one command line.
@@ -44,6 +46,27 @@ pub struct Plan {
     pub pidfile: Option<OsString>,
     /// Whether the VM could be upgraded, and every reason it could not.
     pub verdict: Verdict,
+    /// What generation 2 would run on the binary of `plan --to`, once [`Plan::upgrade_to`]
+    /// has asked it.
+    pub next: Option<NextGeneration>,
+    base: Base,
+}
+
+/// The generation an upgrade to a given binary would start.
+#[derive(Debug, Clone)]
+pub struct NextGeneration {
+    /// The binary, and its version once asked.
+    pub binary: PathBuf,
+    /// `"10.0.2"`.
+    pub version: Option<String>,
+    /// The machine type every later generation is pinned to.
+    pub machine: Option<String>,
+    /// Its argv, argv\[0\] included, translated; empty when it cannot be given one.
+    pub argv: Vec<OsString>,
+    /// The translations, in command-line order.
+    pub changes: Vec<Change>,
+    /// Why the binary could not be asked, if it could not.
+    pub error: Option<String>,
 }
 
 impl Plan {
@@ -64,13 +87,13 @@ impl Plan {
             binary: resolve::resolve(argv0).map_err(|e| e.to_string()),
             argv,
             resources: resources(cmd),
-            layout: base.layout,
+            layout: base.layout.clone(),
             ram: base
                 .regions
                 .iter()
                 .map(|r| (r.id.clone(), r.size, r.hugetlb))
                 .collect(),
-            unshared: base.unshared,
+            unshared: base.unshared.clone(),
             taps: base
                 .taps
                 .iter()
@@ -91,7 +114,60 @@ impl Plan {
             daemonize: cmd.has("daemonize"),
             pidfile: cmd.opts("pidfile").last().and_then(|o| o.arg.clone()),
             verdict,
+            next: None,
+            base,
         }
+    }
+
+    /// Asks the first generation's binary which versioned type the argv's machine stands for
+    /// and `to` what it accepts, and plans generation 2 on `to`: its argv, translated, and any
+    /// reason it cannot start there added to the verdict.
+    pub fn upgrade_to(&mut self, to: &Path) {
+        let argv0 = self.argv[0].clone();
+        let mut next = NextGeneration {
+            binary: to.to_owned(),
+            version: None,
+            machine: None,
+            argv: Vec::new(),
+            changes: Vec::new(),
+            error: None,
+        };
+        // The machine type: what the first QEMU resolves an alias or the default to.
+        let asked = self.base.cmd.opts("machine").filter_map(|o| o.parse_arg()?.get("type")).last();
+        next.machine = match &self.binary {
+            Ok(first) => probe::run(&first.path, &argv0, &Questions::default())
+                .ok()
+                .and_then(|caps| translate::pinned_machine(asked.as_deref(), &caps)),
+            Err(_) => None,
+        }
+        .or(asked);
+        let args = GenArgs {
+            machine: next.machine.clone(),
+            incoming: true,
+        };
+        let cmd = generation_cmdline(&self.base, &args);
+        let questions = translate::questions(&cmd, next.machine.as_deref());
+        match probe::run(to, &argv0, &questions) {
+            Ok(caps) => {
+                next.version = caps.version.clone();
+                match translate::translate(&cmd, &caps) {
+                    Ok(t) => {
+                        next.argv = std::iter::once(argv0).chain(t.cmd.to_args()).collect();
+                        next.changes = t.changes;
+                    }
+                    Err(v) => self.verdict.merge(v),
+                }
+            }
+            Err(e) => {
+                let why = crate::error_chain(&e);
+                self.verdict.add(Reason::new(
+                    format!("--to {}", to.display()),
+                    format!("cannot ask the new QEMU what it accepts: {why}"),
+                ));
+                next.error = Some(why);
+            }
+        }
+        self.next = Some(next);
     }
 
     /// The plan as JSON, for scripts.
@@ -121,6 +197,14 @@ impl Plan {
                 "listen": at, "mode": mode, "generation_fd": fd,
             })).collect::<Vec<_>>(),
             "resources": self.resources.to_json(),
+            "next_generation": self.next.as_ref().map(|n| json!({
+                "binary": n.binary.to_string_lossy(),
+                "version": n.version,
+                "machine": n.machine,
+                "argv": n.argv.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>(),
+                "translations": n.changes.iter().map(Change::to_json).collect::<Vec<_>>(),
+                "error": n.error,
+            })),
         })
     }
 
@@ -245,6 +329,9 @@ impl Plan {
                 writeln!(out, "  {}", one_line(&item)).ok();
             }
         }
+        if let Some(next) = &self.next {
+            next.write_text(&mut out);
+        }
         let machine = r.get("machine").cloned().unwrap_or(Value::Null);
         writeln!(
             out,
@@ -257,6 +344,55 @@ impl Plan {
         )
         .ok();
         out
+    }
+}
+
+impl NextGeneration {
+    /// The argv one option a line, each translated one marked with what it was.
+    fn write_text(&self, out: &mut String) {
+        let version = self.version.as_deref().unwrap_or("?");
+        writeln!(
+            out,
+            "generation 2 on QEMU {version} at {} (machine {}):",
+            self.binary.display(),
+            self.machine.as_deref().unwrap_or("default")
+        )
+        .ok();
+        if self.argv.is_empty() {
+            writeln!(out, "  cannot be started there (see the verdict)").ok();
+            return;
+        }
+        let cmd = CmdLine::parse(&self.argv[1..]).unwrap_or_default();
+        writeln!(out, "  {}", shell_quote(&self.argv[0])).ok();
+        for item in &cmd.items {
+            let (words, plain) = match item {
+                crate::cmdline::Item::Opt(o) => {
+                    let mut w = vec![shell_quote(&o.spelling)];
+                    w.extend(o.arg.iter().map(|a| shell_quote(a)));
+                    let mut p = vec![o.spelling.to_string_lossy().into_owned()];
+                    p.extend(o.arg.iter().map(|a| a.to_string_lossy().into_owned()));
+                    (w.join(" "), p.join(" "))
+                }
+                crate::cmdline::Item::Positional(p) => {
+                    (shell_quote(p), p.to_string_lossy().into_owned())
+                }
+            };
+            let was: Vec<&str> = self
+                .changes
+                .iter()
+                .filter(|c| !c.now.is_empty() && c.now.contains(&plain))
+                .map(|c| c.was.as_str())
+                .collect();
+            if was.is_empty() {
+                writeln!(out, "  {words}").ok();
+            } else {
+                writeln!(out, "  {words}    # translated from {}", was.join(", ")).ok();
+            }
+        }
+        for change in &self.changes {
+            let now = if change.now.is_empty() { "(dropped)" } else { &change.now };
+            writeln!(out, "translated: {} -> {now}: {}", change.was, change.why).ok();
+        }
     }
 }
 

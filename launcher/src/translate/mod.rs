@@ -100,6 +100,18 @@ pub fn questions(cmd: &CmdLine, machine: Option<&str>) -> Questions {
     }
 }
 
+/// The versioned machine type `asked` (a type, an alias such as `pc`, or `None` for the
+/// default) stands for in the binary `caps` describes: what every later generation is pinned to.
+pub fn pinned_machine(asked: Option<&str>, caps: &Capabilities) -> Option<String> {
+    caps.machines
+        .iter()
+        .find(|m| match asked {
+            Some(t) => m.name == t || m.alias.as_deref() == Some(t),
+            None => m.default,
+        })
+        .map(|m| m.name.clone())
+}
+
 /// Translates `cmd` (a generation's whole command line) for the binary `caps` describes.
 /// Returns the command line to run, or a verdict naming every option that cannot be given to
 /// that binary in any form.

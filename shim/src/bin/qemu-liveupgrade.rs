@@ -28,6 +28,10 @@ enum Command {
         /// The name the shim would be invoked as (decides the real binary it resolves).
         #[arg(long, default_value = "qemu-system-x86_64")]
         emulator: OsString,
+        /// Also plan an upgrade to this QEMU binary: the argv generation 2 would get there,
+        /// translated, and whether it would accept the VM.
+        #[arg(long)]
+        to: Option<PathBuf>,
         /// QEMU's arguments, after `--`.
         #[arg(last = true, required = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
@@ -81,10 +85,14 @@ fn run(command: Command) -> Result<ExitCode, String> {
         Command::Plan {
             json,
             emulator,
+            to,
             args,
         } => {
             let cmd = CmdLine::parse(&args).map_err(|e| launcher::error_chain(&e))?;
-            let plan = Plan::new(&emulator, &cmd);
+            let mut plan = Plan::new(&emulator, &cmd);
+            if let Some(to) = to {
+                plan.upgrade_to(&to);
+            }
             if json {
                 println!("{}", pretty(&plan.to_json()));
             } else {
