@@ -84,8 +84,13 @@ fn new_binary_lacks_the_machine_type() {
     let vm = UpgradeVm::start("10.0.2", 256, &[]);
     vm.install("7.2.22");
     let report = vm.upgrade();
-    // 7.2 refuses the machine at start-up; the report carries its words.
-    assert_rolled_back(&vm, &report, "unsupported machine type", "10.0.2");
+    // 7.2 is asked first and has no such type: refused before anything is started.
+    assert_rolled_back(
+        &vm,
+        &report,
+        "has no machine type pc-i440fx-10.0",
+        "10.0.2",
+    );
 }
 
 #[test]

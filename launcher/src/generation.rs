@@ -174,6 +174,9 @@ pub struct GenArgs {
     pub machine: Option<String>,
     /// Start waiting for an incoming migration (`-incoming defer`).
     pub incoming: bool,
+    /// What the binary accepts, when it was asked: the argv is translated for it
+    /// ([`crate::translate`]). The first generation is never translated.
+    pub target: Option<crate::translate::Capabilities>,
 }
 
 /// The command line a generation runs: the launcher's base command line (the user's, with RAM
@@ -190,6 +193,9 @@ pub fn generation_cmdline(base: &Base, args: &GenArgs) -> CmdLine {
     if args.incoming {
         monitors::append_to_files(&mut cmd);
         cmd.remove_all("incoming");
+        // A snapshot loaded at start would be written into the guest RAM the running QEMU
+        // shares; the incoming state replaces it anyway.
+        cmd.remove_all("loadvm");
         cmd.push("incoming", Some("defer"));
     }
     cmd.push(
@@ -203,7 +209,11 @@ pub fn generation_cmdline(base: &Base, args: &GenArgs) -> CmdLine {
         "mon",
         Some(&format!("chardev={PRIVATE_MONITOR_ID},mode=control")),
     );
-    cmd
+    // Options the binary lacks become their equivalents; what has none was refused before.
+    match args.target.as_ref().map(|caps| crate::translate::translate(&cmd, caps)) {
+        Some(Ok(translated)) => translated.cmd,
+        _ => cmd,
+    }
 }
 
 /// Where a generation's stdio goes.

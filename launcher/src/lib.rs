@@ -34,6 +34,7 @@ pub mod journal;
 pub mod memfd;
 pub mod monitors;
 pub mod plan;
+pub mod preflight;
 pub mod proxy;
 pub mod ptys;
 pub mod qmp;

@@ -144,6 +144,7 @@ impl Plan {
         let args = GenArgs {
             machine: next.machine.clone(),
             incoming: true,
+            target: None,
         };
         let cmd = generation_cmdline(&self.base, &args);
         let questions = translate::questions(&cmd, next.machine.as_deref());

@@ -112,6 +112,8 @@ pub(crate) enum Token {
     TapGuard(u32),
     /// A kept pty's master or generation sockets, by pty.
     Pty(usize),
+    /// The pipes of a probe asking a new binary what it accepts.
+    Probe,
 }
 
 impl Token {
@@ -127,6 +129,7 @@ impl Token {
         mio::Token(match self {
             Token::Signals => 0,
             Token::Control => 1,
+            Token::Probe => 2,
             Token::Relay(i) => Self::RELAY_BASE + i,
             Token::ControlClient(i) => Self::CONTROL_CLIENT_BASE + i,
             Token::Monitor(n) => Self::MONITOR_BASE + n as usize,
@@ -139,6 +142,7 @@ impl Token {
         match t.0 {
             0 => Token::Signals,
             1 => Token::Control,
+            2 => Token::Probe,
             i if i < Self::CONTROL_CLIENT_BASE => Token::Relay(i - Self::RELAY_BASE),
             i if i < Self::MONITOR_BASE => Token::ControlClient(i - Self::CONTROL_CLIENT_BASE),
             n if n < Self::TAP_GUARD_BASE => Token::Monitor((n - Self::MONITOR_BASE) as u32),
@@ -210,6 +214,8 @@ pub struct Supervisor {
     pub(crate) proxy: Proxy,
     /// The ptys held across generations.
     ptys: PtyRelay,
+    /// What each new binary accepts, asked once per binary file.
+    pub(crate) probes: crate::translate::probe::ProbeCache,
 }
 
 impl Supervisor {
@@ -295,6 +301,7 @@ impl Supervisor {
             retired: Vec::new(),
             proxy,
             ptys,
+            probes: Default::default(),
             config,
         };
         match Control::bind(&control::run_dir(), std::process::id()) {
@@ -613,6 +620,7 @@ impl Supervisor {
                 Token::TapGuard(n) => self.on_tap_guard(n),
                 Token::Pty(i) => self.ptys.handle(i),
                 Token::Control => self.on_control(),
+                Token::Probe => self.on_probe(),
                 Token::ControlClient(i) => self.on_control_client(i),
             }
         }

@@ -112,6 +112,8 @@ struct Stats {
     threads: Value,
     /// Tap ioctls the new QEMU made while the old one ran the guest, answered without effect.
     tap_ioctls_held: Option<u32>,
+    /// Options of the user's argv the new QEMU got in another form.
+    translations: Vec<Value>,
 }
 
 impl Supervisor {
@@ -156,6 +158,7 @@ impl Supervisor {
                 report["ram_bytes"] = json!(stats.ram_bytes);
                 report["threads"] = stats.threads;
                 report["tap_ioctls_held"] = json!(stats.tap_ioctls_held);
+                report["translations"] = json!(stats.translations);
             }
             Err(e) => {
                 report["result"] = "failed".into();
@@ -209,14 +212,34 @@ impl Supervisor {
             return Err(UpgradeError::State(format!("migrating ({s})")));
         }
 
-        self.progress("starting the new QEMU");
-        // 3. The new QEMU, same argv, pinned machine, waiting for the incoming stream. A QEMU
-        //    that lacks the machine type refuses to start, and the report carries its words.
-        let number = self.current.number + 1;
+        self.progress("asking the new QEMU what it accepts");
+        // 3. The new QEMU's argv: the user's, with the machine type pinned, translated for
+        //    what the new binary accepts (asked once per binary file). An option it cannot be
+        //    given in any form stops the upgrade here, before anything is started. A binary
+        //    that cannot be asked gets the argv untranslated, and judges it itself.
+        let target = match self.capabilities(&binary.path) {
+            Ok(caps) => Some(caps),
+            Err(why) => {
+                self.progress(&format!("cannot ask the new QEMU ({why}); its argv is not translated"));
+                None
+            }
+        };
         let args = GenArgs {
             machine: self.machine.clone(),
             incoming: true,
+            target,
         };
+        let translated = self
+            .translated(&args)
+            .map_err(|v| UpgradeError::Unsupported(v.reasons_line()))?;
+        let translations = translated
+            .map(|t| t.changes.iter().map(|c| c.to_json()).collect())
+            .unwrap_or_default();
+
+        self.progress("starting the new QEMU");
+        // 4. The new QEMU, waiting for the incoming stream. A QEMU that lacks the machine type
+        //    refuses to start, and the report carries its words.
+        let number = self.current.number + 1;
         let gen = self
             .spawn_generation(number, binary, &args)
             .map_err(|e| UpgradeError::Start(Box::new(e)))?;
@@ -226,7 +249,7 @@ impl Supervisor {
             .map_err(|e| UpgradeError::Start(Box::new(e)))?;
 
         self.progress("setting migration capabilities");
-        // 4. Migration capabilities: the ones the VM's users set, plus ours, on both sides.
+        // 5. Migration capabilities: the ones the VM's users set, plus ours, on both sides.
         let old_caps = capabilities(
             &self
                 .call(
@@ -312,7 +335,7 @@ impl Supervisor {
             .map_err(step("migrate-set-parameters"))?;
         }
 
-        // 5. Clients of the VM's monitors: their input is held from here on (never failed),
+        // 6. Clients of the VM's monitors: their input is held from here on (never failed),
         //    the old QEMU answers what it already has, then each client gets a connection to
         //    the new QEMU with its capability negotiation replayed.
         self.progress("moving monitor clients");
@@ -330,7 +353,7 @@ impl Supervisor {
                 .prepare(self.poll.registry(), number, Instant::now() + STEP_TIMEOUT);
         prepared.map_err(|e| UpgradeError::Monitors(crate::error_chain(&e)))?;
 
-        // 6. Devices the VM's users hot-plugged exist only in the old QEMU: the new one gets
+        // 7. Devices the VM's users hot-plugged exist only in the old QEMU: the new one gets
         //    them now, in the order they came, before any device state arrives for them.
         self.replay_hotplug()?;
 
@@ -338,7 +361,7 @@ impl Supervisor {
         let old_placement = threads::snapshot(&self.thread_list(Which::Current));
 
         self.progress("migrating");
-        // 7. The stream: one pipe, its read end in the new QEMU, its write end in the old.
+        // 8. The stream: one pipe, its read end in the new QEMU, its write end in the old.
         let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| step("pipe")(CallError::Poll(e.into())))?;
         // A larger pipe lets streamed RAM move in bigger batches; best effort.
@@ -385,7 +408,7 @@ impl Supervisor {
         .map_err(step("migrate"))?;
         undo.out_fd_named = false;
 
-        // 8. Completion, as the new QEMU sees it; the old one's failure, or either's exit.
+        // 9. Completion, as the new QEMU sees it; the old one's failure, or either's exit.
         let ram_size: u64 = self.ram_size();
         let limit = if shared {
             SHARED_MIGRATION_TIMEOUT
@@ -431,7 +454,7 @@ impl Supervisor {
             return Err(UpgradeError::Migration("old QEMU exited".into()));
         }
 
-        // 9. The run state the guest had. A destination started with -S (libvirt's way)
+        // 10. The run state the guest had. A destination started with -S (libvirt's way)
         //    stays paused after migration even when the source ran; QEMU autostarts it
         //    otherwise, a few moments after reporting completion.
         let mut status = String::from("inmigrate");
@@ -455,7 +478,7 @@ impl Supervisor {
         // From here the new QEMU runs the guest: there is no way back.
 
         self.progress("quitting the old QEMU");
-        // 10. The old QEMU's figures, then it goes at once, by SIGKILL: its guest runs
+        // 11. The old QEMU's figures, then it goes at once, by SIGKILL: its guest runs
         //     elsewhere now, and anything it still does (it keeps polling the taps it shares
         //     with the new QEMU, and a packet it reads is lost) can only take from the new one.
         //     A `quit` would let it run its main loop a few milliseconds more. Then monitor
@@ -463,6 +486,7 @@ impl Supervisor {
         //     to what the VM's users had, and its threads get the old ones' placement.
         let mut stats = Stats {
             shared,
+            translations,
             ..Stats::default()
         };
         if let Ok(info) = self.call(Which::Current, "query-migrate", None, deadline()) {
@@ -656,7 +680,7 @@ impl Supervisor {
     }
 }
 
-fn start_timeout() -> Duration {
+pub(crate) fn start_timeout() -> Duration {
     std::env::var("QEMU_LIVEUPGRADE_START_TIMEOUT")
         .ok()
         .and_then(|s| s.parse::<f64>().ok())

@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 
 use crate::child::{self, ChildError, InheritedSignals};
 
-/// Time a probe gets before it is given up.
+/// Time a probe gets by default before it is given up.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why a binary could not be asked.
@@ -206,12 +206,13 @@ enum Asked {
 }
 
 impl Probe {
-    /// Starts both processes and sends every question.
+    /// Starts both processes and sends every question; the probe is given up after `timeout`.
     pub fn start(
         binary: &Path,
         argv0: &OsString,
         questions: &Questions,
         signals: &InheritedSignals,
+        timeout: Duration,
     ) -> Result<Probe, ProbeError> {
         let null = std::fs::File::options()
             .read(true)
@@ -296,7 +297,7 @@ impl Probe {
             qmp: Reader::new(qmp_r)?,
             processes,
             asked,
-            deadline: Instant::now() + PROBE_TIMEOUT,
+            deadline: Instant::now() + timeout,
         })
     }
 
@@ -316,11 +317,14 @@ impl Probe {
     }
 
     /// Reads whatever is ready; returns whether the probe has everything (or can get nothing
-    /// more).
-    pub fn on_readable(&mut self) -> Result<bool, ProbeError> {
-        self.help.pump()?;
-        self.qmp.pump()?;
-        Ok(self.is_done())
+    /// more). A pipe that fails to read counts as ended: [`Probe::finish`] says what is missing.
+    pub fn on_readable(&mut self) -> bool {
+        for reader in [&mut self.help, &mut self.qmp] {
+            if reader.pump().is_err() {
+                reader.eof = true;
+            }
+        }
+        self.is_done()
     }
 
     /// Whether `-help` has ended and the last question is answered (or the QMP process ended).
@@ -497,6 +501,57 @@ fn property_names(ret: &Value) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// A binary file's identity: a package upgrade replaces the file (new inode, times, size), and
+/// only then is it asked again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileKey {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    size: i64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileKey {
+    /// The identity of the file `path` names now, following symlinks.
+    pub fn of(path: &Path) -> Result<FileKey, Errno> {
+        let st = nix::sys::stat::stat(path)?;
+        Ok(FileKey {
+            path: path.to_owned(),
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        })
+    }
+}
+
+/// What binaries answered, by file identity and questions, and the probe under way.
+#[derive(Debug, Default)]
+pub struct ProbeCache {
+    known: Vec<(FileKey, Questions, Capabilities)>,
+    /// The probe the event loop is driving, if any.
+    pub active: Option<Probe>,
+}
+
+impl ProbeCache {
+    /// The answers for this file and these questions, if asked before.
+    pub fn get(&self, key: &FileKey, questions: &Questions) -> Option<&Capabilities> {
+        self.known
+            .iter()
+            .find(|(k, q, _)| k == key && q == questions)
+            .map(|(_, _, c)| c)
+    }
+
+    /// Keeps answers; those of a replaced file are forgotten.
+    pub fn insert(&mut self, key: FileKey, questions: Questions, caps: Capabilities) {
+        self.known.retain(|(k, _, _)| k.path != key.path || *k == key);
+        self.known.push((key, questions, caps));
+    }
+}
+
 /// Runs a probe to completion, waiting with `poll(2)`, and reaps its processes. For callers
 /// without an event loop: the CLI and tests.
 pub fn run(
@@ -505,12 +560,10 @@ pub fn run(
     questions: &Questions,
 ) -> Result<Capabilities, ProbeError> {
     let signals = InheritedSignals::capture();
-    let mut probe = Probe::start(binary, argv0, questions, &signals)?;
+    let mut probe = Probe::start(binary, argv0, questions, &signals, PROBE_TIMEOUT)?;
     let result = loop {
-        match probe.on_readable() {
-            Ok(true) => break Ok(()),
-            Ok(false) => {}
-            Err(e) => break Err(e),
+        if probe.on_readable() {
+            break Ok(());
         }
         let left = probe.deadline().saturating_duration_since(Instant::now());
         if left.is_zero() {
