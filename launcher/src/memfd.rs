@@ -50,6 +50,10 @@ pub struct Region {
     pub size: u64,
     /// Backed by huge pages (`MFD_HUGETLB`), because the command line asked for them.
     pub hugetlb: bool,
+    /// The huge page size in bytes: `hugetlbsize=` of a memfd backend, or the page size of
+    /// the hugetlbfs mount a file backend names (`pagesize=` of that mount: libvirt's
+    /// `/dev/hugepages1G/...`). 0 means the kernel's default huge page size.
+    pub page_size: u64,
     /// Where the backend is on the command line.
     origin: Origin,
 }
@@ -89,12 +93,21 @@ pub fn regions(cmd: &CmdLine) -> Result<Vec<Region>, Unshareable> {
         };
         let id = arg.get("id").unwrap_or_default();
         let size = arg.get("size").and_then(|s| parse_size(&s, false));
+        let mut page_size = 0;
         let hugetlb = match kind.as_str() {
             "memory-backend-ram" => false,
-            "memory-backend-memfd" => is_on(arg.get("hugetlb")),
+            "memory-backend-memfd" => {
+                page_size = arg
+                    .get("hugetlbsize")
+                    .and_then(|s| parse_size(&s, false))
+                    .unwrap_or(0);
+                is_on(arg.get("hugetlb"))
+            }
             "memory-backend-file" => {
                 let path = arg.get("mem-path").unwrap_or_default();
-                let on_hugetlbfs = is_hugetlbfs(&path);
+                let hugetlbfs = hugetlbfs_page_size(&path);
+                let on_hugetlbfs = hugetlbfs.is_some();
+                page_size = hugetlbfs.unwrap_or(0);
                 // A regular file that QEMU already maps shared is a named shared file: every
                 // generation maps it by path and x-ignore-shared skips it as it is.
                 if !on_hugetlbfs && is_on(arg.get("share")) {
@@ -116,6 +129,7 @@ pub fn regions(cmd: &CmdLine) -> Result<Vec<Region>, Unshareable> {
             id,
             size,
             hugetlb,
+            page_size: if hugetlb { page_size } else { 0 },
             origin: Origin::Object(index),
         });
     }
@@ -139,6 +153,7 @@ pub fn regions(cmd: &CmdLine) -> Result<Vec<Region>, Unshareable> {
             id: RAM_ID.to_owned(),
             size,
             hugetlb: false,
+            page_size: 0,
             origin: Origin::MachineRam,
         });
     }
@@ -149,17 +164,31 @@ fn is_on(v: Option<String>) -> bool {
     matches!(v.as_deref(), Some("on" | "true" | "yes" | "y"))
 }
 
-/// A mem-path naming a directory means QEMU creates (and unlinks) its own file there, which
-/// is how hugetlbfs is used; that file is invisible to the next generation.
-fn is_hugetlbfs(path: &str) -> bool {
+/// The huge page size of the hugetlbfs `path` is on, or `None` when it is not on one. A
+/// mem-path naming a directory means QEMU creates (and unlinks) its own file there, which is
+/// how hugetlbfs is used; that file is invisible to the next generation, so the launcher
+/// backs such RAM with a memfd of the same page size instead. hugetlbfs reports its page
+/// size as the block size (`statfs(2)`).
+fn hugetlbfs_page_size(path: &str) -> Option<u64> {
     const HUGETLBFS_MAGIC: i64 = 0x958458f6;
     if path.is_empty() {
-        return false;
+        return None;
     }
-    match nix::sys::statfs::statfs(path) {
-        Ok(fs) => fs.filesystem_type().0 == HUGETLBFS_MAGIC,
-        Err(_) => false,
+    let fs = nix::sys::statfs::statfs(path).ok()?;
+    (fs.filesystem_type().0 == HUGETLBFS_MAGIC).then(|| fs.block_size() as u64)
+}
+
+/// `memfd_create(2)` flags for huge pages of `page_size` bytes: `MFD_HUGETLB`, with the page
+/// size's log2 in the bits at `MFD_HUGE_SHIFT` (26) when it is not the default, as
+/// `MFD_HUGE_2MB` and `MFD_HUGE_1GB` are defined.
+fn hugetlb_flags(page_size: u64) -> MemFdCreateFlag {
+    const MFD_HUGE_SHIFT: u32 = 26;
+    let mut flags = MemFdCreateFlag::MFD_HUGETLB;
+    if page_size.is_power_of_two() {
+        let log2 = page_size.trailing_zeros();
+        flags |= MemFdCreateFlag::from_bits_retain((log2 << MFD_HUGE_SHIFT) as libc::c_uint);
     }
+    flags
 }
 
 /// Creates the memfd for a region, sized; close-on-exec until placed into a generation.
@@ -172,7 +201,7 @@ pub fn create(region: &Region) -> Result<OwnedFd, MemfdError> {
     let name = CString::new(format!("qemu-liveupgrade:{}", region.id)).unwrap_or_default();
     let mut flags = MemFdCreateFlag::MFD_CLOEXEC;
     if region.hugetlb {
-        flags |= MemFdCreateFlag::MFD_HUGETLB;
+        flags |= hugetlb_flags(region.page_size);
     }
     let fd = memfd_create(&name, flags).map_err(fail)?;
     nix::unistd::ftruncate(&fd, region.size as i64).map_err(fail)?;
@@ -363,11 +392,41 @@ mod tests {
     }
 
     #[test]
+    fn huge_page_sizes_are_kept() {
+        let cmd = parse(&[
+            "-object",
+            "memory-backend-memfd,id=m0,size=1G,hugetlb=on,hugetlbsize=1G",
+            "-object",
+            r#"{"qom-type":"memory-backend-memfd","id":"m1","size":1073741824,"hugetlb":true,"hugetlbsize":2097152}"#,
+            "-object",
+            "memory-backend-memfd,id=m2,size=1G,hugetlb=on",
+            "-object",
+            "memory-backend-memfd,id=m3,size=1G,hugetlbsize=2M",
+            "-numa",
+            "node,memdev=m0",
+        ]);
+        let r = regions(&cmd).unwrap();
+        let got: Vec<(bool, u64)> = r.iter().map(|r| (r.hugetlb, r.page_size)).collect();
+        assert_eq!(got, [(true, 1 << 30), (true, 2 << 20), (true, 0), (false, 0)]);
+        // MFD_HUGE_2MB is 21 << 26, MFD_HUGE_1GB 30 << 26 (linux/memfd.h).
+        assert_eq!(hugetlb_flags(2 << 20).bits(), 0x4 | (21 << 26));
+        assert_eq!(hugetlb_flags(1 << 30).bits(), 0x4 | (30 << 26));
+        assert_eq!(hugetlb_flags(0).bits(), 0x4);
+        // The rewritten backend is a shared file: no memfd-only property is left.
+        let out = strings(&rewrite(&cmd, &r, &[7, 8, 9, 10]));
+        assert_eq!(
+            out[1],
+            "memory-backend-file,id=m0,size=1G,mem-path=/proc/self/fd/7,share=on"
+        );
+    }
+
+    #[test]
     fn memfd_is_sized() {
         let r = Region {
             id: "t".into(),
             size: 4 << 20,
             hugetlb: false,
+            page_size: 0,
             origin: Origin::MachineRam,
         };
         let fd = create(&r).unwrap();

@@ -30,8 +30,9 @@ pub struct Plan {
     pub resources: Resources,
     /// The fd layout every generation gets.
     pub layout: Layout,
-    /// Guest RAM the launcher owns: backend id, bytes, huge pages.
-    pub ram: Vec<(String, u64, bool)>,
+    /// Guest RAM the launcher owns: backend id, bytes, huge pages, huge page size (0: the
+    /// kernel's default).
+    pub ram: Vec<(String, u64, bool, u64)>,
     /// Why guest RAM is not shared, when it is not.
     pub unshared: Option<String>,
     /// Socket servers the launcher serves itself: where clients connect, and what it carries.
@@ -91,7 +92,7 @@ impl Plan {
             ram: base
                 .regions
                 .iter()
-                .map(|r| (r.id.clone(), r.size, r.hugetlb))
+                .map(|r| (r.id.clone(), r.size, r.hugetlb, r.page_size))
                 .collect(),
             unshared: base.unshared.clone(),
             taps: base
@@ -186,8 +187,8 @@ impl Plan {
             "guest_ram": {
                 "shared": self.unshared.is_none(),
                 "unshared_reason": self.unshared,
-                "memfds": self.ram.iter().zip(&self.layout.ram).map(|((id, size, huge), fd)| json!({
-                    "id": id, "size": size, "hugetlb": huge, "fd": fd,
+                "memfds": self.ram.iter().zip(&self.layout.ram).map(|((id, size, huge, page), fd)| json!({
+                    "id": id, "size": size, "hugetlb": huge, "huge_page_size": huge.then_some(page), "fd": fd,
                 })).collect::<Vec<_>>(),
             },
             "taps_opened_by_launcher": self.taps_json(),
@@ -269,8 +270,12 @@ impl Plan {
         writeln!(out, "private monitor: fd {}", self.layout.private_monitor).ok();
         match &self.unshared {
             None => {
-                for ((id, size, huge), fd) in self.ram.iter().zip(&self.layout.ram) {
-                    let pages = if *huge { ", huge pages" } else { "" };
+                for ((id, size, huge, page), fd) in self.ram.iter().zip(&self.layout.ram) {
+                    let pages = match (huge, page) {
+                        (false, _) => String::new(),
+                        (true, 0) => ", huge pages of the default size".into(),
+                        (true, p) => format!(", huge pages of {} KiB", p >> 10),
+                    };
                     writeln!(
                         out,
                         "guest RAM: {id}: memfd at fd {fd}, {size} bytes{pages}, shared"
