@@ -48,6 +48,8 @@ pub enum Request {
     Status,
     /// Upgrade, to this binary or the one resolution finds.
     Upgrade(Option<PathBuf>),
+    /// Start the new QEMU as an upgrade would, confirm it takes the VM, end it.
+    Check(Option<PathBuf>),
 }
 
 /// One connected control client.
@@ -87,6 +89,7 @@ impl Client {
             Some("upgrade") => Ok(Some(Request::Upgrade(
                 req["to"].as_str().map(PathBuf::from),
             ))),
+            Some("check") => Ok(Some(Request::Check(req["to"].as_str().map(PathBuf::from)))),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "unknown request",
@@ -283,6 +286,8 @@ impl Supervisor {
                 }
                 self.waiters.push(client);
             }
+            // Run from the loop's top, like an upgrade, never from inside this handler.
+            Some(Request::Check(to)) => self.check_requests.push((client, to)),
             None => {}
         }
     }

@@ -1,17 +1,23 @@
 //! What an upgrade learns before it starts anything: what the new binary accepts, and the
 //! argv a later generation gets there ([`crate::translate`]), asked through a probe the
-//! supervisor's loop drives so that monitors and consoles are served meanwhile.
+//! supervisor's loop drives so that monitors and consoles are served meanwhile; and `check`,
+//! which goes one step further and starts the new QEMU exactly as an upgrade would, then ends
+//! it, the guest running on untouched.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{json, Value};
 
 use mio::unix::SourceFd;
 use mio::Interest;
 
 use crate::generation::{generation_cmdline, GenArgs};
-use crate::supervisor::{Supervisor, Token};
+use crate::resolve::{self, Binary, Source};
+use crate::supervisor::{Supervisor, Token, Which};
 use crate::translate::probe::{FileKey, Probe, PROBE_TIMEOUT};
 use crate::translate::{self, Capabilities, Translated};
-use crate::verdict::Verdict;
+use crate::verdict::{Reason, Verdict};
 
 impl Supervisor {
     /// What `binary` accepts for this VM's argv and machine type, asked once per binary file.
@@ -75,4 +81,125 @@ impl Supervisor {
         };
         translate::translate(&generation_cmdline(&self.config.base, &plain), caps).map(Some)
     }
+}
+
+impl Supervisor {
+    /// The preflight behind `qemu-liveupgrade check`: everything an upgrade to `to` (or to the
+    /// binary resolution finds) would do up to the migration, then the new QEMU is ended. The
+    /// old QEMU is only asked questions; the guest never stops. Returns the report.
+    pub(crate) fn check(&mut self, to: Option<PathBuf>) -> Value {
+        let started = Instant::now();
+        let mut verdict = self.config.base.verdict.clone();
+        let mut report = json!({
+            "qemu-liveupgrade": "check",
+            "generation": self.current.number,
+            "machine": self.machine,
+        });
+        let binary = match to {
+            Some(path) => Ok(Binary {
+                path,
+                source: Source::Request,
+            }),
+            None => resolve::resolve(&self.config.argv0).map_err(|e| crate::error_chain(&e)),
+        };
+        let binary = match binary {
+            Ok(b) => b,
+            Err(why) => {
+                verdict.add(Reason::new("the new QEMU", why));
+                return finish(report, verdict, started);
+            }
+        };
+        report["binary"] = binary.path.to_string_lossy().into();
+        // What the running QEMU itself refuses to migrate (a mounted 9p share, a device that
+        // cannot migrate): QEMU lists its migration blockers in query-migrate.
+        let deadline = Some(Instant::now() + std::time::Duration::from_secs(10));
+        if let Ok(info) = self.call(Which::Current, "query-migrate", None, deadline) {
+            for why in info["blocked-reasons"].as_array().into_iter().flatten() {
+                let why = why.as_str().unwrap_or_default();
+                verdict.add(Reason::new("the running QEMU", format!("blocks migration: {why}")));
+            }
+        }
+        let target = match self.capabilities(&binary.path) {
+            Ok(caps) => {
+                report["version"] = caps.version.clone().into();
+                Some(caps)
+            }
+            Err(why) => {
+                let option = format!("--to {}", binary.path.display());
+                verdict.add(Reason::new(option, format!("cannot ask it what it accepts: {why}")));
+                None
+            }
+        };
+        let args = GenArgs {
+            machine: self.machine.clone(),
+            incoming: true,
+            target,
+        };
+        match self.translated(&args) {
+            Ok(t) => {
+                let changes: Vec<Value> = t.iter().flat_map(|t| &t.changes).map(|c| c.to_json()).collect();
+                report["translations"] = changes.into();
+            }
+            Err(v) => verdict.merge(v),
+        }
+        if verdict.upgradable() {
+            self.start_and_end(binary, &args, &mut verdict, &mut report);
+        }
+        finish(report, verdict, started)
+    }
+
+    /// Starts the new QEMU as an upgrade's step 4 does (same argv, pinned machine, fds,
+    /// `-incoming defer`, the tap guard), replays the hot-plugged devices into it, and ends it.
+    fn start_and_end(
+        &mut self,
+        binary: Binary,
+        args: &GenArgs,
+        verdict: &mut Verdict,
+        report: &mut Value,
+    ) {
+        let number = self.current.number + 1;
+        let timeout = Some(Instant::now() + crate::upgrade::start_timeout());
+        match self.spawn_generation(number, binary, args) {
+            Ok(gen) => {
+                self.incoming = Some(gen);
+                self.incoming_exit = None;
+                match self.handshake(Which::Incoming, timeout) {
+                    Ok(()) => {
+                        report["started"] = true.into();
+                        report["version"] = self.gen(Which::Incoming).version_string().into();
+                        let replayed = self.proxy.journal().entries().len();
+                        match self.replay_hotplug() {
+                            Ok(()) => report["replayed"] = replayed.into(),
+                            Err(e) => verdict.add(Reason::new(
+                                "hot-plugged devices",
+                                crate::error_chain(&e),
+                            )),
+                        }
+                    }
+                    Err(e) => {
+                        let mut why = format!("did not start: {}", crate::error_chain(&e));
+                        if let Some(line) = self.last_stderr_line(number) {
+                            why.push_str(&format!(" ({line})"));
+                        }
+                        verdict.add(Reason::new("the new QEMU", why));
+                    }
+                }
+            }
+            Err(e) => verdict.add(Reason::new(
+                "the new QEMU",
+                format!("did not start: {}", crate::error_chain(&e)),
+            )),
+        }
+        self.kill_incoming();
+        // The per-generation sockets made for it go; the live generation's stay.
+        self.proxy.abort(self.poll.registry());
+    }
+}
+
+/// The check report: `ok`, the verdict, and how long it took.
+fn finish(mut report: Value, verdict: Verdict, started: Instant) -> Value {
+    report["ok"] = verdict.upgradable().into();
+    report["verdict"] = verdict.to_json();
+    report["total_ms"] = ((started.elapsed().as_secs_f64() * 1e4).round() / 10.0).into();
+    report
 }

@@ -216,6 +216,8 @@ pub struct Supervisor {
     ptys: PtyRelay,
     /// What each new binary accepts, asked once per binary file.
     pub(crate) probes: crate::translate::probe::ProbeCache,
+    /// Control clients that asked for a `check`, with the binary they named.
+    pub(crate) check_requests: Vec<(Client, Option<std::path::PathBuf>)>,
 }
 
 impl Supervisor {
@@ -302,6 +304,7 @@ impl Supervisor {
             proxy,
             ptys,
             probes: Default::default(),
+            check_requests: Vec::new(),
             config,
         };
         match Control::bind(&control::run_dir(), std::process::id()) {
@@ -425,6 +428,11 @@ impl Supervisor {
                     }));
                 }
                 return Ok(exit);
+            }
+            if let Some((mut client, to)) = self.check_requests.pop() {
+                let report = self.check(to);
+                let _ = client.send(&report);
+                continue;
             }
             if self.upgrade_requests > 0 {
                 self.upgrade_requests = 0;

@@ -586,7 +586,7 @@ impl Supervisor {
     /// Replays the hot-plug journal into the incoming generation through its private
     /// monitor. QEMU keeps `getfd` names per monitor, so fds and the commands that use them
     /// both go through this one monitor.
-    fn replay_hotplug(&mut self) -> Result<(), UpgradeError> {
+    pub(crate) fn replay_hotplug(&mut self) -> Result<(), UpgradeError> {
         let entries: Vec<(String, Value, Option<OwnedFd>)> = self
             .proxy
             .journal()

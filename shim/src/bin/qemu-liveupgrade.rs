@@ -54,6 +54,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Preflight a running VM: start the new QEMU exactly as an upgrade would (translated
+    /// argv, pinned machine type, -incoming defer, hot-plugged devices replayed), confirm it
+    /// takes the VM, then end it. The guest keeps running throughout. Exits 1 if any VM could
+    /// not be upgraded, naming why.
+    Check {
+        /// The VM: pid or -name.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        vm: Option<String>,
+        /// Every VM under the shim.
+        #[arg(long)]
+        all: bool,
+        /// The new QEMU binary; by default the one an upgrade would resolve now.
+        #[arg(long)]
+        to: Option<PathBuf>,
+        /// Print one JSON report per VM.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a VM's QEMU version, binary, generation, uptime and last upgrade.
     Status {
         /// The VM: pid or -name.
@@ -138,6 +156,42 @@ fn run(command: Command) -> Result<ExitCode, String> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Check {
+            vm,
+            all: _,
+            to,
+            json,
+        } => {
+            let vms = match vm {
+                Some(vm) => vec![find_vm(&vm)?],
+                None => all_vms().into_iter().map(|(p, _)| p).collect(),
+            };
+            let to = to.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
+            let req = json!({ "execute": "check", "to": to.map(|p| p.to_string_lossy().into_owned()) });
+            let mut all_ok = true;
+            for path in vms {
+                let name = status_of(&path)
+                    .ok()
+                    .and_then(|s| s["name"].as_str().map(str::to_owned).or(Some(s["pid"].to_string())))
+                    .unwrap_or_else(|| path.display().to_string());
+                let mut report = None;
+                control::request(&path, &req, |line| {
+                    if line.get("progress").is_none() {
+                        report = Some(line.clone());
+                    }
+                })
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+                let mut report = report.ok_or("the launcher closed the connection without a report")?;
+                all_ok &= report["ok"] == true;
+                if json {
+                    report["vm"] = name.into();
+                    println!("{report}");
+                } else {
+                    println!("{}", describe_check(&name, &report));
+                }
+            }
+            Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Status { vm, json } => {
             let status = status_of(&find_vm(&vm)?)?;
@@ -265,6 +319,34 @@ fn describe_upgrade(r: &Value) -> String {
             r["reason"].as_str().unwrap_or("unknown reason"),
         )
     }
+}
+
+fn describe_check(name: &str, r: &Value) -> String {
+    let target = format!(
+        "QEMU {} at {}",
+        r["version"].as_str().unwrap_or("?"),
+        r["binary"].as_str().unwrap_or("?")
+    );
+    if r["ok"] == true {
+        let translated: Vec<&str> = r["translations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["was"].as_str())
+            .collect();
+        let mut line = format!("{name}: ok: {target} takes it");
+        if !translated.is_empty() {
+            line.push_str(&format!(" (translated: {})", translated.join(", ")));
+        }
+        return line;
+    }
+    let reasons: Vec<String> = r["verdict"]["reasons"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| format!("{}: {}", x["option"].as_str().unwrap_or("?"), x["why"].as_str().unwrap_or("?")))
+        .collect();
+    format!("{name}: cannot be upgraded to {target}: {}", reasons.join("; "))
 }
 
 fn pretty(v: &Value) -> String {
