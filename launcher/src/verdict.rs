@@ -145,6 +145,8 @@ pub const CHECKS: &[Check] = &[
     snapshot_disks,
     host_devices,
     confidential_guests,
+    listeners,
+    vhost_user,
 ];
 
 /// The verdict on a command line alone: what `plan` shows without `--to`, and what every upgrade
@@ -250,6 +252,63 @@ fn confidential_guests(cmd: &CmdLine) -> Vec<Reason> {
         .collect()
 }
 
+/// Listeners QEMU binds itself on TCP (VNC and SPICE displays, TCP server chardevs and
+/// monitors, `-netdev socket,listen=`/`stream,server=on`, user networking's `hostfwd=`): a
+/// second QEMU cannot bind a port the first holds ("Address already in use"), so the new QEMU
+/// fails to start. The launcher serves unix and fd listeners itself; these stay QEMU's until it
+/// serves them too.
+fn listeners(cmd: &CmdLine) -> Vec<Reason> {
+    let port_held = "QEMU listens on this port itself, and a new QEMU cannot bind it while \
+                     the running one holds it";
+    let mut reasons = Vec::new();
+    for opt in cmd.opts("vnc") {
+        let display = opt.parse_arg().and_then(|a| a.get("vnc")).unwrap_or_default();
+        if display != "none" && !display.starts_with("unix:") {
+            reasons.push(Reason::about(opt, port_held));
+        }
+    }
+    for opt in cmd.opts("spice") {
+        let arg = opt.parse_arg();
+        let port = |k: &str| arg.as_ref().and_then(|a| a.get(k)).is_some();
+        if port("port") || port("tls-port") {
+            reasons.push(Reason::about(opt, port_held));
+        }
+    }
+    for socket in crate::resources::resources(cmd).sockets {
+        if socket.server && matches!(socket.address, crate::resources::SocketAddr::Tcp { .. }) {
+            let id = socket.id.map(|i| format!(" id={i}")).unwrap_or_default();
+            let option = format!("-{}{id} ({})", socket.option, socket.address);
+            reasons.push(Reason::new(option, port_held));
+        }
+    }
+    for opt in cmd.opts("netdev").chain(cmd.opts("nic")) {
+        let Some(arg) = opt.parse_arg() else { continue };
+        if arg.get("type").as_deref() == Some("user")
+            && arg.keys().iter().any(|k| k == "hostfwd" || k.starts_with("hostfwd."))
+        {
+            reasons.push(Reason::about(opt, format!("hostfwd: {port_held}")));
+        }
+    }
+    reasons
+}
+
+/// vhost-user: QEMU sends the backend the guest's memory and vring fds with SCM_RIGHTS over
+/// its socket. A socket the launcher relays carries bytes only, and one QEMU keeps cannot be
+/// reconnected by a second QEMU while the first holds it.
+fn vhost_user(cmd: &CmdLine) -> Vec<Reason> {
+    let why = "vhost-user passes the guest's memory and vring fds to its backend, which no \
+               second QEMU can take over while the first is connected";
+    let netdevs = cmd
+        .opts("netdev")
+        .filter(|o| o.parse_arg().and_then(|a| a.get("type")).as_deref() == Some("vhost-user"));
+    let devices = cmd.opts("device").filter(|o| {
+        o.parse_arg()
+            .and_then(|a| a.get("driver"))
+            .is_some_and(|d| d.starts_with("vhost-user"))
+    });
+    netdevs.chain(devices).map(|o| Reason::about(o, why)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,6 +356,44 @@ mod tests {
         assert_eq!(json["upgradable"], false);
         assert_eq!(json["reasons"][3]["option"], "-device vfio-pci");
         assert!(v.summary().starts_with("upgradable: no: -drive file=/dev/fdset/1"));
+    }
+
+    #[test]
+    fn tcp_listeners_and_vhost_user_are_named() {
+        let v = of_cmdline(&parse(&[
+            "-vnc",
+            "127.0.0.1:0,audiodev=audio1",
+            "-vnc",
+            "none",
+            "-spice",
+            "port=5901,addr=127.0.0.1,disable-ticketing=on",
+            "-spice",
+            "unix=on,addr=/run/spice.sock,disable-ticketing=on",
+            "-chardev",
+            "socket,id=c0,host=127.0.0.1,port=4555,server=on,wait=off",
+            "-chardev",
+            "socket,id=c1,path=/run/c1.sock,server=on,wait=off",
+            "-netdev",
+            "user,id=n0,hostfwd=tcp::2222-:22",
+            "-netdev",
+            "socket,id=n1,listen=:1234",
+            "-chardev",
+            "socket,id=vu,path=/run/vu.sock",
+            "-netdev",
+            r#"{"type":"vhost-user","chardev":"vu","id":"n2"}"#,
+        ]));
+        let options: Vec<&str> = v.reasons.iter().map(|r| r.option.as_str()).collect();
+        assert_eq!(
+            options,
+            [
+                "-vnc 127.0.0.1:0",
+                "-spice port=5901",
+                "-chardev id=c0 (tcp:127.0.0.1:4555)",
+                "-netdev id=n1 (tcp::1234)",
+                "-netdev user",
+                "-netdev vhost-user",
+            ]
+        );
     }
 
     #[test]
