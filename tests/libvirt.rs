@@ -5,8 +5,10 @@
 //! work as before, and libvirtd logs no error from the swaps. The heartbeat guest proves
 //! from inside that it kept running with its memory intact.
 //!
-//! libvirt is started by `scripts/libvirtd` (installed too, if missing); where that fails the
-//! test fails, naming what is missing.
+//! libvirt runs as Debian packages it (`scripts/libvirtd`: the packaged `qemu.conf`, virtlogd;
+//! installed too, if missing): the shim and its QEMU run as `libvirt-qemu`, their stderr goes
+//! through virtlogd into the domain log, where the upgrade reports are read. Where that setup
+//! fails the test fails, naming what is missing.
 //!
 //! Checks that do not stop the rest from meaning something (hot-plug across an upgrade, the
 //! log) are collected and reported together at the end, so one run shows everything that
@@ -22,12 +24,13 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use qemu_liveupgrade_tests::libvirt::{
-    ensure_libvirtd, libvirtd_errors, libvirtd_log_between, libvirtd_log_mark, repoint, try_virsh,
-    unique_name, virsh_ok, Domain, HeartbeatDomain, SerialLog,
+    credentials, domain_dir, ensure_libvirtd, install_emulator, libvirtd_errors,
+    libvirtd_log_between, libvirtd_log_mark, qemu_user, reachable_copy, repoint, try_virsh,
+    unique_name, virsh_ok, Domain, HeartbeatDomain, SerialLog, QEMU_USER,
 };
 use qemu_liveupgrade_tests::liveupgrade::{version, UPGRADE_TIMEOUT};
-use qemu_liveupgrade_tests::shim::{install_shim, is_running};
-use qemu_liveupgrade_tests::{guest_elf, qemu_build, shim_bin, tempdir, wait_until};
+use qemu_liveupgrade_tests::shim::{is_running, wait_qemu_child};
+use qemu_liveupgrade_tests::{guest_elf, qemu_build, shim_bin, wait_until};
 use serde_json::Value;
 
 const OLD: &str = "7.2.22";
@@ -169,6 +172,30 @@ fn assert_is_shim(pid: Pid) {
     );
 }
 
+/// The shim `pid` and its QEMU run as libvirt's packaged configuration runs emulators: as
+/// `libvirt-qemu`, with stderr a pipe to virtlogd (not the log file itself, as with
+/// `stdio_handler = "file"`).
+fn assert_packaged_setup(pid: Pid) {
+    let user = qemu_user();
+    assert_eq!(
+        credentials(pid),
+        user,
+        "the shim (pid {pid}) does not run as {QEMU_USER}: is qemu.conf the packaged one?"
+    );
+    let qemu = wait_qemu_child(pid, Duration::from_secs(10));
+    assert_eq!(
+        credentials(qemu),
+        user,
+        "QEMU (pid {qemu}) runs as another user than the shim"
+    );
+    let stderr = fs::read_link(format!("/proc/{pid}/fd/2")).expect("the shim's stderr");
+    assert!(
+        stderr.to_string_lossy().starts_with("pipe:"),
+        "the shim's stderr is {} rather than virtlogd's pipe",
+        stderr.display()
+    );
+}
+
 /// The upgrade went through and libvirt saw a running domain all along.
 fn assert_upgrade_ok(up: &Upgrade, from: &str, to: &str) {
     assert_eq!(
@@ -261,13 +288,13 @@ fn nic_xml(tap: &str, mac: &str) -> String {
 #[test]
 fn libvirt_domain_survives_live_upgrades() {
     ensure_libvirtd();
-    let dir = tempdir();
-    let emulator = install_shim(dir.path(), Some(&qemu_build(OLD)));
+    let dir = domain_dir();
+    let emulator = install_emulator(dir.path(), Some(&qemu_build(OLD)));
     qemu_build(NEW);
     let real = dir.join("bin/qemu-system-x86_64.real");
     let serial = dir.join("serial.log");
     let name = unique_name("qlu");
-    let kernel = guest_elf();
+    let kernel = reachable_copy(dir.path(), &guest_elf());
     let xml = HeartbeatDomain {
         name: &name,
         emulator: &emulator,
@@ -282,6 +309,7 @@ fn libvirt_domain_survives_live_upgrades() {
     step(&format!("virsh start {name}"));
     dom.start();
     assert_is_shim(dom.pid());
+    assert_packaged_setup(dom.pid());
     wait_until(BOOT_TIMEOUT, "the guest's READY line", || {
         dom.serial().boot_contains("READY mem=")
     });

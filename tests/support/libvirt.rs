@@ -1,28 +1,41 @@
 //! Driving a real libvirtd (`qemu:///system`) with `virsh`, the way an operator does.
 //!
+//! libvirtd runs with Debian's packaged `qemu.conf` (`scripts/libvirtd` restores it and
+//! starts virtlogd and libvirtd), as hosts run it: the emulator (the shim, and the QEMU it
+//! starts) runs as `libvirt-qemu:kvm` with no capabilities, in a private mount namespace,
+//! with the files of the domain relabelled to that user, and its stdout and stderr go through
+//! virtlogd. So everything a domain uses must be reachable by that user: [`domain_dir`] makes
+//! a directory it may enter, and [`install_emulator`] and [`reachable_copy`] put the shim and
+//! the guest's kernel there (the test's own `target/` may sit under a home directory it
+//! cannot enter).
+//!
 //! libvirt runs the emulator itself, so a test sees the VM only through libvirt's own
 //! records: `virsh` for state and monitor commands, `/run/libvirt/qemu/NAME.pid` for the pid
-//! it tracks, `/var/log/libvirt/qemu/NAME.log` for the emulator's stderr (with
-//! `stdio_handler = "file"`, where the shim's upgrade reports land), the domain's serial
-//! file for the guest's heartbeats, and libvirtd's own log. `scripts/libvirtd` sets that up.
+//! it tracks, `/var/log/libvirt/qemu/NAME.log` for the emulator's stderr (written by
+//! virtlogd; the shim's upgrade reports land there), the domain's serial file or pty for the
+//! guest's heartbeats, and libvirtd's own log.
+//!
+//! Anything that talks to libvirtd takes `/work/locks/libvirt.lock` on the shared development
+//! machine (`flock /work/locks/libvirt.lock cargo test ...`); the harness itself does not.
 //!
 //! A [`Domain`] is destroyed and undefined when dropped, test failure or not.
 
 use std::fmt::Write as _;
 use std::fs;
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::thread;
 use std::time::Duration;
 
-use nix::unistd::Pid;
+use nix::unistd::{Gid, Group, Pid, Uid, User};
 use serde_json::{json, Value};
 
 use crate::paths::repo_root;
-use crate::shim::output_within;
-use crate::wait_until;
+use crate::shim::{output_within, QEMU_NAME};
+use crate::{shim_bin, tempdir, wait_until, TempDir};
 
 /// The connection every command uses: the system instance, where domains run as root.
 pub const URI: &str = "qemu:///system";
@@ -34,32 +47,112 @@ pub const LIBVIRTD_LOG: &str = "/var/log/libvirt/libvirtd.log";
 /// seen before includes probing it (several QEMU runs).
 const VIRSH_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Makes sure libvirtd answers on [`URI`], starting it (and installing it) with
-/// `scripts/libvirtd` if not. Panics naming what is missing: libvirt is part of what this
-/// test checks, so its absence is a failure, never a skip.
+/// The user and the group packaged libvirt runs QEMU as (`#user = "libvirt-qemu"` and
+/// `#group = "libvirt-qemu"` in Debian's `qemu.conf`).
+pub const QEMU_USER: &str = "libvirt-qemu";
+
+/// Makes sure libvirtd answers on [`URI`] with the packaged `qemu.conf` and virtlogd running,
+/// by running `scripts/libvirtd` (once per test process; it installs what is missing, puts
+/// the packaged `qemu.conf` back if it was changed and restarts libvirtd then, and leaves a
+/// libvirtd that is already right alone). Panics naming what is missing: libvirt is part of
+/// what these tests check, so its absence is a failure, never a skip.
 pub fn ensure_libvirtd() {
-    if answers() {
-        return;
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the libvirt tests drive the system libvirtd ({URI}) and set it up with scripts/libvirtd: run them as root"
+        );
+        let script = repo_root().join("scripts/libvirtd");
+        let out = output_within(Command::new(&script), Duration::from_secs(600));
+        assert!(
+            out.status.success(),
+            "libvirt is not available here: {} failed ({}):\n{}{}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            answers(),
+            "{} succeeded but libvirtd still does not answer on {URI}; see {LIBVIRTD_LOG}",
+            script.display()
+        );
+    });
+}
+
+/// The uid and gid QEMU runs as: user and group [`QEMU_USER`] (64055 and 64055 on Debian;
+/// the user's primary group, kvm, is not the one libvirt uses).
+pub fn qemu_user() -> (Uid, Gid) {
+    let user = User::from_name(QEMU_USER)
+        .unwrap_or_else(|e| panic!("looking up user {QEMU_USER}: {e}"))
+        .unwrap_or_else(|| panic!("no user {QEMU_USER}: is libvirt-daemon-system installed?"));
+    let group = Group::from_name(QEMU_USER)
+        .unwrap_or_else(|e| panic!("looking up group {QEMU_USER}: {e}"))
+        .unwrap_or_else(|| panic!("no group {QEMU_USER}: is libvirt-daemon-system installed?"));
+    (user.uid, group.gid)
+}
+
+/// A temporary directory for one domain's files, which [`QEMU_USER`] may enter and list
+/// (mode 0755 whatever the umask): QEMU opens the files libvirt relabels for it by path.
+pub fn domain_dir() -> TempDir {
+    let dir = tempdir();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod 0755 {}: {e}", dir.path().display()));
+    dir
+}
+
+/// Installs the shim in `dir` (made by [`domain_dir`]) for libvirt: a copy of the binary as
+/// `<dir>/bin/qemu-liveupgrade-shim`, `<dir>/bin/qemu-system-x86_64` linking to it, and, if
+/// given, `<dir>/bin/qemu-system-x86_64.real` linking to `real`, the layout
+/// `dpkg-divert --rename` leaves (libvirt clears the environment, so the shim finds its QEMU
+/// there). A copy, not a link into `target/`: [`QEMU_USER`] must be able to execute it.
+/// Returns the path for `<emulator>`.
+pub fn install_emulator(dir: &Path, real: Option<&Path>) -> PathBuf {
+    let bin = dir.join("bin");
+    fs::create_dir_all(&bin).unwrap_or_else(|e| panic!("mkdir {}: {e}", bin.display()));
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", bin.display()));
+    let shim = shim_bin();
+    let copy = bin.join(shim.file_name().expect("the shim has a file name"));
+    fs::copy(&shim, &copy)
+        .unwrap_or_else(|e| panic!("copy {} to {}: {e}", shim.display(), copy.display()));
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", copy.display()));
+    let emulator = bin.join(QEMU_NAME);
+    symlink(&copy, &emulator).unwrap_or_else(|e| panic!("symlink {}: {e}", emulator.display()));
+    if let Some(real) = real {
+        let path = bin.join(format!("{QEMU_NAME}.real"));
+        symlink(real, &path).unwrap_or_else(|e| panic!("symlink {}: {e}", path.display()));
     }
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "libvirtd does not answer on {URI} and only root can start it: run scripts/libvirtd as root, then the test as root"
-    );
-    let script = repo_root().join("scripts/libvirtd");
-    let out = output_within(Command::new(&script), Duration::from_secs(600));
-    assert!(
-        out.status.success(),
-        "libvirt is not available here: {} failed ({}):\n{}{}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        answers(),
-        "{} succeeded but libvirtd still does not answer on {URI}; see {LIBVIRTD_LOG}",
-        script.display()
-    );
+    emulator
+}
+
+/// Copies `file` (a guest kernel, an initrd) into `dir` (made by [`domain_dir`]), readable by
+/// everyone, and returns the copy's path. libvirt's DAC driver hands `<kernel>` and `<initrd>`
+/// to [`QEMU_USER`] while the domain runs, but QEMU still needs to reach them by path.
+pub fn reachable_copy(dir: &Path, file: &Path) -> PathBuf {
+    let copy = dir.join(file.file_name().expect("a file name"));
+    fs::copy(file, &copy)
+        .unwrap_or_else(|e| panic!("copy {} to {}: {e}", file.display(), copy.display()));
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o644))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", copy.display()));
+    copy
+}
+
+/// The real uid and gid of process `pid` (proc(5) `status`: `Uid:` and `Gid:`, real first).
+pub fn credentials(pid: Pid) -> (Uid, Gid) {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let field = |name: &str| -> u32 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("{path} has no {name} line"))
+    };
+    (Uid::from_raw(field("Uid:")), Gid::from_raw(field("Gid:")))
 }
 
 fn answers() -> bool {
