@@ -18,8 +18,12 @@ fn check(vm: &UpgradeVm, to: &str) -> (bool, Value) {
         .env("QEMU_LIVEUPGRADE_RUNDIR", vm.rundir());
     let out = output_within(cmd, Duration::from_secs(90));
     let text = String::from_utf8_lossy(&out.stdout);
-    let report = serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("check printed {text:?} ({e}); stderr: {}", String::from_utf8_lossy(&out.stderr)));
+    let report = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "check printed {text:?} ({e}); stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
     (out.status.success(), report)
 }
 
@@ -33,12 +37,16 @@ fn check_untouched(vm: &UpgradeVm, to: &str) -> (bool, Value) {
     let result = check(vm, to);
     let until = Instant::now();
     // The checked QEMU and the probe's processes were killed; the shim reaps them as it goes.
-    wait_until(Duration::from_secs(10), "the shim to reap what the check started", || {
-        children(vm.vm.pid()) == [before]
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the shim to reap what the check started",
+        || children(vm.vm.pid()) == [before],
+    );
     let events = qmp.events();
     assert!(
-        !events.iter().any(|e| e["event"] == "STOP" || e["event"] == "RESUME"),
+        !events
+            .iter()
+            .any(|e| e["event"] == "STOP" || e["event"] == "RESUME"),
         "{events:?}"
     );
     assert_eq!(qmp.execute("query-status", json!({}))["status"], "running");
@@ -68,8 +76,10 @@ fn an_upgradable_vm_checks_ok_and_keeps_running() {
     vm.assert_guest_healthy(200);
     // A device hot-plugged through the user's monitor is replayed into the checked QEMU.
     // (QEMU serves one client per QMP socket at a time: this one leaves before the check.)
-    vm.connect()
-        .execute("device_add", json!({"driver": "virtio-rng-pci", "id": "rng0"}));
+    vm.connect().execute(
+        "device_add",
+        json!({"driver": "virtio-rng-pci", "id": "rng0"}),
+    );
     let (ok, report) = check_untouched(&vm, "10.0.2");
     assert!(ok, "{report}");
     assert_eq!(report["ok"], true, "{report}");
@@ -80,7 +90,10 @@ fn an_upgradable_vm_checks_ok_and_keeps_running() {
     assert_eq!(report["verdict"]["reasons"], json!([]), "{report}");
     // Nothing was upgraded, and a real upgrade still works after it.
     let status = qemu_liveupgrade_tests::shim::cli_status(&vm.rundir(), vm.vm.pid());
-    assert_eq!((status["generation"].as_u64(), status["version"].as_str()), (Some(1), Some("7.2.22")));
+    assert_eq!(
+        (status["generation"].as_u64(), status["version"].as_str()),
+        (Some(1), Some("7.2.22"))
+    );
     vm.install("10.0.2");
     let upgraded = vm.upgrade();
     assert_eq!(upgraded["result"], "ok", "{upgraded}");
@@ -94,8 +107,14 @@ fn a_vm_that_cannot_move_is_named_and_keeps_running() {
     let (ok, report) = check_untouched(&vm, "10.0.2");
     assert!(!ok, "check exits 1: {report}");
     assert_eq!(report["ok"], false, "{report}");
-    assert_eq!(report["verdict"]["reasons"][0]["option"], "-portrait", "{report}");
-    assert!(report.get("started").is_none(), "nothing was started: {report}");
+    assert_eq!(
+        report["verdict"]["reasons"][0]["option"], "-portrait",
+        "{report}"
+    );
+    assert!(
+        report.get("started").is_none(),
+        "nothing was started: {report}"
+    );
 }
 
 #[test]
@@ -105,5 +124,11 @@ fn a_new_qemu_that_refuses_the_machine_is_caught() {
     let (ok, report) = check_untouched(&vm, "7.2.22");
     assert!(!ok, "{report}");
     let reason = &report["verdict"]["reasons"][0];
-    assert!(reason["option"].as_str().unwrap_or_default().starts_with("-machine pc-i440fx-10.0"), "{report}");
+    assert!(
+        reason["option"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("-machine pc-i440fx-10.0"),
+        "{report}"
+    );
 }

@@ -31,7 +31,9 @@ impl Reserved {
         ));
         let read = |f: &Path| -> Result<u64, String> {
             let text = fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
-            text.trim().parse().map_err(|e| format!("{}: {e}", f.display()))
+            text.trim()
+                .parse()
+                .map_err(|e| format!("{}: {e}", f.display()))
         };
         let before = read(&file)?;
         let reserved = Reserved { file, before };
@@ -207,7 +209,10 @@ fn plan_shows_the_page_size() {
             cmd.args(["plan", "--json", "--", "-m", "2G", "-object"])
                 .arg("memory-backend-memfd,id=m,size=2G,hugetlb=on,hugetlbsize=1G")
                 .args(["-machine", "q35,memory-backend=m"])
-                .env("QEMU_LIVEUPGRADE_BINARY", qemu_liveupgrade_tests::system_qemu());
+                .env(
+                    "QEMU_LIVEUPGRADE_BINARY",
+                    qemu_liveupgrade_tests::system_qemu(),
+                );
             cmd
         },
         "plan",

@@ -39,7 +39,9 @@ fn no_hpet_no_acpi_go_to_10_0_and_back_to_7_2() {
     assert_eq!(report["result"], "ok", "{report}");
     assert_eq!(report["to"]["version"], "10.0.2", "{report}");
     assert_eq!(translated(&report), ["-no-hpet", "-no-acpi"], "{report}");
-    let now = report["translations"][0]["now"].as_str().unwrap_or_default();
+    let now = report["translations"][0]["now"]
+        .as_str()
+        .unwrap_or_default();
     assert!(
         now.starts_with("-machine pc-i440fx-7.2,") && now.ends_with("hpet=off,acpi=off"),
         "{report}"
@@ -52,7 +54,10 @@ fn no_hpet_no_acpi_go_to_10_0_and_back_to_7_2() {
     let report = vm.upgrade();
     assert_eq!(report["result"], "ok", "{report}");
     assert_eq!(report["to"]["version"], "7.2.22", "{report}");
-    assert!(translated(&report).is_empty(), "7.2 takes the argv as given: {report}");
+    assert!(
+        translated(&report).is_empty(),
+        "7.2 takes the argv as given: {report}"
+    );
     assert_eq!(hpet_and_acpi(&vm), (json!(false), json!("off")));
     vm.assert_guest_healthy(500);
 }
@@ -81,7 +86,9 @@ fn an_option_without_equivalent_is_refused_before_anything_starts() {
     assert_eq!(children(vm.vm.pid()).len(), 1, "one QEMU");
     let events: Vec<Value> = qmp.events();
     assert!(
-        !events.iter().any(|e| e["event"] == "STOP" || e["event"] == "RESUME"),
+        !events
+            .iter()
+            .any(|e| e["event"] == "STOP" || e["event"] == "RESUME"),
         "{events:?}"
     );
     assert_eq!(qmp.execute("query-status", json!({}))["status"], "running");

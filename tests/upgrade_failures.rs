@@ -85,12 +85,7 @@ fn new_binary_lacks_the_machine_type() {
     vm.install("7.2.22");
     let report = vm.upgrade();
     // 7.2 is asked first and has no such type: refused before anything is started.
-    assert_rolled_back(
-        &vm,
-        &report,
-        "has no machine type pc-i440fx-10.0",
-        "10.0.2",
-    );
+    assert_rolled_back(&vm, &report, "has no machine type pc-i440fx-10.0", "10.0.2");
 }
 
 #[test]

@@ -10,13 +10,15 @@
 //! makes only async-signal-safe calls and never returns into launcher code (`signal-safety(7)`).
 
 use std::ffi::{CString, OsString};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
+use nix::poll::PollFlags;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::socket::MsgFlags;
 use nix::unistd::{ForkResult, Pid};
 
 /// Why a generation could not be started.
@@ -40,6 +42,15 @@ pub enum ChildError {
         #[source]
         source: Errno,
     },
+}
+
+/// How a child process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// `exit(code)`.
+    Code(i32),
+    /// Killed by a signal.
+    Signal(Signal),
 }
 
 /// The signal state the launcher was started with, captured before it installs any handler.
@@ -106,17 +117,94 @@ pub struct Spec<'a> {
     /// The signal state to give the child.
     pub signals: &'a InheritedSignals,
     /// A seccomp filter with a notification listener (see [`crate::tapguard`]), installed
-    /// last before exec; the listener comes back in [`Spawned::listener`].
+    /// last before exec; the listener comes back in [`Executed::listener`].
     pub seccomp: Option<&'a [libc::sock_filter]>,
 }
 
-/// A child that executed its binary.
+/// A forked child on its way to executing its binary. Whether it got there arrives later on
+/// [`Started::exec`], which the caller waits on in its event loop: a child stopped before
+/// exec, or an exec stuck on a hung mount, must never stall the launcher.
 #[derive(Debug)]
-pub struct Spawned {
-    /// Its pid.
+pub struct Started {
+    /// Its pid. Reaping it is the caller's business, whatever the exec status says.
     pub pid: Pid,
+    /// Where the exec status arrives.
+    pub exec: ExecStatus,
+}
+
+/// The parent's end of a child's exec-status pipe (close-on-exec in the child: EOF means
+/// execve succeeded, four bytes are the errno that made it fail), and of the socket the child
+/// sends its seccomp listener on just before exec.
+#[derive(Debug)]
+pub struct ExecStatus {
+    pipe: OwnedFd,
+    program: PathBuf,
+    listener: Option<UnixStream>,
+    buf: [u8; 4],
+    got: usize,
+}
+
+/// What a child reported once it executed its binary.
+#[derive(Debug)]
+pub struct Executed {
     /// The seccomp notification listener, when a filter was asked for and could be installed.
     pub listener: Option<OwnedFd>,
+}
+
+impl ExecStatus {
+    /// The status pipe's read end (non-blocking), for registration.
+    pub fn raw_fd(&self) -> RawFd {
+        self.pipe.as_raw_fd()
+    }
+
+    /// Reads what the child reported so far: `None` while it has neither executed its binary
+    /// nor failed to, else the outcome. Call when the pipe is readable; never blocks.
+    pub fn poll(&mut self) -> Option<Result<Executed, ChildError>> {
+        loop {
+            let rest = self.buf.get_mut(self.got..).unwrap_or_default();
+            match crate::fdio::retry(|| nix::unistd::read(self.pipe.as_raw_fd(), rest)) {
+                Ok(0) => break,
+                Ok(n) => self.got += n,
+                Err(Errno::EAGAIN) => return None,
+                Err(e) => return Some(Err(ChildError::Pipe(e))),
+            }
+            if self.got == self.buf.len() {
+                break;
+            }
+        }
+        if self.got > 0 {
+            let errno = match self.got {
+                4 => Errno::from_raw(i32::from_ne_bytes(self.buf)),
+                _ => Errno::EIO,
+            };
+            return Some(Err(ChildError::Exec {
+                path: self.program.clone(),
+                source: errno,
+            }));
+        }
+        // The child sent its listener before exec, so it is in the socket by now, if it came.
+        let listener = self.listener.as_ref().and_then(|sock| {
+            let mut byte = [0u8; 1];
+            crate::fdio::recv_with_fds(sock.as_fd(), &mut byte, MsgFlags::MSG_DONTWAIT)
+                .ok()
+                .and_then(|(_, fds)| fds.into_iter().next())
+        });
+        Some(Ok(Executed { listener }))
+    }
+
+    /// Waits for [`ExecStatus::poll`]'s outcome, blocking until `deadline` at most: for tests
+    /// and tools that have no event loop. `None` at the deadline.
+    pub fn wait(&mut self, deadline: std::time::Instant) -> Option<Result<Executed, ChildError>> {
+        loop {
+            if let Some(done) = self.poll() {
+                return Some(done);
+            }
+            let ready = crate::fdio::wait_fd(self.pipe.as_fd(), PollFlags::POLLIN, deadline);
+            if ready.is_err() {
+                return None;
+            }
+        }
+    }
 }
 
 /// Everything the child does between fork and exec, prepared before the fork.
@@ -131,9 +219,9 @@ struct ChildPlan<'a> {
     seccomp: Option<(&'a [libc::sock_filter], RawFd)>,
 }
 
-/// Forks and executes `spec`. Returns once the child has executed the binary, or with the
-/// errno that made it fail.
-pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, ChildError> {
+/// Forks a child that executes `spec`. Returns at once; the exec status arrives on
+/// [`Started::exec`].
+pub fn spawn(spec: &Spec<'_>) -> Result<Started, ChildError> {
     let program = cstr(spec.program.as_os_str().as_bytes())?;
     let argv: Vec<CString> = spec
         .argv
@@ -145,6 +233,12 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, ChildError> {
 
     let (status_r, status_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ChildError::Pipe)?;
+    // Only the parent's end: the child's write of four bytes into an empty pipe never blocks.
+    nix::fcntl::fcntl(
+        status_r.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .map_err(ChildError::Pipe)?;
 
     // The child sends its seccomp listener back over this before it execs.
     let listener_pair = match spec.seccomp {
@@ -224,39 +318,22 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, ChildError> {
         Ok(ForkResult::Parent { child }) => {
             let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&saved), None);
             drop(status_w);
-            let pid = wait_exec(status_r, child, spec.program)?;
-            let listener = listener_pair.and_then(|(ours, _)| receive_fd(&ours));
-            Ok(Spawned { pid, listener })
+            Ok(Started {
+                pid: child,
+                exec: ExecStatus {
+                    pipe: status_r,
+                    program: spec.program.to_owned(),
+                    listener: listener_pair.map(|(ours, _)| ours),
+                    buf: [0; 4],
+                    got: 0,
+                },
+            })
         }
         Err(e) => {
             let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&saved), None);
             Err(ChildError::Fork(e))
         }
     }
-}
-
-/// Reads the exec status pipe: EOF means execve succeeded (the pipe was close-on-exec).
-fn wait_exec(status_r: OwnedFd, child: Pid, program: &Path) -> Result<Pid, ChildError> {
-    let mut buf = [0u8; 4];
-    let mut got = 0;
-    while got < buf.len() {
-        match nix::unistd::read(status_r.as_raw_fd(), &mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(Errno::EINTR) => continue,
-            Err(_) => break,
-        }
-    }
-    if got == 0 {
-        return Ok(child);
-    }
-    // The child failed before exec and exits at once; reap it here so it never reaches the
-    // supervisor's SIGCHLD handling as if it were a running generation.
-    let _ = nix::sys::wait::waitpid(child, None);
-    Err(ChildError::Exec {
-        path: program.to_owned(),
-        source: Errno::from_raw(i32::from_ne_bytes(buf)),
-    })
 }
 
 /// The child's half: runs between fork and exec, so only async-signal-safe calls.
@@ -313,37 +390,12 @@ fn child_setup(plan: &ChildPlan<'_>) -> Result<(), Errno> {
     if let Some((prog, sock)) = seccomp {
         // Best effort: without the filter the new QEMU still works, it just touches the tap.
         if let Ok(listener) = crate::tapguard::install(prog) {
-            send_fd(*sock, listener);
+            crate::fdio::send_fd_after_fork(*sock, listener);
             // SAFETY: the listener is ours and was just sent; QEMU must not hold it.
             unsafe { libc::close(listener) };
         }
     }
     Ok(())
-}
-
-/// Sends `fd` over the unix socket `sock` (in the child: sendmsg is async-signal-safe).
-fn send_fd(sock: RawFd, fd: RawFd) {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    let fds = [fd];
-    let cmsg = [ControlMessage::ScmRights(&fds)];
-    let iov = [std::io::IoSlice::new(b"L")];
-    let _ = sendmsg::<()>(sock, &iov, &cmsg, MsgFlags::empty(), None);
-}
-
-/// Takes the fd the child sent, if it sent one before exec.
-fn receive_fd(sock: &UnixStream) -> Option<OwnedFd> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let mut buf = [0u8; 1];
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
-    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), flags).ok()?;
-    let fd = msg.cmsgs().ok()?.find_map(|c| match c {
-        ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
-        _ => None,
-    })?;
-    // SAFETY: the fd just arrived with SCM_RIGHTS and belongs to nobody else here.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn dup2(src: RawFd, target: RawFd) -> Result<(), Errno> {
@@ -431,7 +483,10 @@ mod tests {
             signals: &signals,
             seccomp: None,
         };
-        let pid = spawn(&spec).unwrap().pid;
+        let mut started = spawn(&spec).unwrap();
+        let soon = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        started.exec.wait(soon).unwrap().unwrap();
+        let pid = started.pid;
         drop(spec);
         drop(w);
         let mut out = String::new();
@@ -482,13 +537,65 @@ mod tests {
             signals: &signals,
             seccomp: None,
         };
-        match spawn(&spec) {
-            Err(ChildError::Exec {
+        let mut started = spawn(&spec).unwrap();
+        let soon = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        match started.exec.wait(soon) {
+            Some(Err(ChildError::Exec {
                 source: Errno::ENOENT,
                 ..
-            }) => {}
+            })) => {}
             other => panic!("unexpected {other:?}"),
         }
+        // The failed child exits 127 and is the caller's to reap.
+        let status = nix::sys::wait::waitpid(started.pid, None).unwrap();
+        assert_eq!(status, WaitStatus::Exited(started.pid, 127));
+    }
+
+    /// The parent's end of a status pipe whose child end the test holds.
+    fn status_pipe() -> (ExecStatus, OwnedFd) {
+        let (r, w) = crate::fdio::pipe().unwrap();
+        let status = ExecStatus {
+            pipe: r,
+            program: PathBuf::from("/usr/bin/qemu"),
+            listener: None,
+            buf: [0; 4],
+            got: 0,
+        };
+        (status, w)
+    }
+
+    #[test]
+    fn a_child_that_has_not_executed_yet_is_pending_not_waited_for() {
+        // A child stopped between fork and exec, or stuck in an exec on a hung mount, holds
+        // the write end open and writes nothing.
+        let (mut status, w) = status_pipe();
+        let t = std::time::Instant::now();
+        assert!(status.poll().is_none());
+        let soon = t + std::time::Duration::from_millis(50);
+        assert!(status.wait(soon).is_none());
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        // Two bytes of the errno now and two later: still pending in between.
+        let code = (Errno::EACCES as i32).to_ne_bytes();
+        nix::unistd::write(&w, &code[..2]).unwrap();
+        assert!(status.poll().is_none());
+        nix::unistd::write(&w, &code[2..]).unwrap();
+        match status.poll() {
+            Some(Err(ChildError::Exec {
+                source: Errno::EACCES,
+                ..
+            })) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn eof_without_an_errno_means_executed() {
+        let (mut status, w) = status_pipe();
+        drop(w);
+        assert!(matches!(
+            status.poll(),
+            Some(Ok(Executed { listener: None }))
+        ));
     }
 
     #[test]

@@ -14,10 +14,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use mio::unix::SourceFd;
-use mio::Interest;
+use mio::{Interest, Registry};
 use serde_json::{json, Value};
 
-use crate::supervisor::{Supervisor, Token};
+use crate::token::Token;
 
 /// Environment variable overriding the control socket directory.
 pub const ENV_RUNDIR: &str = "QEMU_LIVEUPGRADE_RUNDIR";
@@ -116,35 +116,83 @@ impl Client {
     }
 }
 
-/// The listening control socket; removed when dropped.
+/// The listening control socket and its connected clients; the socket is removed when
+/// dropped. Registered in the supervisor's loop, it hands each client back with its request
+/// once the request line is complete ([`Control::on_client`]).
 #[derive(Debug)]
 pub struct Control {
     listener: UnixListener,
     path: PathBuf,
+    /// Connected clients by slot; a slot's token is `Token::ControlClient(slot)`.
+    clients: Vec<Option<Client>>,
 }
 
 impl Control {
     /// Binds `<run_dir>/<pid>.sock`, mode 0600, replacing a stale socket of a dead launcher
-    /// that had the same pid.
-    pub fn bind(dir: &Path, pid: u32) -> io::Result<Control> {
+    /// that had the same pid, and registers it under `Token::Control`.
+    pub fn bind(dir: &Path, pid: u32, registry: &Registry) -> io::Result<Control> {
         std::fs::create_dir_all(dir)?;
         let path = socket_path(dir, pid);
         let _ = std::fs::remove_file(&path);
         // The umask decides the mode at bind time; tighten it right after, before anyone can
         // learn the path from a `list`.
         let listener = UnixListener::bind(&path)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        listener.set_nonblocking(true)?;
-        Ok(Control { listener, path })
+        let control = Control {
+            listener,
+            path,
+            clients: Vec::new(),
+        };
+        std::fs::set_permissions(&control.path, std::fs::Permissions::from_mode(0o600))?;
+        control.listener.set_nonblocking(true)?;
+        let fd = control.listener.as_raw_fd();
+        registry.register(
+            &mut SourceFd(&fd),
+            Token::Control.to_mio(),
+            Interest::READABLE,
+        )?;
+        Ok(control)
     }
 
-    /// The listening fd, for registration.
-    pub fn raw_fd(&self) -> i32 {
-        self.listener.as_raw_fd()
+    /// Accepts every pending client and registers it.
+    pub fn accept(&mut self, registry: &Registry) {
+        while let Ok(Some(client)) = self.accept_one() {
+            let slot = match self.clients.iter().position(Option::is_none) {
+                Some(i) => i,
+                None => {
+                    self.clients.push(None);
+                    self.clients.len() - 1
+                }
+            };
+            let fd = client.raw_fd();
+            let token = Token::ControlClient(slot).to_mio();
+            if registry
+                .register(&mut SourceFd(&fd), token, Interest::READABLE)
+                .is_ok()
+            {
+                if let Some(s) = self.clients.get_mut(slot) {
+                    *s = Some(client);
+                }
+            }
+        }
+    }
+
+    /// Reads what client `slot` sent. Once its request is complete, the client leaves the
+    /// loop and comes back with it, for the supervisor to answer; a client that went away or
+    /// sent garbage is dropped.
+    pub fn on_client(&mut self, registry: &Registry, slot: usize) -> Option<(Client, Request)> {
+        let entry = self.clients.get_mut(slot)?;
+        let request = match entry.as_mut()?.on_readable() {
+            Ok(None) => return None,
+            Ok(Some(r)) => Some(r),
+            Err(_) => None,
+        };
+        let client = entry.take()?;
+        let _ = registry.deregister(&mut SourceFd(&client.raw_fd()));
+        Some((client, request?))
     }
 
     /// Accepts one pending client, if any.
-    pub fn accept(&self) -> io::Result<Option<Client>> {
+    fn accept_one(&self) -> io::Result<Option<Client>> {
         match self.listener.accept() {
             Ok((stream, _)) => {
                 stream.set_nonblocking(true)?;
@@ -190,151 +238,58 @@ pub fn progress(step: &str) -> Value {
     json!({ "progress": step })
 }
 
-/// The supervisor's side: serving control clients from its loop.
-impl Supervisor {
-    /// Prints an upgrade report as one JSON line on stderr, which libvirt keeps in the
-    /// domain's log, and keeps it for `status`.
-    pub(crate) fn report(&mut self, report: Value) {
-        eprintln!("{report}");
-        for mut w in std::mem::take(&mut self.waiters) {
-            let _ = w.send(&report);
-        }
-        self.last_upgrade = Some(report);
-    }
-
-    /// Tells control clients waiting on the upgrade which step it has reached.
-    pub(crate) fn progress(&mut self, step: &str) {
-        let line = progress(step);
-        self.waiters.retain_mut(|w| w.send(&line).is_ok());
-    }
-
-    /// The VM's state, for `qemu-liveupgrade status` and `list`.
-    pub fn status(&self) -> Value {
-        let name = self
-            .config
-            .base
-            .cmd
-            .opts("name")
-            .filter_map(|o| o.parse_arg())
-            .filter_map(|a| a.get("guest"))
-            .last();
-        json!({
-            "pid": std::process::id(),
-            "name": name,
-            "qemu_pid": self.current.pid.as_raw(),
-            "version": self.current.version_string(),
-            "binary": self.current.binary.path.to_string_lossy(),
-            "generation": self.current.number,
-            "machine": self.machine,
-            "ram": if self.config.base.unshared.is_none() { "shared" } else { "streamed" },
-            "uptime_s": self.started.elapsed().as_secs(),
-            "generation_uptime_s": self.current.started.elapsed().as_secs(),
-            "last_upgrade": self.last_upgrade,
-        })
-    }
-
-    pub(crate) fn on_control(&mut self) {
-        let Some(control) = self.control.as_ref() else {
-            return;
-        };
-        while let Ok(Some(client)) = control.accept() {
-            let slot = match self.control_clients.iter().position(Option::is_none) {
-                Some(i) => i,
-                None => {
-                    self.control_clients.push(None);
-                    self.control_clients.len() - 1
-                }
-            };
-            let fd = client.raw_fd();
-            let token = Token::ControlClient(slot).to_mio();
-            if self
-                .poll
-                .registry()
-                .register(&mut SourceFd(&fd), token, Interest::READABLE)
-                .is_ok()
-            {
-                self.control_clients[slot] = Some(client);
-            }
-        }
-    }
-
-    pub(crate) fn on_control_client(&mut self, slot: usize) {
-        let Some(client) = self.control_clients.get_mut(slot).and_then(Option::as_mut) else {
-            return;
-        };
-        let request = match client.on_readable() {
-            Ok(None) => return,
-            Ok(Some(r)) => Some(r),
-            Err(_) => None,
-        };
-        let Some(mut client) = self.control_clients[slot].take() else {
-            return;
-        };
-        let fd = client.raw_fd();
-        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-        match request {
-            Some(Request::Status) => {
-                let _ = client.send(&self.status());
-            }
-            Some(Request::Upgrade(to)) => {
-                if self.upgrading {
-                    // An upgrade is under way: this request is coalesced into it.
-                    self.upgrade_requests += 1;
-                } else {
-                    self.upgrade_requests = 1;
-                    self.upgrade_to = to;
-                }
-                self.waiters.push(client);
-            }
-            // Run from the loop's top, like an upgrade, never from inside this handler.
-            Some(Request::Check(to)) => self.check_requests.push((client, to)),
-            None => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn status_round_trip_over_a_real_socket() {
+    fn requests_come_back_with_their_client_over_a_real_socket() {
         let dir = std::env::temp_dir().join(format!("qlu-control-{}", std::process::id()));
-        let control = Control::bind(&dir, 4242).unwrap();
+        let mut poll = mio::Poll::new().unwrap();
+        let mut control = Control::bind(&dir, 4242, poll.registry()).unwrap();
         let path = socket_path(&dir, 4242);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let server = std::thread::spawn(move || {
-            let mut client = loop {
-                if let Some(c) = control.accept().unwrap() {
-                    break c;
+        let client = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut lines = Vec::new();
+                request(
+                    &path,
+                    &json!({"execute": "upgrade", "to": "/usr/bin/q"}),
+                    |v| lines.push(v.clone()),
+                )
+                .unwrap();
+                lines
+            })
+        };
+        let mut events = mio::Events::with_capacity(8);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (mut client_end, req) = 'served: loop {
+            assert!(std::time::Instant::now() < deadline, "no request");
+            poll.poll(&mut events, Some(std::time::Duration::from_millis(100)))
+                .unwrap();
+            for ev in events.iter() {
+                match Token::from_mio(ev.token()) {
+                    Token::Control => control.accept(poll.registry()),
+                    Token::ControlClient(slot) => {
+                        if let Some(done) = control.on_client(poll.registry(), slot) {
+                            break 'served done;
+                        }
+                    }
+                    other => panic!("unexpected {other:?}"),
                 }
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            };
-            let req = loop {
-                match client.on_readable() {
-                    Ok(Some(r)) => break r,
-                    Ok(None) => std::thread::sleep(std::time::Duration::from_millis(1)),
-                    Err(e) => panic!("{e}"),
-                }
-            };
-            assert_eq!(req, Request::Upgrade(Some(PathBuf::from("/usr/bin/q"))));
-            client.send(&progress("starting")).unwrap();
-            client.send(&json!({"result": "ok"})).unwrap();
-            control
-        });
-        let mut lines = Vec::new();
-        request(
-            &path,
-            &json!({"execute": "upgrade", "to": "/usr/bin/q"}),
-            |v| lines.push(v.clone()),
-        )
-        .unwrap();
+            }
+        };
+        assert_eq!(req, Request::Upgrade(Some(PathBuf::from("/usr/bin/q"))));
+        client_end.send(&progress("starting")).unwrap();
+        client_end.send(&json!({"result": "ok"})).unwrap();
+        drop(client_end);
         assert_eq!(
-            lines,
+            client.join().unwrap(),
             vec![json!({"progress": "starting"}), json!({"result": "ok"})]
         );
-        drop(server.join().unwrap());
+        drop(control);
         assert!(!path.exists(), "socket removed on drop");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -13,17 +13,18 @@ use std::time::Instant;
 
 use nix::unistd::Pid;
 
-use crate::child::{self, ChildError, InheritedSignals};
+use crate::child::{self, ChildError, ExecStatus, Exit, InheritedSignals};
 use crate::cmdline::CmdLine;
 use crate::memfd::{self, Region, Unshareable};
 use crate::monitors::{self, ListenOn, Proxied};
 use crate::ptys::{self, KeptPty};
 use crate::qmp::Qmp;
+use crate::relay::Relay;
 use crate::resolve::Binary;
 use crate::resources::{resources, Resources};
 use crate::tapguard::TapGuard;
-use crate::verdict::Verdict;
 use crate::taps::{self, NamedTap};
+use crate::verdict::Verdict;
 
 /// Id of the chardev and monitor the launcher adds for itself.
 pub const PRIVATE_MONITOR_ID: &str = "qemu-liveupgrade-qmp";
@@ -210,7 +211,11 @@ pub fn generation_cmdline(base: &Base, args: &GenArgs) -> CmdLine {
         Some(&format!("chardev={PRIVATE_MONITOR_ID},mode=control")),
     );
     // Options the binary lacks become their equivalents; what has none was refused before.
-    match args.target.as_ref().map(|caps| crate::translate::translate(&cmd, caps)) {
+    match args
+        .target
+        .as_ref()
+        .map(|caps| crate::translate::translate(&cmd, caps))
+    {
         Some(Ok(translated)) => translated.cmd,
         _ => cmd,
     }
@@ -236,7 +241,9 @@ pub struct Fds<'a> {
     pub tap_guard: Option<&'a [libc::sock_filter]>,
 }
 
-/// A running QEMU generation.
+/// A QEMU generation: a child process from fork to reaping, and what the launcher holds of
+/// it. Dropping one that was never reaped kills it: no QEMU outlives the value that stands
+/// for it.
 #[derive(Debug)]
 pub struct Generation {
     /// 1 for the first QEMU, counting up with every upgrade.
@@ -251,13 +258,21 @@ pub struct Generation {
     pub started: Instant,
     /// Its `query-version` reply, once known.
     pub version: Option<serde_json::Value>,
-    /// Answers its tap ioctls, for generations started while another runs the guest.
+    /// Answers its tap ioctls, for generations started while another runs the guest; set
+    /// once it executed QEMU.
     pub tap_guard: Option<TapGuard>,
+    /// Its exec status while it is still to come.
+    pub exec: Option<ExecStatus>,
+    /// Its stderr, when it goes through the launcher (every generation after the first).
+    pub stderr: Option<Relay>,
+    /// How it ended, once reaped.
+    pub exit: Option<Exit>,
 }
 
 impl Generation {
     /// Starts generation `number` of `cmd` (already rewritten by [`generation_cmdline`]), with
-    /// the launcher's fds in `place` put at their layout numbers.
+    /// the launcher's fds in `place` put at their layout numbers. Returns once forked: whether
+    /// it executed QEMU comes later, through [`Generation::exec`].
     pub fn spawn(
         number: u32,
         binary: Binary,
@@ -268,6 +283,7 @@ impl Generation {
     ) -> Result<Generation, GenerationError> {
         let (ours, theirs) = UnixStream::pair().map_err(GenerationError::Socket)?;
         let theirs = OwnedFd::from(theirs);
+        let qmp = Qmp::new(ours).map_err(GenerationError::Socket)?;
         let mut argv = vec![argv0.clone()];
         argv.extend(cmd.to_args());
         let spec = child::Spec {
@@ -282,19 +298,31 @@ impl Generation {
             signals,
             seccomp: fds.tap_guard,
         };
-        let spawned = child::spawn(&spec)?;
-        let pid = spawned.pid;
+        let started = child::spawn(&spec)?;
         drop(theirs);
-        let qmp = Qmp::new(ours).map_err(GenerationError::Socket)?;
         Ok(Generation {
             number,
-            pid,
+            pid: started.pid,
             binary,
             qmp,
             started: Instant::now(),
             version: None,
-            tap_guard: spawned.listener.map(TapGuard::new),
+            tap_guard: None,
+            exec: Some(started.exec),
+            stderr: None,
+            exit: None,
         })
+    }
+
+    /// Takes the exec status once its pipe is readable: `None` while still to come (or
+    /// already taken), else whether QEMU was executed. On success the tap guard's listener,
+    /// if the child installed one, is kept.
+    pub fn on_exec_status(&mut self) -> Option<Result<(), ChildError>> {
+        let done = self.exec.as_mut()?.poll()?;
+        self.exec = None;
+        Some(done.map(|executed| {
+            self.tap_guard = executed.listener.map(TapGuard::new);
+        }))
     }
 
     /// `"7.2.22"` from the `query-version` reply, once known.
@@ -306,5 +334,14 @@ impl Generation {
             q.get("minor")?,
             q.get("micro")?
         ))
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // Not reaped yet, so the pid is still this child's and cannot name another process.
+        if self.exit.is_none() {
+            let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }

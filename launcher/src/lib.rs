@@ -18,7 +18,9 @@
 //! - [`monitors`], [`proxy`]: monitor and chardev sockets the launcher serves across generations.
 //! - [`ptys`]: ptys the launcher holds and relays, so that their path outlives each QEMU.
 //! - [`supervisor`]: the event loop: signals, reaping, exit-status mirroring; [`spawn`]: a
-//!   generation started from it with every owner's fds.
+//!   generation started from it with every owner's fds; [`token`]: what wakes the loop;
+//!   [`config`]: what the supervisor is started with.
+//! - [`fdio`]: fd plumbing written once: SCM_RIGHTS, EINTR retries, waiting with a deadline.
 //! - [`daemonize`]: `-daemonize` and `-pidfile` done by the launcher itself.
 //! - [`upgrade`]: the live upgrade, step by step; [`threads`]: vCPU placement carried over;
 //!   [`translate`]: a later generation's argv for another QEMU version.
@@ -27,8 +29,10 @@
 
 pub mod child;
 pub mod cmdline;
+pub mod config;
 pub mod control;
 pub mod daemonize;
+pub mod fdio;
 pub mod generation;
 pub mod journal;
 pub mod memfd;
@@ -46,6 +50,7 @@ pub mod supervisor;
 pub mod tapguard;
 pub mod taps;
 pub mod threads;
+pub mod token;
 pub mod translate;
 pub mod upgrade;
 pub mod verdict;

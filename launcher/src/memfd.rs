@@ -407,7 +407,10 @@ mod tests {
         ]);
         let r = regions(&cmd).unwrap();
         let got: Vec<(bool, u64)> = r.iter().map(|r| (r.hugetlb, r.page_size)).collect();
-        assert_eq!(got, [(true, 1 << 30), (true, 2 << 20), (true, 0), (false, 0)]);
+        assert_eq!(
+            got,
+            [(true, 1 << 30), (true, 2 << 20), (true, 0), (false, 0)]
+        );
         // MFD_HUGE_2MB is 21 << 26, MFD_HUGE_1GB 30 << 26 (linux/memfd.h).
         assert_eq!(hugetlb_flags(2 << 20).bits(), 0x4 | (21 << 26));
         assert_eq!(hugetlb_flags(1 << 30).bits(), 0x4 | (30 << 26));

@@ -5,9 +5,9 @@
 //! it, and tests can check the command-line model against real libvirt and script argvs.
 
 use std::ffi::{OsStr, OsString};
-use std::path::{Path, PathBuf};
 use std::fmt::Write as _;
 use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
@@ -134,7 +134,12 @@ impl Plan {
             error: None,
         };
         // The machine type: what the first QEMU resolves an alias or the default to.
-        let asked = self.base.cmd.opts("machine").filter_map(|o| o.parse_arg()?.get("type")).last();
+        let asked = self
+            .base
+            .cmd
+            .opts("machine")
+            .filter_map(|o| o.parse_arg()?.get("type"))
+            .last();
         next.machine = match &self.binary {
             Ok(first) => probe::run(&first.path, &argv0, &Questions::default())
                 .ok()
@@ -396,7 +401,11 @@ impl NextGeneration {
             }
         }
         for change in &self.changes {
-            let now = if change.now.is_empty() { "(dropped)" } else { &change.now };
+            let now = if change.now.is_empty() {
+                "(dropped)"
+            } else {
+                &change.now
+            };
             writeln!(out, "translated: {} -> {now}: {}", change.was, change.why).ok();
         }
     }
@@ -488,7 +497,10 @@ mod tests {
         assert!(text.contains("unix:/run/x/qmp.monitor"), "{text}");
         assert!(text.starts_with("upgradable: yes\n"), "{text}");
         assert_eq!(plan.to_json()["verdict"]["upgradable"], true);
-        assert_eq!(plan.verdict.notes[0].option, "guest RAM", "machine none has no RAM");
+        assert_eq!(
+            plan.verdict.notes[0].option, "guest RAM",
+            "machine none has no RAM"
+        );
     }
 
     #[test]

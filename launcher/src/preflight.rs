@@ -14,7 +14,8 @@ use mio::Interest;
 
 use crate::generation::{generation_cmdline, GenArgs};
 use crate::resolve::{self, Binary, Source};
-use crate::supervisor::{Supervisor, Token, Which};
+use crate::supervisor::{Supervisor, To};
+use crate::token::Token;
 use crate::translate::probe::{FileKey, Probe, PROBE_TIMEOUT};
 use crate::translate::{self, Capabilities, Translated};
 use crate::verdict::{Reason, Verdict};
@@ -49,7 +50,7 @@ impl Supervisor {
         }
         let deadline = probe.deadline();
         self.probes.active = Some(probe);
-        let _ = self.wait_until("the new QEMU's answers", deadline, |s| {
+        let _ = self.wait_until(None, "the new QEMU's answers", deadline, |s, _| {
             s.probes.active.as_ref().is_none_or(Probe::is_done)
         });
         for fd in &fds {
@@ -113,10 +114,13 @@ impl Supervisor {
         // What the running QEMU itself refuses to migrate (a mounted 9p share, a device that
         // cannot migrate): QEMU lists its migration blockers in query-migrate.
         let deadline = Some(Instant::now() + std::time::Duration::from_secs(10));
-        if let Ok(info) = self.call(Which::Current, "query-migrate", None, deadline) {
+        if let Ok(info) = self.call(To::CURRENT, "query-migrate", None, deadline) {
             for why in info["blocked-reasons"].as_array().into_iter().flatten() {
                 let why = why.as_str().unwrap_or_default();
-                verdict.add(Reason::new("the running QEMU", format!("blocks migration: {why}")));
+                verdict.add(Reason::new(
+                    "the running QEMU",
+                    format!("blocks migration: {why}"),
+                ));
             }
         }
         let target = match self.capabilities(&binary.path) {
@@ -126,7 +130,10 @@ impl Supervisor {
             }
             Err(why) => {
                 let option = format!("--to {}", binary.path.display());
-                verdict.add(Reason::new(option, format!("cannot ask it what it accepts: {why}")));
+                verdict.add(Reason::new(
+                    option,
+                    format!("cannot ask it what it accepts: {why}"),
+                ));
                 None
             }
         };
@@ -137,7 +144,11 @@ impl Supervisor {
         };
         match self.translated(&args) {
             Ok(t) => {
-                let changes: Vec<Value> = t.iter().flat_map(|t| &t.changes).map(|c| c.to_json()).collect();
+                let changes: Vec<Value> = t
+                    .iter()
+                    .flat_map(|t| &t.changes)
+                    .map(|c| c.to_json())
+                    .collect();
                 report["translations"] = changes.into();
             }
             Err(v) => verdict.merge(v),
@@ -158,39 +169,28 @@ impl Supervisor {
         report: &mut Value,
     ) {
         let number = self.current.number + 1;
-        let timeout = Some(Instant::now() + crate::upgrade::start_timeout());
-        match self.spawn_generation(number, binary, args) {
-            Ok(gen) => {
-                self.incoming = Some(gen);
-                self.incoming_exit = None;
-                match self.handshake(Which::Incoming, timeout) {
-                    Ok(()) => {
-                        report["started"] = true.into();
-                        report["version"] = self.gen(Which::Incoming).version_string().into();
-                        let replayed = self.proxy.journal().entries().len();
-                        match self.replay_hotplug() {
-                            Ok(()) => report["replayed"] = replayed.into(),
-                            Err(e) => verdict.add(Reason::new(
-                                "hot-plugged devices",
-                                crate::error_chain(&e),
-                            )),
-                        }
-                    }
+        let deadline = Instant::now() + crate::upgrade::start_timeout();
+        match self.start_generation(number, binary, args, deadline) {
+            Ok(mut gen) => {
+                report["started"] = true.into();
+                report["version"] = gen.version_string().into();
+                let replayed = self.proxy.journal().entries().len();
+                match self.replay_hotplug(&mut gen) {
+                    Ok(()) => report["replayed"] = replayed.into(),
                     Err(e) => {
-                        let mut why = format!("did not start: {}", crate::error_chain(&e));
-                        if let Some(line) = self.last_stderr_line(number) {
-                            why.push_str(&format!(" ({line})"));
-                        }
-                        verdict.add(Reason::new("the new QEMU", why));
+                        verdict.add(Reason::new("hot-plugged devices", crate::error_chain(&e)))
                     }
                 }
+                self.end_generation(gen);
             }
-            Err(e) => verdict.add(Reason::new(
-                "the new QEMU",
-                format!("did not start: {}", crate::error_chain(&e)),
-            )),
+            Err(failed) => {
+                let mut why = format!("did not start: {}", crate::error_chain(&failed.error));
+                if let Some(line) = failed.said {
+                    why.push_str(&format!(" ({line})"));
+                }
+                verdict.add(Reason::new("the new QEMU", why));
+            }
         }
-        self.kill_incoming();
         // The per-generation sockets made for it go; the live generation's stay.
         self.proxy.abort(self.poll.registry());
     }

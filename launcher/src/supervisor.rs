@@ -6,12 +6,15 @@
 //! way. Nothing here wakes up on a timer: an idle VM costs the launcher no CPU at all.
 //!
 //! Sequential steps (the start-up handshake, later the upgrade) are written as plain code that
-//! waits with [`Supervisor::call`], which keeps pumping the loop while it waits, so signals and
-//! child exits are never left unhandled during a step.
+//! waits with [`Supervisor::call`] and [`Supervisor::pump`], which keep serving the loop while
+//! they wait, with a deadline: signals, consoles, monitors and the control socket are never
+//! left unserved during a step. A generation being started next to the current one (by an
+//! upgrade) is not the supervisor's to own: the step that started it passes it along
+//! ([`To::Beside`]), so its events are served too, and it ends when that value is given back
+//! ([`Supervisor::end_generation`]).
 
-use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -19,24 +22,35 @@ use mio::{Events, Interest, Poll};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use serde_json::Value;
+use serde_json::{json, Value};
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
-use crate::child::InheritedSignals;
-use crate::control::{self, Client, Control};
-use crate::daemonize::{Daemon, StartResult};
-use crate::generation::{Base, GenArgs, Generation, GenerationError};
+pub use crate::child::Exit;
+pub use crate::config::Config;
+
+use crate::control::{self, Client, Control, Request};
+use crate::daemonize::StartResult;
+use crate::generation::{GenArgs, Generation, GenerationError};
 use crate::monitors::ListenOn;
 use crate::proxy::{Listen, Proxy};
-use crate::ptys::{OpenPty, PtyRelay};
-use crate::qmp::{self, QmpError};
-use crate::relay::{self, Relay};
+use crate::ptys::PtyRelay;
+use crate::qmp::QmpError;
+use crate::relay::Relay;
 use crate::resolve::Binary;
-use crate::spawn::{child_stdio, spawn_registered, Sockets};
+use crate::spawn::{spawn_registered, Plumbing};
+use crate::token::Token;
+
+mod calls;
+
+use calls::Awaited;
+pub(crate) use calls::{remaining, CallError, To};
 
 /// Signals the launcher passes on to the running QEMU, as QEMU would have received them.
 pub const FORWARDED: [i32; 4] = [SIGTERM, SIGINT, SIGHUP, SIGQUIT];
+
+/// How long ending a generation waits for it to be reaped after SIGKILL.
+const REAP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A failure of the supervisor itself (not of QEMU).
 #[derive(Debug, thiserror::Error)]
@@ -61,116 +75,24 @@ pub enum SupervisorError {
     Monitor(#[source] QmpError),
 }
 
-/// How the VM's QEMU ended; the launcher ends the same way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    /// `exit(code)`.
-    Code(i32),
-    /// Killed by a signal.
-    Signal(Signal),
-}
-
-/// Why [`Supervisor::call`] returned without a reply.
+/// Why a generation started next to the current one did not come up.
 #[derive(Debug, thiserror::Error)]
-pub enum CallError {
-    /// The command failed, or the monitor broke.
+pub enum StartError {
+    /// It could not be forked, or did not execute QEMU.
     #[error(transparent)]
-    Qmp(#[from] QmpError),
-    /// The generation exited while the command was outstanding.
-    #[error("QEMU exited")]
-    Exited,
-    /// The deadline passed.
-    #[error("{0} timed out")]
-    Timeout(String),
-    /// The loop itself failed.
-    #[error("event loop failed")]
-    Poll(#[source] io::Error),
+    Spawn(#[from] GenerationError),
+    /// Its monitor never answered, or it exited first.
+    #[error(transparent)]
+    Monitor(#[from] CallError),
 }
 
-/// Which generation a command goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Which {
-    /// The one running the guest.
-    Current,
-    /// The one being started by an upgrade.
-    Incoming,
-}
-
-/// What the loop can be woken by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Token {
-    Signals,
-    /// Output of QEMU copied to the launcher's stdout (0) or stderr (1), when daemonized.
-    Relay(usize),
-    /// The control socket's listener.
-    Control,
-    /// A control client, by slot.
-    ControlClient(usize),
-    /// A generation's private monitor, by generation number.
-    Monitor(u32),
-    /// A generation's tap guard, by generation number.
-    TapGuard(u32),
-    /// A kept pty's master or generation sockets, by pty.
-    Pty(usize),
-    /// The pipes of a probe asking a new binary what it accepts.
-    Probe,
-}
-
-impl Token {
-    const RELAY_BASE: usize = 1 << 10;
-    const CONTROL_CLIENT_BASE: usize = 1 << 16;
-    const MONITOR_BASE: usize = 1 << 20;
-    const TAP_GUARD_BASE: usize = 1 << 22;
-    const PTY_BASE: usize = 1 << 23;
-    /// Tokens from here up belong to the proxy.
-    const PROXY_BASE: usize = 1 << 24;
-
-    pub(crate) fn to_mio(self) -> mio::Token {
-        mio::Token(match self {
-            Token::Signals => 0,
-            Token::Control => 1,
-            Token::Probe => 2,
-            Token::Relay(i) => Self::RELAY_BASE + i,
-            Token::ControlClient(i) => Self::CONTROL_CLIENT_BASE + i,
-            Token::Monitor(n) => Self::MONITOR_BASE + n as usize,
-            Token::TapGuard(n) => Self::TAP_GUARD_BASE + n as usize,
-            Token::Pty(i) => Self::PTY_BASE + i,
-        })
-    }
-
-    fn from_mio(t: mio::Token) -> Token {
-        match t.0 {
-            0 => Token::Signals,
-            1 => Token::Control,
-            2 => Token::Probe,
-            i if i < Self::CONTROL_CLIENT_BASE => Token::Relay(i - Self::RELAY_BASE),
-            i if i < Self::MONITOR_BASE => Token::ControlClient(i - Self::CONTROL_CLIENT_BASE),
-            n if n < Self::TAP_GUARD_BASE => Token::Monitor((n - Self::MONITOR_BASE) as u32),
-            n if n < Self::PTY_BASE => Token::TapGuard((n - Self::TAP_GUARD_BASE) as u32),
-            i => Token::Pty(i - Self::PTY_BASE),
-        }
-    }
-}
-
-/// Everything needed to supervise one VM.
+/// A generation that did not start, already ended again.
 #[derive(Debug)]
-pub struct Config {
-    /// argv[0] the launcher was invoked with; QEMU gets the same, so its messages read the same.
-    pub argv0: OsString,
-    /// The command line, fd layout, RAM regions and proxied sockets every generation shares.
-    pub base: Base,
-    /// The memfds of guest RAM, in layout order.
-    pub ram: Vec<OwnedFd>,
-    /// The taps the launcher opened by name, in layout order.
-    pub taps: Vec<crate::taps::OpenTap>,
-    /// The ptys the launcher opened, in layout order; the supervisor relays them.
-    pub ptys: Vec<OpenPty>,
-    /// The real QEMU for the first generation.
-    pub binary: Binary,
-    /// The signal state to give every QEMU.
-    pub signals: InheritedSignals,
-    /// Set when `-daemonize` was given and the foreground waits for a start-up report.
-    pub daemon: Option<Daemon>,
+pub(crate) struct NotStarted {
+    /// Why.
+    pub(crate) error: StartError,
+    /// The last line it wrote on stderr: QEMU's own explanation, when it gave one.
+    pub(crate) said: Option<String>,
 }
 
 /// The running supervisor.
@@ -179,9 +101,10 @@ pub struct Supervisor {
     events: Events,
     signals: Signals,
     pub(crate) config: Config,
+    /// The generation running the guest; its exit ends the VM.
     pub(crate) current: Generation,
-    pub(crate) incoming: Option<Generation>,
-    pub(crate) incoming_exit: Option<Exit>,
+    /// Generations killed and not yet reaped.
+    ending: Vec<Generation>,
     /// The machine type every generation after the first runs, resolved from the first.
     pub(crate) machine: Option<String>,
     /// Upgrade requests (SIGUSR2 or control socket) received and not yet acted on.
@@ -189,31 +112,25 @@ pub struct Supervisor {
     /// The binary a control client asked for, if any.
     pub(crate) upgrade_to: Option<std::path::PathBuf>,
     /// The control socket, when it could be bound.
-    pub(crate) control: Option<Control>,
-    /// Connected control clients by slot.
-    pub(crate) control_clients: Vec<Option<Client>>,
+    control: Option<Control>,
     /// Control clients waiting for the upgrade under way to finish.
-    pub(crate) waiters: Vec<Client>,
+    waiters: Vec<Client>,
     /// When the launcher started.
-    pub(crate) started: Instant,
+    started: Instant,
     /// The last upgrade's report, for `status`.
-    pub(crate) last_upgrade: Option<Value>,
+    last_upgrade: Option<Value>,
     /// An upgrade is under way: private-monitor events are kept for it to read (otherwise
     /// they are dropped), and further requests are coalesced into it.
     pub(crate) upgrading: bool,
-    pub(crate) relays: Vec<Relay>,
-    /// Which relay carries each later generation's stderr.
-    stderr_relay: std::collections::HashMap<u32, usize>,
-    /// Write ends of the relay pipes, handed to every generation when daemonized.
+    /// QEMU's stdout and stderr copied on, when daemonized.
+    outputs: Vec<Relay>,
+    /// Write ends of the output pipes, handed to every generation when daemonized.
     child_out: Vec<OwnedFd>,
     null: std::fs::File,
-    exit: Option<Exit>,
-    /// Pids of former generations not yet reaped.
-    retired: Vec<Pid>,
     /// The monitor and chardev sockets served across generations.
     pub(crate) proxy: Proxy,
     /// The ptys held across generations.
-    ptys: PtyRelay,
+    pub(crate) ptys: PtyRelay,
     /// What each new binary accepts, asked once per binary file.
     pub(crate) probes: crate::translate::probe::ProbeCache,
     /// Control clients that asked for a `check`, with the binary they named.
@@ -221,7 +138,7 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// Starts the first generation and the loop around it.
+    /// Starts the first generation and the loop around it. Returns once it executed QEMU.
     pub fn start(mut config: Config) -> Result<Supervisor, SupervisorError> {
         let poll = Poll::new().map_err(SupervisorError::Poll)?;
         let mut watched = vec![SIGCHLD, SIGUSR2];
@@ -231,12 +148,20 @@ impl Supervisor {
             .register(&mut signals, Token::Signals.to_mio(), Interest::READABLE)
             .map_err(SupervisorError::Poll)?;
 
-        let mut relays = Vec::new();
+        let mut outputs = Vec::new();
         let mut child_out = Vec::new();
         if config.daemon.is_some() {
-            for target in [1, 2] {
-                let (r, w) = relay::pipe().map_err(|e| SupervisorError::Poll(e.into()))?;
-                relays.push(Relay::new(r, target));
+            for (i, target) in [1, 2].into_iter().enumerate() {
+                let (r, w) = crate::fdio::pipe().map_err(|e| SupervisorError::Poll(e.into()))?;
+                let relay = Relay::new(r, target);
+                poll.registry()
+                    .register(
+                        &mut SourceFd(&relay.raw_fd()),
+                        Token::Output(i).to_mio(),
+                        Interest::READABLE,
+                    )
+                    .map_err(SupervisorError::Poll)?;
+                outputs.push(relay);
                 child_out.push(w);
             }
         }
@@ -260,19 +185,20 @@ impl Supervisor {
         let opened = std::mem::take(&mut config.ptys);
         let mut ptys = PtyRelay::new(poll.registry(), opened, |i| Token::Pty(i).to_mio())
             .map_err(SupervisorError::Poll)?;
-        let binary = config.binary.clone();
-        let sockets = Sockets {
+        let plumbing = Plumbing {
             proxy: &mut proxy,
             ptys: &mut ptys,
+            null: &null,
+            child_out: &child_out,
         };
         let first = spawn_registered(
             poll.registry(),
-            sockets,
-            &config,
-            child_stdio(&null, &child_out),
+            plumbing,
+            config.template(),
             1,
-            binary,
+            config.binary.clone(),
             &GenArgs::default(),
+            false,
         );
         // On failure the daemon's foreground exits 1 once the caller has printed the error.
         let current = first?;
@@ -284,42 +210,35 @@ impl Supervisor {
             events: Events::with_capacity(64),
             signals,
             current,
-            incoming: None,
-            incoming_exit: None,
+            ending: Vec::new(),
             machine: None,
             upgrade_requests: 0,
             upgrade_to: None,
             control: None,
-            control_clients: Vec::new(),
             waiters: Vec::new(),
             started: Instant::now(),
             last_upgrade: None,
             upgrading: false,
-            relays,
-            stderr_relay: std::collections::HashMap::new(),
+            outputs,
             child_out,
             null,
-            exit: None,
-            retired: Vec::new(),
             proxy,
             ptys,
             probes: Default::default(),
             check_requests: Vec::new(),
             config,
         };
-        match Control::bind(&control::run_dir(), std::process::id()) {
-            Ok(c) => {
-                let fd = c.raw_fd();
-                sup.poll
-                    .registry()
-                    .register(
-                        &mut SourceFd(&fd),
-                        Token::Control.to_mio(),
-                        Interest::READABLE,
-                    )
-                    .map_err(SupervisorError::Poll)?;
-                sup.control = Some(c);
-            }
+        // The first QEMU stands where the launcher was executed: a failed exec is the
+        // launcher's own failure, reported as such. No deadline, as none binds QEMU's start.
+        match sup.await_exec(To::CURRENT, None) {
+            Ok(()) => {}
+            Err(Awaited::Exec(e)) => return Err(GenerationError::Spawn(e).into()),
+            Err(Awaited::Call(CallError::Poll(e))) => return Err(SupervisorError::Poll(e)),
+            // It exited: the loop reports how.
+            Err(Awaited::Call(_)) => {}
+        }
+        match Control::bind(&control::run_dir(), std::process::id(), sup.poll.registry()) {
+            Ok(c) => sup.control = Some(c),
             // The VM runs regardless; SIGUSR2 still upgrades it.
             Err(e) => eprintln!(
                 "{}: qemu-liveupgrade: no control socket in {}: {e}",
@@ -327,67 +246,12 @@ impl Supervisor {
                 control::run_dir().display()
             ),
         }
-        for i in 0..sup.relays.len() {
-            sup.register_relay(i).map_err(SupervisorError::Poll)?;
-        }
         Ok(sup)
-    }
-
-    /// Starts a later generation with the layout's fds and registers its private monitor. Its
-    /// stderr goes through a relay, so a failed start can be reported in QEMU's own words.
-    pub(crate) fn spawn_generation(
-        &mut self,
-        number: u32,
-        binary: Binary,
-        args: &GenArgs,
-    ) -> Result<Generation, GenerationError> {
-        let (r, w) = relay::pipe().map_err(|e| GenerationError::Socket(e.into()))?;
-        let mut stdio = child_stdio(&self.null, &self.child_out);
-        stdio.fds[2] = Some(w.as_fd());
-        let sockets = Sockets {
-            proxy: &mut self.proxy,
-            ptys: &mut self.ptys,
-        };
-        let gen = spawn_registered(
-            self.poll.registry(),
-            sockets,
-            &self.config,
-            stdio,
-            number,
-            binary,
-            args,
-        )?;
-        drop(w);
-        self.relays.push(Relay::new(r, 2));
-        self.register_relay(self.relays.len() - 1)
-            .map_err(GenerationError::Socket)?;
-        self.stderr_relay.insert(number, self.relays.len() - 1);
-        Ok(gen)
-    }
-
-    fn register_relay(&mut self, i: usize) -> io::Result<()> {
-        let fd = self.relays[i].raw_fd();
-        self.poll.registry().register(
-            &mut SourceFd(&fd),
-            Token::Relay(i).to_mio(),
-            Interest::READABLE,
-        )
-    }
-
-    /// The last line generation `number` wrote on stderr, once everything it wrote is read.
-    pub(crate) fn last_stderr_line(&mut self, number: u32) -> Option<String> {
-        let prefix = format!(
-            "{}: ",
-            crate::resolve::invoked_name(&self.config.argv0).to_string_lossy()
-        );
-        let relay = &mut self.relays[*self.stderr_relay.get(&number)?];
-        relay.pump();
-        relay.last_line(&prefix)
     }
 
     /// Runs until QEMU exits; returns how it ended.
     pub fn run(mut self) -> Result<Exit, SupervisorError> {
-        match self.handshake(Which::Current, None) {
+        match self.handshake(To::CURRENT, None) {
             Ok(()) => {
                 self.machine = self.resolve_machine();
                 if let Some(d) = self.config.daemon.as_mut() {
@@ -408,8 +272,8 @@ impl Supervisor {
             }
         }
         loop {
-            if let Some(exit) = self.exit {
-                self.drain_relays();
+            if let Some(exit) = self.current.exit {
+                self.drain_outputs();
                 // QEMU's last words (its SHUTDOWN event) reach monitor clients before they see
                 // EOF: libvirt treats EOF without SHUTDOWN as a crash.
                 self.proxy.flush(Instant::now() + Duration::from_secs(1));
@@ -441,7 +305,7 @@ impl Supervisor {
                 self.report(report);
                 continue;
             }
-            self.pump(None).map_err(SupervisorError::Poll)?;
+            self.pump(None, None).map_err(SupervisorError::Poll)?;
         }
     }
 
@@ -458,9 +322,7 @@ impl Supervisor {
             .filter_map(|o| o.parse_arg())
             .filter_map(|a| a.get("type"))
             .last();
-        let machines = self
-            .call(Which::Current, "query-machines", None, None)
-            .ok()?;
+        let machines = self.call(To::CURRENT, "query-machines", None, None).ok()?;
         let machines = machines.as_array()?;
         let found = machines.iter().find(|m| match &wanted {
             Some(t) => {
@@ -475,138 +337,108 @@ impl Supervisor {
             .map(str::to_owned)
     }
 
-    /// Waits for a generation's greeting, negotiates its monitor and reads its version. QEMU
-    /// dispatches monitor commands only from its main loop, which it enters after creating
-    /// every chardev, so a reply here means every user monitor socket already listens.
-    pub(crate) fn handshake(
+    /// Starts generation `number` next to the current one and waits, until `deadline`, for
+    /// it to execute QEMU and answer its monitor. On failure it is ended again, and what it
+    /// said on stderr comes back with the error.
+    pub(crate) fn start_generation(
         &mut self,
-        which: Which,
-        deadline: Option<Instant>,
-    ) -> Result<(), CallError> {
-        loop {
-            if self.gen_mut(which).qmp.take_greeting().is_some() {
-                break;
-            }
-            self.check_alive(which)?;
-            self.pump(remaining(deadline, "greeting")?)
-                .map_err(CallError::Poll)?;
-        }
-        self.call(which, "qmp_capabilities", None, deadline)?;
-        let version = self.call(which, "query-version", None, deadline)?;
-        self.gen_mut(which).version = Some(version);
-        Ok(())
-    }
-
-    pub(crate) fn gen(&self, which: Which) -> &Generation {
-        match which {
-            Which::Current => &self.current,
-            Which::Incoming => self.incoming.as_ref().expect("no incoming generation"),
-        }
-    }
-
-    pub(crate) fn gen_mut(&mut self, which: Which) -> &mut Generation {
-        match which {
-            Which::Current => &mut self.current,
-            Which::Incoming => self.incoming.as_mut().expect("no incoming generation"),
-        }
-    }
-
-    fn check_alive(&self, which: Which) -> Result<(), CallError> {
-        let exited = match which {
-            Which::Current => self.exit.is_some(),
-            Which::Incoming => self.incoming_exit.is_some(),
-        };
-        if exited {
-            return Err(CallError::Exited);
-        }
-        if self.gen(which).qmp.is_closed() {
-            return Err(QmpError::Closed.into());
-        }
-        Ok(())
-    }
-
-    /// Sends a command on a generation's private monitor and waits for its reply, serving
-    /// the loop meanwhile.
-    pub fn call(
-        &mut self,
-        which: Which,
-        command: &str,
-        args: Option<Value>,
-        deadline: Option<Instant>,
-    ) -> Result<Value, CallError> {
-        self.call_with_fd(which, command, args, None, deadline)
-    }
-
-    /// [`Supervisor::call`] passing an fd with SCM_RIGHTS (`getfd`).
-    pub fn call_with_fd(
-        &mut self,
-        which: Which,
-        command: &str,
-        args: Option<Value>,
-        fd: Option<BorrowedFd<'_>>,
-        deadline: Option<Instant>,
-    ) -> Result<Value, CallError> {
-        self.check_alive(which)?;
-        let id = self.gen_mut(which).qmp.send_with_fd(command, args, fd)?;
-        loop {
-            if let Some(result) = self.gen_mut(which).qmp.take_reply(id) {
-                return result.map_err(|e| qmp::command_error(command, &e).into());
-            }
-            self.check_alive(which)?;
-            self.pump(remaining(deadline, command)?)
-                .map_err(CallError::Poll)?;
-        }
-    }
-
-    /// Serves the loop until `done` holds or the deadline passes.
-    pub(crate) fn wait_until(
-        &mut self,
-        what: &str,
+        number: u32,
+        binary: Binary,
+        args: &GenArgs,
         deadline: Instant,
-        mut done: impl FnMut(&mut Supervisor) -> bool,
-    ) -> Result<(), CallError> {
-        while !done(self) {
-            self.pump(remaining(Some(deadline), what)?)
-                .map_err(CallError::Poll)?;
+    ) -> Result<Generation, NotStarted> {
+        let plumbing = Plumbing {
+            proxy: &mut self.proxy,
+            ptys: &mut self.ptys,
+            null: &self.null,
+            child_out: &self.child_out,
+        };
+        let spawned = spawn_registered(
+            self.poll.registry(),
+            plumbing,
+            self.config.template(),
+            number,
+            binary,
+            args,
+            true,
+        );
+        let mut gen = match spawned {
+            Ok(gen) => gen,
+            Err(e) => {
+                self.ptys.abort(self.poll.registry());
+                self.proxy.discard(number);
+                return Err(NotStarted {
+                    error: e.into(),
+                    said: None,
+                });
+            }
+        };
+        let started = match self.await_exec(To::Beside(&mut gen), Some(deadline)) {
+            Ok(()) => self
+                .handshake(To::Beside(&mut gen), Some(deadline))
+                .map_err(StartError::from),
+            Err(Awaited::Exec(e)) => Err(GenerationError::Spawn(e).into()),
+            Err(Awaited::Call(e)) => Err(e.into()),
+        };
+        match started {
+            Ok(()) => Ok(gen),
+            Err(error) => Err(NotStarted {
+                error,
+                said: self.end_generation(gen),
+            }),
         }
-        Ok(())
     }
 
-    /// Kills the incoming generation and waits until it is reaped.
-    pub(crate) fn kill_incoming(&mut self) {
-        // Even when the new QEMU never started: its pty sockets may have been made.
+    /// Ends a generation that is not the current one: SIGKILL, then the loop is served until
+    /// it is reaped (10 s at most; a process stuck in the kernel is reaped later), and its
+    /// per-generation sockets go. Returns the last line it wrote on stderr.
+    pub(crate) fn end_generation(&mut self, mut gen: Generation) -> Option<String> {
+        // Even when it never started: its pty sockets and proxy backends were made.
         self.ptys.abort(self.poll.registry());
-        let Some(gen) = self.incoming.as_ref() else {
-            return;
-        };
+        self.proxy.discard(gen.number);
         let pid = gen.pid;
-        let fd = gen.qmp.raw_fd();
-        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-        if self.incoming_exit.is_none() {
+        if gen.exit.is_none() {
             let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let _ = self.wait_until("reaping the new QEMU", deadline, |s| {
-                s.incoming_exit.is_some()
+            let deadline = Instant::now() + REAP_TIMEOUT;
+            let _ = self.wait_until(Some(&mut gen), "reaping a QEMU", deadline, |_, g| {
+                g.is_none_or(|g| g.exit.is_some())
             });
         }
-        self.incoming = None;
-        self.incoming_exit = None;
+        let said = last_words(&self.config.argv0, &mut gen);
+        if gen.exit.is_none() {
+            // Still not reaped: the loop reaps it later, and drops it then.
+            self.ending.push(gen);
+        }
+        said
     }
 
-    /// Makes the incoming generation current. The old one is returned for the caller to end;
-    /// from here on its exit no longer ends the VM.
-    pub(crate) fn promote_incoming(&mut self) -> Generation {
-        let new = self.incoming.take().expect("no incoming generation");
+    /// Makes `new` the current generation. The old one is killed at once (its guest runs
+    /// elsewhere now, and anything it still does can only take from the new one) and reaped
+    /// by the loop; from here on its exit no longer ends the VM.
+    pub(crate) fn promote(&mut self, new: Generation) {
         self.ptys.commit(self.poll.registry(), new.number);
         let old = std::mem::replace(&mut self.current, new);
-        let fd = old.qmp.raw_fd();
-        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-        self.retired.push(old.pid);
-        old
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&old.qmp.raw_fd()));
+        let _ = nix::sys::signal::kill(old.pid, Signal::SIGKILL);
+        self.ending.push(old);
     }
 
-    /// Waits once for events and handles them.
-    fn pump(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+    /// Serves the loop until every generation killed so far is reaped, or `deadline`.
+    pub(crate) fn reap_ended(&mut self, deadline: Instant) {
+        let _ = self.wait_until(None, "reaping old QEMUs", deadline, |s, _| {
+            s.ending.is_empty()
+        });
+    }
+
+    /// Waits once for events, up to `timeout`, and handles them; `beside`'s too.
+    pub(crate) fn pump(
+        &mut self,
+        mut beside: Option<&mut Generation>,
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
         match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
@@ -614,32 +446,58 @@ impl Supervisor {
         }
         let mut tokens = Vec::new();
         for event in self.events.iter() {
-            if self.proxy.owns(event.token()) {
-                self.proxy.handle(self.poll.registry(), event);
-            } else {
-                tokens.push(Token::from_mio(event.token()));
+            match Token::from_mio(event.token()) {
+                Token::Proxy => self.proxy.handle(self.poll.registry(), event),
+                token => tokens.push(token),
             }
         }
         for token in tokens {
             match token {
-                Token::Signals => self.on_signals(),
-                Token::Relay(i) => self.on_relay(i),
-                Token::Monitor(n) => self.on_monitor(n),
-                Token::TapGuard(n) => self.on_tap_guard(n),
+                Token::Signals => self.on_signals(beside.as_deref_mut()),
+                Token::Output(i) => self.on_output(i),
+                Token::Stderr(n) => {
+                    if let Some(relay) = self.generation(beside.as_deref_mut(), n) {
+                        relay.stderr.as_mut().map(Relay::pump);
+                    }
+                }
+                Token::Monitor(n) => self.on_monitor(beside.as_deref_mut(), n),
+                Token::TapGuard(n) => self.on_tap_guard(beside.as_deref_mut(), n),
                 Token::Pty(i) => self.ptys.handle(i),
-                Token::Control => self.on_control(),
-                Token::Probe => self.on_probe(),
+                Token::Control => {
+                    if let Some(c) = self.control.as_mut() {
+                        c.accept(self.poll.registry());
+                    }
+                }
                 Token::ControlClient(i) => self.on_control_client(i),
+                Token::Probe => self.on_probe(),
+                // Exec status is read by whoever waits for it; the event only wakes it.
+                Token::Exec(_) | Token::Proxy | Token::Unknown(_) => {}
             }
         }
         Ok(())
     }
 
-    fn on_signals(&mut self) {
+    /// Generation `number`: the current one, the one beside it, or one being ended.
+    fn generation<'g>(
+        &'g mut self,
+        beside: Option<&'g mut Generation>,
+        number: u32,
+    ) -> Option<&'g mut Generation> {
+        if self.current.number == number {
+            return Some(&mut self.current);
+        }
+        if let Some(gen) = beside.filter(|g| g.number == number) {
+            return Some(gen);
+        }
+        self.ending.iter_mut().find(|g| g.number == number)
+    }
+
+    fn on_signals(&mut self, beside: Option<&mut Generation>) {
         let pending: Vec<i32> = self.signals.pending().collect();
+        let mut beside = beside;
         for sig in pending {
             match sig {
-                SIGCHLD => self.reap(),
+                SIGCHLD => self.reap(beside.as_deref_mut()),
                 SIGUSR2 => self.upgrade_requests += 1,
                 sig => {
                     if let Ok(sig) = Signal::try_from(sig) {
@@ -651,7 +509,7 @@ impl Supervisor {
     }
 
     /// Reaps every exited child; SIGCHLD is coalesced, so one wake-up may stand for several.
-    fn reap(&mut self) {
+    fn reap(&mut self, mut beside: Option<&mut Generation>) {
         loop {
             let (pid, exit) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => (pid, Exit::Code(code)),
@@ -660,43 +518,43 @@ impl Supervisor {
                 Ok(_) => continue,
             };
             if pid == self.current.pid {
-                self.exit = Some(exit);
-            } else if self.incoming.as_ref().map(|g| g.pid) == Some(pid) {
-                self.incoming_exit = Some(exit);
-            } else {
-                self.retired.retain(|p| *p != pid);
+                self.current.exit = Some(exit);
+            } else if let Some(gen) = beside.as_deref_mut().filter(|g| g.pid == pid) {
+                gen.exit = Some(exit);
+            } else if let Some(i) = self.ending.iter().position(|g| g.pid == pid) {
+                let mut gone = self.ending.swap_remove(i);
+                gone.exit = Some(exit);
+                // What it wrote last still goes to the launcher's stderr; then it closes.
+                last_words(&self.config.argv0, &mut gone);
             }
         }
     }
 
-    fn on_monitor(&mut self, number: u32) {
-        let gen = if self.current.number == number {
-            &mut self.current
-        } else {
-            match self.incoming.as_mut() {
-                Some(g) if g.number == number => g,
-                _ => return,
-            }
+    fn on_monitor(&mut self, beside: Option<&mut Generation>, number: u32) {
+        let upgrading = self.upgrading;
+        let is_current = self.current.number == number;
+        let Some(gen) = self.generation(beside, number) else {
+            return;
         };
         let result = gen.qmp.on_readable();
-        if !self.upgrading {
-            // The journal learns of completed device removals (DEVICE_DELETED) here too, even
-            // when no client is connected to see them.
-            for event in gen.qmp.take_events() {
-                self.proxy.note_event(&event);
-            }
-        }
+        let events = match is_current && !upgrading {
+            true => gen.qmp.take_events(),
+            false => Vec::new(),
+        };
         if result.is_err() || gen.qmp.is_closed() {
             let fd = gen.qmp.raw_fd();
             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
         }
+        // The journal learns of completed device removals (DEVICE_DELETED) here too, even
+        // when no client is connected to see them.
+        for event in events {
+            self.proxy.note_event(&event);
+        }
     }
 
-    fn on_tap_guard(&mut self, number: u32) {
-        let gen = match self.incoming.as_mut() {
-            Some(g) if g.number == number => g,
-            _ if self.current.number == number => &mut self.current,
-            _ => return,
+    fn on_tap_guard(&mut self, beside: Option<&mut Generation>, number: u32) {
+        let Some(gen) = self.generation(beside, number) else {
+            return;
         };
         if let Some(guard) = gen.tap_guard.as_mut() {
             if !guard.on_readable() {
@@ -706,39 +564,103 @@ impl Supervisor {
         }
     }
 
-    fn on_relay(&mut self, i: usize) {
-        let relay = &mut self.relays[i];
-        if relay.is_open() && !relay.pump() {
-            let fd = relay.raw_fd();
-            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+    fn on_output(&mut self, i: usize) {
+        if let Some(relay) = self.outputs.get_mut(i).filter(|r| r.is_open()) {
+            relay.pump();
         }
     }
 
     /// Copies what QEMU wrote just before exiting, so its last error reaches the caller.
-    fn drain_relays(&mut self) {
-        for relay in self.relays.iter_mut().filter(|r| r.is_open()) {
+    fn drain_outputs(&mut self) {
+        for relay in self.outputs.iter_mut().filter(|r| r.is_open()) {
+            relay.pump();
+        }
+        if let Some(relay) = self.current.stderr.as_mut() {
             relay.pump();
         }
     }
 
     /// Whether the current generation has exited, which ends the VM.
     pub(crate) fn has_exited(&self) -> bool {
-        self.exit.is_some()
+        self.current.exit.is_some()
     }
 
-    /// Whether a retired generation's process is still to be reaped.
-    pub(crate) fn is_retired_alive(&self, pid: Pid) -> bool {
-        self.retired.contains(&pid)
+    fn on_control_client(&mut self, slot: usize) {
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        let Some((mut client, request)) = control.on_client(self.poll.registry(), slot) else {
+            return;
+        };
+        match request {
+            Request::Status => {
+                let _ = client.send(&self.status());
+            }
+            Request::Upgrade(to) => {
+                if self.upgrading {
+                    // An upgrade is under way: this request is coalesced into it.
+                    self.upgrade_requests += 1;
+                } else {
+                    self.upgrade_requests = 1;
+                    self.upgrade_to = to;
+                }
+                self.waiters.push(client);
+            }
+            // Run from the loop's top, like an upgrade, never from inside this handler.
+            Request::Check(to) => self.check_requests.push((client, to)),
+        }
+    }
+
+    /// Prints an upgrade report as one JSON line on stderr, which libvirt keeps in the
+    /// domain's log, and keeps it for `status`.
+    pub(crate) fn report(&mut self, report: Value) {
+        eprintln!("{report}");
+        for mut w in std::mem::take(&mut self.waiters) {
+            let _ = w.send(&report);
+        }
+        self.last_upgrade = Some(report);
+    }
+
+    /// Tells control clients waiting on the upgrade which step it has reached.
+    pub(crate) fn progress(&mut self, step: &str) {
+        let line = control::progress(step);
+        self.waiters.retain_mut(|w| w.send(&line).is_ok());
+    }
+
+    /// The VM's state, for `qemu-liveupgrade status` and `list`.
+    pub fn status(&self) -> Value {
+        let name = self
+            .config
+            .base
+            .cmd
+            .opts("name")
+            .filter_map(|o| o.parse_arg())
+            .filter_map(|a| a.get("guest"))
+            .last();
+        json!({
+            "pid": std::process::id(),
+            "name": name,
+            "qemu_pid": self.current.pid.as_raw(),
+            "version": self.current.version_string(),
+            "binary": self.current.binary.path.to_string_lossy(),
+            "generation": self.current.number,
+            "machine": self.machine,
+            "ram": if self.config.base.unshared.is_none() { "shared" } else { "streamed" },
+            "uptime_s": self.started.elapsed().as_secs(),
+            "generation_uptime_s": self.current.started.elapsed().as_secs(),
+            "last_upgrade": self.last_upgrade,
+        })
     }
 }
 
-/// Time left until `deadline`, or a timeout error naming `what`.
-fn remaining(deadline: Option<Instant>, what: &str) -> Result<Option<Duration>, CallError> {
-    match deadline {
-        None => Ok(None),
-        Some(d) => match d.checked_duration_since(Instant::now()) {
-            Some(left) if !left.is_zero() => Ok(Some(left)),
-            _ => Err(CallError::Timeout(what.to_owned())),
-        },
-    }
+/// Copies what a generation still has on its stderr relay and returns its last line,
+/// QEMU's own explanation when it failed.
+fn last_words(argv0: &std::ffi::OsStr, gen: &mut Generation) -> Option<String> {
+    let relay = gen.stderr.as_mut()?;
+    relay.pump();
+    let prefix = format!(
+        "{}: ",
+        crate::resolve::invoked_name(argv0).to_string_lossy()
+    );
+    relay.last_line(&prefix)
 }

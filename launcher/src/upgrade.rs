@@ -1,27 +1,36 @@
 //! The live upgrade: the guest moves from the running QEMU into a newly started one.
 //!
-//! Read [`Supervisor::upgrade`] top to bottom; it is the whole sequence. Guest RAM lives in
+//! Read `Supervisor::swap` and then `Upgrade::move_guest` top to bottom: they are the whole
+//! sequence, one named step a line, each step a method below them in the same order. Guest
+//! RAM lives in
 //! memfds the launcher owns (see [`crate::memfd`]) and every generation maps them, so with
 //! `x-ignore-shared` the migration stream carries only device state: the guest pauses for
 //! milliseconds and no RAM is copied. When RAM cannot be shared it travels through the same
 //! pipe, with settings that let a busy guest converge.
 //!
-//! Until the new QEMU runs the guest, every step can be undone: a failure kills the new QEMU,
-//! cancels the migration, puts the old QEMU's migration settings back and resumes it only if
-//! it was running. After that point the old QEMU is killed. The guest is never on two QEMUs,
+//! Until the new QEMU runs the guest, every step can be undone: a step that changes the old
+//! QEMU or the proxy pushes its [`Undo`] as it does so, and a failure kills the new QEMU, then
+//! undoes those in reverse order (the migration cancelled, the old QEMU's settings put back,
+//! the guest resumed only if it was running). After that point the old QEMU is killed. The guest is never on two QEMUs,
 //! because the old one is paused (by migration) before the new one starts running, and never
 //! on none, because the old one is killed only once the new one runs.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::generation::GenArgs;
+use crate::generation::{GenArgs, Generation};
 use crate::resolve::{self, Binary, Source};
-use crate::supervisor::{CallError, Supervisor, Which};
+use crate::supervisor::{remaining, CallError, Supervisor, To};
 use crate::threads;
+
+mod migration;
+mod report;
+
+use migration::{capabilities, caps_arg, is_active, migration_status, ms, ram_size, SOURCE_FAILED};
+use report::{Failure, Stats};
 
 /// Time a new QEMU gets to start and answer its monitor, unless
 /// `QEMU_LIVEUPGRADE_START_TIMEOUT` (seconds) says otherwise.
@@ -40,8 +49,6 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 const FD_OUT: &str = "qemu-liveupgrade-out";
 const FD_IN: &str = "qemu-liveupgrade-in";
 
-/// Migration states of the source that mean it is over and did not succeed.
-const SOURCE_FAILED: [&str; 2] = ["failed", "cancelled"];
 /// Run states a guest can be upgraded from.
 const UPGRADABLE: [&str; 4] = ["running", "paused", "prelaunch", "suspended"];
 
@@ -86,34 +93,56 @@ pub enum UpgradeError {
     NewExited,
 }
 
-/// What the rollback has to undo, filled in as the sequence advances.
-#[derive(Debug, Default)]
-struct Undo {
-    /// Capabilities changed on the old QEMU, with their previous state.
-    capabilities: Vec<(String, bool)>,
-    /// Migration parameters changed on the old QEMU, with their previous values.
-    parameters: Option<Value>,
-    /// The stream's write end was handed to the old QEMU and not yet consumed by `migrate`.
-    out_fd_named: bool,
-    /// `migrate` was issued.
-    migrating: bool,
-    /// Monitor clients' input is held for the swap.
-    held: bool,
-    /// The old QEMU's run state before the upgrade.
-    old_status: Option<String>,
+/// What one step changed on the old QEMU or in the proxy, for a failure later to put back.
+/// A failed upgrade kills the new QEMU first, then undoes these in reverse order.
+#[derive(Debug)]
+enum Undo {
+    /// Migration capabilities turned on on the old QEMU: off again.
+    Capabilities(Vec<String>),
+    /// Migration parameters changed on the old QEMU: their values before.
+    Parameters(Value),
+    /// Monitor clients' input held and their connections to the new QEMU prepared: back to
+    /// the old one, with what they sent meanwhile.
+    Monitors,
+    /// The stream's write end handed to the old QEMU (`getfd`) and not taken by `migrate`.
+    OutFd,
+    /// `migrate` issued: cancelled, and the guest running again if it ran before.
+    Migration,
 }
 
-/// What a successful swap measured.
-#[derive(Debug, Default)]
-struct Stats {
-    downtime_ms: Option<u64>,
-    ram_bytes: Option<u64>,
+/// The guest as the upgrade found it.
+#[derive(Debug)]
+struct Guest {
+    /// Its run state (`query-status`), which the new QEMU must end in.
+    status: String,
+}
+
+/// The migration settings an upgrade chose.
+#[derive(Debug)]
+struct Capabilities {
+    /// Guest RAM stays where it is (`x-ignore-shared`); otherwise it travels in the stream.
     shared: bool,
-    threads: Value,
-    /// Tap ioctls the new QEMU made while the old one ran the guest, answered without effect.
-    tap_ioctls_held: Option<u32>,
-    /// Options of the user's argv the new QEMU got in another form.
+    /// Capabilities turned on for the upgrade that the VM's users had off.
+    added: Vec<String>,
+}
+
+/// What moving the guest leaves for the last step.
+#[derive(Debug)]
+struct Moved {
+    capabilities: Capabilities,
+    /// Where the old vCPU threads and iothreads ran.
+    placement: Vec<threads::Placement>,
+}
+
+/// An upgrade whose new QEMU is up: the generation it started (the upgrade owns it until it
+/// runs the guest or is ended), the guest it is to receive, and what a failure must undo.
+struct Upgrade<'s> {
+    sup: &'s mut Supervisor,
+    new: Generation,
+    guest: Guest,
+    /// Options of the user's argv the new QEMU got in another form, for the report.
     translations: Vec<Value>,
+    undo: Vec<Undo>,
 }
 
 impl Supervisor {
@@ -121,66 +150,24 @@ impl Supervisor {
     /// one JSON object, for the domain log and the control socket.
     pub fn upgrade(&mut self, to: Option<PathBuf>) -> Value {
         let started = Instant::now();
-        let from = json!({
-            "version": self.current.version_string(),
-            "binary": self.current.binary.path.to_string_lossy(),
-            "generation": self.current.number,
-        });
-        let mut undo = Undo::default();
+        let from = report::generation(&self.current);
         self.upgrading = true;
-        let result = self.swap(to, &mut undo);
-        let mut said = None;
-        let mut unrestored = Vec::new();
-        if result.is_err() {
-            unrestored = self.roll_back(&undo);
-            // The new QEMU's own explanation, if it gave one on stderr before it was killed.
-            said = self.last_stderr_line(self.current.number + 1);
-        }
+        let result = self.swap(to);
         self.upgrading = false;
         let coalesced = std::mem::take(&mut self.upgrade_requests);
-        let mut report = json!({
+        let head = json!({
             "qemu-liveupgrade": "upgrade",
             "from": from,
             "machine": self.machine,
             "total_ms": ms(started.elapsed()),
             "coalesced_requests": coalesced,
         });
-        match result {
-            Ok(stats) => {
-                report["result"] = "ok".into();
-                report["to"] = json!({
-                    "version": self.current.version_string(),
-                    "binary": self.current.binary.path.to_string_lossy(),
-                    "generation": self.current.number,
-                });
-                report["ram"] = if stats.shared { "shared" } else { "streamed" }.into();
-                report["downtime_ms"] = json!(stats.downtime_ms);
-                report["ram_bytes"] = json!(stats.ram_bytes);
-                report["threads"] = stats.threads;
-                report["tap_ioctls_held"] = json!(stats.tap_ioctls_held);
-                report["translations"] = json!(stats.translations);
-            }
-            Err(e) => {
-                report["result"] = "failed".into();
-                let mut reason = crate::error_chain(&e);
-                if let Some(line) = said {
-                    reason.push_str(&format!(" (new QEMU: {line})"));
-                }
-                report["reason"] = reason.into();
-                if !unrestored.is_empty() {
-                    report["rollback_problems"] = json!(unrestored);
-                }
-                report["generation"] = self.current.number.into();
-            }
-        }
-        report
+        report::complete(head, &self.current, result)
     }
 
-    /// The sequence itself. Every step records in `undo` what a failure must reverse.
-    fn swap(&mut self, to: Option<PathBuf>, undo: &mut Undo) -> Result<Stats, UpgradeError> {
-        let step = |step| move |source| UpgradeError::Step { step, source };
-        let deadline = || Some(Instant::now() + STEP_TIMEOUT);
-
+    /// The sequence itself. Steps 1 to 3 change nothing on the old QEMU; from step 4 on every
+    /// step records what a failure must undo, until the new QEMU runs the guest.
+    fn swap(&mut self, to: Option<PathBuf>) -> Result<Stats, Failure> {
         // 1. The binary: resolved again, since a package upgrade replaced the file.
         let binary = match to {
             Some(path) => Binary {
@@ -192,35 +179,64 @@ impl Supervisor {
 
         self.progress("checking the guest");
         // 2. The guest's state now, which the new QEMU must end in.
-        let status = self
-            .call(Which::Current, "query-status", None, deadline())
-            .map_err(step("query-status"))?;
-        let old_status = status["status"].as_str().unwrap_or("unknown").to_owned();
-        if !UPGRADABLE.contains(&old_status.as_str()) {
-            return Err(UpgradeError::State(old_status));
+        let guest = self.check_guest()?;
+
+        self.progress("asking the new QEMU what it accepts");
+        // 3. The new QEMU's argv: the user's, with the machine type pinned, translated for
+        //    what the new binary accepts (asked once per binary file). An option it cannot be
+        //    given in any form stops the upgrade here, before anything is started.
+        let (args, translations) = self.new_args(&binary)?;
+
+        self.progress("starting the new QEMU");
+        // 4. The new QEMU, waiting for the incoming stream. A QEMU that lacks the machine type
+        //    refuses to start, and the report carries its words.
+        let new = self.start_new(binary, &args)?;
+
+        let mut upgrade = Upgrade {
+            sup: self,
+            new,
+            guest,
+            translations,
+            undo: Vec::new(),
+        };
+        match upgrade.move_guest() {
+            Ok(moved) => Ok(upgrade.finish(moved)),
+            Err(error) => Err(upgrade.roll_back(error)),
         }
-        undo.old_status = Some(old_status.clone());
+    }
+
+    /// Step 2: the guest can be moved now, and how it runs.
+    fn check_guest(&mut self) -> Result<Guest, UpgradeError> {
+        let status = self
+            .call(To::CURRENT, "query-status", None, step_deadline())
+            .map_err(step("query-status"))?;
+        let status = status["status"].as_str().unwrap_or("unknown").to_owned();
+        if !UPGRADABLE.contains(&status.as_str()) {
+            return Err(UpgradeError::State(status));
+        }
         // What QEMU cannot hand from one process to another, judged on the user's argv.
         let verdict = &self.config.base.verdict;
         if !verdict.upgradable() {
             return Err(UpgradeError::Unsupported(verdict.reasons_line()));
         }
         let migration = self
-            .call(Which::Current, "query-migrate", None, deadline())
+            .call(To::CURRENT, "query-migrate", None, step_deadline())
             .map_err(step("query-migrate"))?;
         if let Some(s) = migration["status"].as_str().filter(|s| is_active(s)) {
             return Err(UpgradeError::State(format!("migrating ({s})")));
         }
+        Ok(Guest { status })
+    }
 
-        self.progress("asking the new QEMU what it accepts");
-        // 3. The new QEMU's argv: the user's, with the machine type pinned, translated for
-        //    what the new binary accepts (asked once per binary file). An option it cannot be
-        //    given in any form stops the upgrade here, before anything is started. A binary
-        //    that cannot be asked gets the argv untranslated, and judges it itself.
+    /// Step 3: the new generation's arguments, and the options of the user's argv it gets in
+    /// another form. A binary that cannot be asked gets the argv untranslated, and judges it
+    /// itself.
+    fn new_args(&mut self, binary: &Binary) -> Result<(GenArgs, Vec<Value>), UpgradeError> {
         let target = match self.capabilities(&binary.path) {
             Ok(caps) => Some(caps),
             Err(why) => {
-                self.progress(&format!("cannot ask the new QEMU ({why}); its argv is not translated"));
+                let line = format!("cannot ask the new QEMU ({why}); its argv is not translated");
+                self.progress(&line);
                 None
             }
         };
@@ -235,43 +251,74 @@ impl Supervisor {
         let translations = translated
             .map(|t| t.changes.iter().map(|c| c.to_json()).collect())
             .unwrap_or_default();
+        Ok((args, translations))
+    }
 
-        self.progress("starting the new QEMU");
-        // 4. The new QEMU, waiting for the incoming stream. A QEMU that lacks the machine type
-        //    refuses to start, and the report carries its words.
+    /// Step 4: the next generation, up and answering, or ended again.
+    fn start_new(&mut self, binary: Binary, args: &GenArgs) -> Result<Generation, Failure> {
         let number = self.current.number + 1;
-        let gen = self
-            .spawn_generation(number, binary, &args)
-            .map_err(|e| UpgradeError::Start(Box::new(e)))?;
-        self.incoming = Some(gen);
-        self.incoming_exit = None;
-        self.handshake(Which::Incoming, Some(Instant::now() + start_timeout()))
-            .map_err(|e| UpgradeError::Start(Box::new(e)))?;
+        let deadline = Instant::now() + start_timeout();
+        self.start_generation(number, binary, args, deadline)
+            .map_err(|failed| Failure {
+                error: Box::new(UpgradeError::Start(Box::new(failed.error))),
+                said: failed.said,
+                unrestored: Vec::new(),
+            })
+    }
+}
 
-        self.progress("setting migration capabilities");
+impl Upgrade<'_> {
+    /// Steps 5 to 10: everything up to the new QEMU running the guest.
+    fn move_guest(&mut self) -> Result<Moved, UpgradeError> {
+        self.sup.progress("setting migration capabilities");
         // 5. Migration capabilities: the ones the VM's users set, plus ours, on both sides.
+        let capabilities = self.set_capabilities()?;
+
+        self.sup.progress("moving monitor clients");
+        // 6. Clients of the VM's monitors: their input is held from here on (never failed),
+        //    the old QEMU answers what it already has, then each client gets a connection to
+        //    the new QEMU with its capability negotiation replayed.
+        self.hold_monitors()?;
+
+        // 7. Devices the VM's users hot-plugged exist only in the old QEMU: the new one gets
+        //    them now, in the order they came, before any device state arrives for them.
+        self.replay_hotplug()?;
+
+        // Where libvirt placed the old vCPU threads, read while they are certainly there.
+        let old_threads = To::Current {
+            beside: Some(&mut self.new),
+        };
+        let placement = threads::snapshot(&thread_list(self.sup, old_threads));
+
+        self.sup.progress("migrating");
+        // 8. The stream: one pipe, its read end in the new QEMU, its write end in the old.
+        self.migrate()?;
+
+        // 9. Completion, as the new QEMU sees it; the old one's failure, or either's exit.
+        self.await_migration(capabilities.shared)?;
+
+        // 10. The run state the guest had.
+        self.restore_run_state()?;
+        Ok(Moved {
+            capabilities,
+            placement,
+        })
+    }
+
+    /// Step 5.
+    fn set_capabilities(&mut self) -> Result<Capabilities, UpgradeError> {
         let old_caps = capabilities(
             &self
-                .call(
-                    Which::Current,
-                    "query-migrate-capabilities",
-                    None,
-                    deadline(),
-                )
+                .ask_old("query-migrate-capabilities", None)
                 .map_err(step("query-migrate-capabilities"))?,
         );
         let new_caps = capabilities(
             &self
-                .call(
-                    Which::Incoming,
-                    "query-migrate-capabilities",
-                    None,
-                    deadline(),
-                )
+                .ask_new("query-migrate-capabilities", None)
                 .map_err(step("query-migrate-capabilities"))?,
         );
         let knows = |caps: &[(String, bool)], name: &str| caps.iter().any(|(c, _)| c == name);
-        let shared = self.config.base.unshared.is_none()
+        let shared = self.sup.config.base.unshared.is_none()
             && knows(&old_caps, "x-ignore-shared")
             && knows(&new_caps, "x-ignore-shared");
         let mut wanted: Vec<String> = old_caps
@@ -295,73 +342,59 @@ impl Supervisor {
                 "no migration capability {missing}"
             )));
         }
-        let on_old: Vec<String> = wanted
+        let added: Vec<String> = wanted
             .iter()
             .filter(|c| !old_caps.iter().any(|(n, on)| n == *c && *on))
             .cloned()
             .collect();
-        self.call(
-            Which::Incoming,
-            "migrate-set-capabilities",
-            Some(caps_arg(&wanted, true)),
-            deadline(),
-        )
-        .map_err(step("migrate-set-capabilities on the new QEMU"))?;
-        self.call(
-            Which::Current,
-            "migrate-set-capabilities",
-            Some(caps_arg(&on_old, true)),
-            deadline(),
-        )
-        .map_err(step("migrate-set-capabilities on the old QEMU"))?;
-        undo.capabilities = on_old.iter().map(|c| (c.clone(), false)).collect();
+        self.ask_new("migrate-set-capabilities", Some(caps_arg(&wanted, true)))
+            .map_err(step("migrate-set-capabilities on the new QEMU"))?;
+        self.ask_old("migrate-set-capabilities", Some(caps_arg(&added, true)))
+            .map_err(step("migrate-set-capabilities on the old QEMU"))?;
+        self.undo.push(Undo::Capabilities(added.clone()));
         if !shared {
             // RAM crosses in the stream: no bandwidth cap (7.2 defaults to 32 MiB/s, at
             // which a busy guest never converges), QEMU's default downtime target.
             let before = self
-                .call(Which::Current, "query-migrate-parameters", None, deadline())
+                .ask_old("query-migrate-parameters", None)
                 .map_err(step("query-migrate-parameters"))?;
-            undo.parameters = Some(json!({
+            self.undo.push(Undo::Parameters(json!({
                 "max-bandwidth": before["max-bandwidth"],
                 "downtime-limit": before["downtime-limit"],
-            }));
+            })));
             let params = json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 300 });
-            self.call(
-                Which::Current,
-                "migrate-set-parameters",
-                Some(params),
-                deadline(),
-            )
-            .map_err(step("migrate-set-parameters"))?;
+            self.ask_old("migrate-set-parameters", Some(params))
+                .map_err(step("migrate-set-parameters"))?;
         }
+        Ok(Capabilities { shared, added })
+    }
 
-        // 6. Clients of the VM's monitors: their input is held from here on (never failed),
-        //    the old QEMU answers what it already has, then each client gets a connection to
-        //    the new QEMU with its capability negotiation replayed.
-        self.progress("moving monitor clients");
-        self.proxy.set_swap_running(old_status == "running");
-        self.proxy.hold(self.poll.registry());
-        undo.held = true;
-        self.wait_until(
+    /// Step 6.
+    fn hold_monitors(&mut self) -> Result<(), UpgradeError> {
+        let sup = &mut *self.sup;
+        sup.proxy.set_swap_running(self.guest.status == "running");
+        sup.proxy.hold(sup.poll.registry());
+        self.undo.push(Undo::Monitors);
+        self.wait(
             "monitor clients to drain",
             Instant::now() + STEP_TIMEOUT,
-            |s| s.proxy.drained(),
+            |s, _| s.proxy.drained(),
         )
         .map_err(step("waiting for monitor replies"))?;
-        let prepared =
-            self.proxy
-                .prepare(self.poll.registry(), number, Instant::now() + STEP_TIMEOUT);
-        prepared.map_err(|e| UpgradeError::Monitors(crate::error_chain(&e)))?;
+        let sup = &mut *self.sup;
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        sup.proxy
+            .prepare(sup.poll.registry(), self.new.number, deadline)
+            .map_err(|e| UpgradeError::Monitors(crate::error_chain(&e)))
+    }
 
-        // 7. Devices the VM's users hot-plugged exist only in the old QEMU: the new one gets
-        //    them now, in the order they came, before any device state arrives for them.
-        self.replay_hotplug()?;
+    /// Step 7: the hot-plug journal replayed into the new QEMU.
+    fn replay_hotplug(&mut self) -> Result<(), UpgradeError> {
+        self.sup.replay_hotplug(&mut self.new)
+    }
 
-        // Where libvirt placed the old vCPU threads, read while they are certainly there.
-        let old_placement = threads::snapshot(&self.thread_list(Which::Current));
-
-        self.progress("migrating");
-        // 8. The stream: one pipe, its read end in the new QEMU, its write end in the old.
+    /// Step 8: the stream's pipe handed out, and the migration started.
+    fn migrate(&mut self) -> Result<(), UpgradeError> {
         let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| step("pipe")(CallError::Poll(e.into())))?;
         // A larger pipe lets streamed RAM move in bigger batches; best effort.
@@ -369,47 +402,41 @@ impl Supervisor {
             pipe_w.as_raw_fd(),
             nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
         );
-        self.call_with_fd(
-            Which::Incoming,
+        self.ask_new_fd(
             "getfd",
             Some(json!({"fdname": FD_IN})),
             Some(pipe_r.as_fd()),
-            deadline(),
         )
         .map_err(step("getfd on the new QEMU"))?;
-        self.call(
-            Which::Incoming,
+        self.ask_new(
             "migrate-incoming",
             Some(json!({"uri": format!("fd:{FD_IN}")})),
-            deadline(),
         )
         .map_err(step("migrate-incoming"))?;
-        self.call_with_fd(
-            Which::Current,
+        self.ask_old_fd(
             "getfd",
             Some(json!({"fdname": FD_OUT})),
             Some(pipe_w.as_fd()),
-            deadline(),
         )
         .map_err(step("getfd on the old QEMU"))?;
-        undo.out_fd_named = true;
+        self.undo.push(Undo::OutFd);
         drop((pipe_r, pipe_w));
-        undo.migrating = true;
+        self.undo.push(Undo::Migration);
         // From here the old QEMU stops the guest and the new one sets up the taps for it.
-        if let Some(guard) = self.gen_mut(Which::Incoming).tap_guard.as_mut() {
+        if let Some(guard) = self.new.tap_guard.as_mut() {
             guard.live = true;
         }
-        self.call(
-            Which::Current,
-            "migrate",
-            Some(json!({"uri": format!("fd:{FD_OUT}")})),
-            deadline(),
-        )
-        .map_err(step("migrate"))?;
-        undo.out_fd_named = false;
+        self.ask_old("migrate", Some(json!({"uri": format!("fd:{FD_OUT}")})))
+            .map_err(step("migrate"))?;
+        // `migrate` took the fd.
+        self.undo.retain(|u| !matches!(u, Undo::OutFd));
+        Ok(())
+    }
 
-        // 9. Completion, as the new QEMU sees it; the old one's failure, or either's exit.
-        let ram_size: u64 = self.ram_size();
+    /// Step 9: waits for the migration to end, telling waiting control clients how far it
+    /// got every half second (when RAM is streamed this takes seconds).
+    fn await_migration(&mut self, shared: bool) -> Result<(), UpgradeError> {
+        let ram_size: u64 = ram_size(&self.sup.config);
         let limit = if shared {
             SHARED_MIGRATION_TIMEOUT
         } else {
@@ -418,11 +445,9 @@ impl Supervisor {
         let mut outcome: Option<Result<(), String>> = None;
         let until = Instant::now() + limit;
         loop {
-            // When RAM is streamed this takes seconds: every half second, tell waiting control
-            // clients how far it got.
             let tick = until.min(Instant::now() + PROGRESS_EVERY);
-            let waited = self.wait_until("migration", tick, |s| {
-                for e in s.gen_mut(Which::Incoming).qmp.take_events() {
+            let waited = self.wait("migration", tick, |s, new| {
+                for e in new.qmp.take_events() {
                     match migration_status(&e) {
                         Some("completed") => outcome = Some(Ok(())),
                         Some(st) if SOURCE_FAILED.contains(&st) => {
@@ -436,7 +461,7 @@ impl Supervisor {
                         outcome = Some(Err(format!("old QEMU reports {st}")));
                     }
                 }
-                if s.incoming_exit.is_some() {
+                if new.exit.is_some() {
                     outcome = Some(Err("new QEMU exited".into()));
                 }
                 outcome.is_some() || s.has_exited()
@@ -450,143 +475,172 @@ impl Supervisor {
         if let Some(Err(reason)) = outcome {
             return Err(UpgradeError::Migration(reason));
         }
-        if self.has_exited() {
+        if self.sup.has_exited() {
             return Err(UpgradeError::Migration("old QEMU exited".into()));
         }
+        Ok(())
+    }
 
-        // 10. The run state the guest had. A destination started with -S (libvirt's way)
-        //    stays paused after migration even when the source ran; QEMU autostarts it
-        //    otherwise, a few moments after reporting completion.
+    /// Step 10: the new QEMU in the run state the guest had. A destination started with -S
+    /// (libvirt's way) stays paused after migration even when the source ran; QEMU autostarts
+    /// it otherwise, a few moments after reporting completion.
+    fn restore_run_state(&mut self) -> Result<(), UpgradeError> {
         let mut status = String::from("inmigrate");
         let settle = Instant::now() + STEP_TIMEOUT;
         while status == "inmigrate" {
             let st = self
-                .call(Which::Incoming, "query-status", None, Some(settle))
+                .sup
+                .call(
+                    To::Beside(&mut self.new),
+                    "query-status",
+                    None,
+                    Some(settle),
+                )
                 .map_err(step("query-status on the new QEMU"))?;
             status = st["status"].as_str().unwrap_or("unknown").to_owned();
             if status == "inmigrate" {
-                let _ =
-                    self.wait_until("settle", Instant::now() + Duration::from_millis(1), |_| {
-                        false
-                    });
+                let pause = Instant::now() + Duration::from_millis(1);
+                let _ = self.wait("settle", pause, |_, _| false);
             }
         }
-        if old_status == "running" && status != "running" {
-            self.call(Which::Incoming, "cont", None, deadline())
+        if self.guest.status == "running" && status != "running" {
+            self.ask_new("cont", None)
                 .map_err(step("cont on the new QEMU"))?;
         }
-        // From here the new QEMU runs the guest: there is no way back.
+        Ok(())
+    }
 
-        self.progress("quitting the old QEMU");
-        // 11. The old QEMU's figures, then it goes at once, by SIGKILL: its guest runs
-        //     elsewhere now, and anything it still does (it keeps polling the taps it shares
-        //     with the new QEMU, and a packet it reads is lost) can only take from the new one.
-        //     A `quit` would let it run its main loop a few milliseconds more. Then monitor
-        //     clients move over with their held commands, the new QEMU's capabilities go back
-        //     to what the VM's users had, and its threads get the old ones' placement.
+    /// Step 11, once the new QEMU runs the guest: there is no way back. The old QEMU's
+    /// figures, then it goes at once, by SIGKILL: its guest runs elsewhere now, and anything
+    /// it still does (it keeps polling the taps it shares with the new QEMU, and a packet it
+    /// reads is lost) can only take from the new one. A `quit` would let it run its main loop
+    /// a few milliseconds more. Then monitor clients move over with their held commands, the
+    /// new QEMU's capabilities go back to what the VM's users had, and its threads get the
+    /// old ones' placement.
+    fn finish(mut self, moved: Moved) -> Stats {
+        self.sup.progress("quitting the old QEMU");
         let mut stats = Stats {
-            shared,
-            translations,
+            shared: moved.capabilities.shared,
+            translations: std::mem::take(&mut self.translations),
             ..Stats::default()
         };
-        if let Ok(info) = self.call(Which::Current, "query-migrate", None, deadline()) {
+        if let Ok(info) = self.ask_old("query-migrate", None) {
             stats.downtime_ms = info["downtime"].as_u64();
             stats.ram_bytes = info["ram"]["transferred"].as_u64();
         }
-        let old = self.promote_incoming();
-        let _ = nix::sys::signal::kill(old.pid, nix::sys::signal::Signal::SIGKILL);
-        self.proxy.commit(self.poll.registry(), number);
-        undo.held = false;
-        let caps = Some(caps_arg(&on_old, false));
-        let _ = self.call(Which::Current, "migrate-set-capabilities", caps, deadline());
-        stats.tap_ioctls_held = self.current.tap_guard.as_ref().map(|g| g.suppressed);
-        let new_threads = self.thread_list(Which::Current);
-        stats.threads = threads::apply(&old_placement, &new_threads);
-        let pid = old.pid;
-        drop(old);
-        let _ = self.wait_until("the old QEMU to exit", Instant::now() + STEP_TIMEOUT, |s| {
-            !s.is_retired_alive(pid)
-        });
-        Ok(stats)
+        let Upgrade { sup, new, .. } = self;
+        let number = new.number;
+        sup.promote(new);
+        sup.proxy.commit(sup.poll.registry(), number);
+        let caps = Some(caps_arg(&moved.capabilities.added, false));
+        let _ = sup.call(
+            To::CURRENT,
+            "migrate-set-capabilities",
+            caps,
+            step_deadline(),
+        );
+        stats.tap_ioctls_held = sup.current.tap_guard.as_ref().map(|g| g.suppressed);
+        let new_threads = thread_list(sup, To::CURRENT);
+        stats.threads = threads::apply(&moved.placement, &new_threads);
+        sup.reap_ended(Instant::now() + STEP_TIMEOUT);
+        stats
     }
 
-    /// Puts the old QEMU back exactly as it was: new QEMU gone, migration cancelled, settings
-    /// restored, and the guest running again only if it was running before. Returns what
-    /// could not be put back, for the report.
-    fn roll_back(&mut self, undo: &Undo) -> Vec<String> {
-        let deadline = || Some(Instant::now() + STEP_TIMEOUT);
-        let mut problems = Vec::new();
-        let mut note = |what: &str, r: Result<Value, CallError>| {
-            if let Err(e) = r {
-                problems.push(format!("{what}: {}", crate::error_chain(&e)));
+    /// Puts the old QEMU back exactly as it was: new QEMU gone, then every step undone in
+    /// reverse order, the guest running again only if it was running before.
+    fn roll_back(self, error: UpgradeError) -> Failure {
+        let Upgrade {
+            sup,
+            new,
+            guest,
+            undo,
+            ..
+        } = self;
+        let said = sup.end_generation(new);
+        let mut unrestored = Vec::new();
+        for step in undo.into_iter().rev() {
+            if let Err(problem) = sup.undo(step, &guest) {
+                unrestored.push(problem);
             }
+        }
+        let _ = sup.current.qmp.take_events();
+        Failure {
+            error: Box::new(error),
+            said,
+            unrestored,
+        }
+    }
+
+    /// Serves the loop, the new QEMU included, until `done` holds or `deadline`.
+    fn wait(
+        &mut self,
+        what: &str,
+        deadline: Instant,
+        mut done: impl FnMut(&mut Supervisor, &mut Generation) -> bool,
+    ) -> Result<(), CallError> {
+        while !done(self.sup, &mut self.new) {
+            let left = remaining(Some(deadline), what)?;
+            self.sup
+                .pump(Some(&mut self.new), left)
+                .map_err(CallError::Poll)?;
+        }
+        Ok(())
+    }
+
+    /// A command to the old QEMU, the new one served meanwhile.
+    fn ask_old(&mut self, command: &str, args: Option<Value>) -> Result<Value, CallError> {
+        self.ask_old_fd(command, args, None)
+    }
+
+    fn ask_old_fd(
+        &mut self,
+        command: &str,
+        args: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, CallError> {
+        let to = To::Current {
+            beside: Some(&mut self.new),
         };
-        self.kill_incoming();
-        if undo.held {
-            self.proxy.abort(self.poll.registry());
-        }
-        if self.has_exited() {
-            return problems;
-        }
-        if undo.migrating {
-            note(
-                "migrate_cancel",
-                self.call(Which::Current, "migrate_cancel", None, deadline()),
-            );
-            let settle = Instant::now() + STEP_TIMEOUT;
-            while Instant::now() < settle {
-                match self.call(Which::Current, "query-migrate", None, deadline()) {
-                    Ok(info) if info["status"].as_str().is_some_and(is_active) => {
-                        let pause = Instant::now() + Duration::from_millis(2);
-                        let _ = self.wait_until("cancel", pause, |_| false);
-                    }
-                    _ => break,
-                }
-            }
-        }
-        if undo.out_fd_named {
-            let args = json!({"fdname": FD_OUT});
-            note(
-                "closefd",
-                self.call(Which::Current, "closefd", Some(args), deadline()),
-            );
-        }
-        if !undo.capabilities.is_empty() {
-            let names: Vec<String> = undo.capabilities.iter().map(|(c, _)| c.clone()).collect();
-            let args = caps_arg(&names, false);
-            let r = self.call(
-                Which::Current,
-                "migrate-set-capabilities",
-                Some(args),
-                deadline(),
-            );
-            note("migrate-set-capabilities", r);
-        }
-        if let Some(params) = &undo.parameters {
-            let r = self.call(
-                Which::Current,
-                "migrate-set-parameters",
-                Some(params.clone()),
-                deadline(),
-            );
-            note("migrate-set-parameters", r);
-        }
-        // QEMU resumes a source whose migration failed by itself, but not one that finished
-        // sending and then lost its destination: `cont` takes its disks back and runs it.
-        if undo.old_status.as_deref() == Some("running") {
-            let now = self.call(Which::Current, "query-status", None, deadline());
-            if now.is_ok_and(|s| s["status"] != "running") {
-                note("cont", self.call(Which::Current, "cont", None, deadline()));
-            }
-        }
-        let _ = self.current.qmp.take_events();
-        problems
+        self.sup
+            .call_with_fd(to, command, args, fd, step_deadline())
     }
 
-    /// Replays the hot-plug journal into the incoming generation through its private
-    /// monitor. QEMU keeps `getfd` names per monitor, so fds and the commands that use them
-    /// both go through this one monitor.
-    pub(crate) fn replay_hotplug(&mut self) -> Result<(), UpgradeError> {
+    /// A command to the new QEMU.
+    fn ask_new(&mut self, command: &str, args: Option<Value>) -> Result<Value, CallError> {
+        self.ask_new_fd(command, args, None)
+    }
+
+    fn ask_new_fd(
+        &mut self,
+        command: &str,
+        args: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, CallError> {
+        let to = To::Beside(&mut self.new);
+        self.sup
+            .call_with_fd(to, command, args, fd, step_deadline())
+    }
+
+    /// Sends waiting control clients the old QEMU's migration figures.
+    fn report_progress(&mut self) {
+        if let Ok(info) = self.ask_old("query-migrate", None) {
+            let ram = &info["ram"];
+            let line = format!(
+                "migrating: {} of {} MiB sent, {} MiB left",
+                ram["transferred"].as_u64().unwrap_or(0) >> 20,
+                ram["total"].as_u64().unwrap_or(0) >> 20,
+                ram["remaining"].as_u64().unwrap_or(0) >> 20,
+            );
+            self.sup.progress(&line);
+        }
+    }
+}
+
+impl Supervisor {
+    /// Replays the hot-plug journal into `new` through its private monitor. QEMU keeps
+    /// `getfd` names per monitor, so fds and the commands that use them both go through this
+    /// one monitor.
+    pub(crate) fn replay_hotplug(&mut self, new: &mut Generation) -> Result<(), UpgradeError> {
         let entries: Vec<(String, Value, Option<OwnedFd>)> = self
             .proxy
             .journal()
@@ -602,15 +656,14 @@ impl Supervisor {
         }
         self.progress("replaying hot-plugged devices");
         for (i, (command, arguments, fd)) in entries.iter().enumerate() {
-            let deadline = Some(Instant::now() + STEP_TIMEOUT);
             let fd = fd.as_ref().map(|f| f.as_fd());
             let ret = self
                 .call_with_fd(
-                    Which::Incoming,
+                    To::Beside(new),
                     command,
                     Some(arguments.clone()),
                     fd,
-                    deadline,
+                    step_deadline(),
                 )
                 .map_err(|e| {
                     UpgradeError::Replay(format!(
@@ -633,51 +686,97 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Sends waiting control clients the old QEMU's migration figures.
-    fn report_progress(&mut self) {
-        let deadline = Some(Instant::now() + STEP_TIMEOUT);
-        if let Ok(info) = self.call(Which::Current, "query-migrate", None, deadline) {
-            let ram = &info["ram"];
-            let line = format!(
-                "migrating: {} of {} MiB sent, {} MiB left",
-                ram["transferred"].as_u64().unwrap_or(0) >> 20,
-                ram["total"].as_u64().unwrap_or(0) >> 20,
-                ram["remaining"].as_u64().unwrap_or(0) >> 20,
-            );
-            self.progress(&line);
+    /// Undoes one step on the old QEMU; `Err` says what could not be put back. Nothing is
+    /// sent to an old QEMU that has exited.
+    fn undo(&mut self, step: Undo, guest: &Guest) -> Result<(), String> {
+        if let Undo::Monitors = step {
+            self.proxy.abort(self.poll.registry());
+            return Ok(());
         }
-    }
-
-    /// A generation's vCPU and iothread ids, for [`threads::snapshot`] and [`threads::apply`].
-    fn thread_list(&mut self, which: Which) -> Vec<(String, i32)> {
-        let deadline = Some(Instant::now() + STEP_TIMEOUT);
-        let cpus = self
-            .call(which, "query-cpus-fast", None, deadline)
-            .unwrap_or_default();
-        let io = self
-            .call(which, "query-iothreads", None, deadline)
-            .unwrap_or_default();
-        threads::threads(&cpus, &io)
-    }
-
-    /// Total bytes of guest RAM the launcher owns, or the `-m` size when RAM is streamed.
-    fn ram_size(&self) -> u64 {
-        let owned: u64 = self
-            .config
-            .ram
-            .iter()
-            .filter_map(|fd| nix::sys::stat::fstat(fd.as_raw_fd()).ok())
-            .map(|st| st.st_size as u64)
-            .sum();
-        if owned > 0 {
-            return owned;
+        if self.has_exited() {
+            return Ok(());
         }
-        crate::resources::resources(&self.config.base.cmd)
-            .memory
-            .iter()
-            .filter_map(|m| m.size)
-            .sum()
+        match step {
+            Undo::Monitors => {}
+            Undo::Migration => {
+                let cancelled = self.call(To::CURRENT, "migrate_cancel", None, step_deadline());
+                let settle = Instant::now() + STEP_TIMEOUT;
+                while Instant::now() < settle {
+                    match self.call(To::CURRENT, "query-migrate", None, step_deadline()) {
+                        Ok(info) if info["status"].as_str().is_some_and(is_active) => {
+                            let pause = Instant::now() + Duration::from_millis(2);
+                            let _ = self.wait_until(None, "cancel", pause, |_, _| false);
+                        }
+                        _ => break,
+                    }
+                }
+                // QEMU resumes a source whose migration failed by itself, but not one that
+                // finished sending and then lost its destination: `cont` takes its disks
+                // back and runs it.
+                if guest.status == "running" {
+                    let now = self.call(To::CURRENT, "query-status", None, step_deadline());
+                    if now.is_ok_and(|s| s["status"] != "running") {
+                        self.call(To::CURRENT, "cont", None, step_deadline())
+                            .map_err(note("cont"))?;
+                    }
+                }
+                cancelled.map_err(note("migrate_cancel"))?;
+            }
+            Undo::OutFd => {
+                let args = json!({"fdname": FD_OUT});
+                self.call(To::CURRENT, "closefd", Some(args), step_deadline())
+                    .map_err(note("closefd"))?;
+            }
+            Undo::Capabilities(names) => {
+                if !names.is_empty() {
+                    let args = caps_arg(&names, false);
+                    self.call(
+                        To::CURRENT,
+                        "migrate-set-capabilities",
+                        Some(args),
+                        step_deadline(),
+                    )
+                    .map_err(note("migrate-set-capabilities"))?;
+                }
+            }
+            Undo::Parameters(params) => {
+                self.call(
+                    To::CURRENT,
+                    "migrate-set-parameters",
+                    Some(params),
+                    step_deadline(),
+                )
+                .map_err(note("migrate-set-parameters"))?;
+            }
+        }
+        Ok(())
     }
+}
+
+/// A generation's vCPU and iothread ids, for [`threads::snapshot`] and [`threads::apply`].
+fn thread_list(sup: &mut Supervisor, mut to: To<'_>) -> Vec<(String, i32)> {
+    let cpus = sup
+        .call(to.reborrow(), "query-cpus-fast", None, step_deadline())
+        .unwrap_or_default();
+    let io = sup
+        .call(to.reborrow(), "query-iothreads", None, step_deadline())
+        .unwrap_or_default();
+    threads::threads(&cpus, &io)
+}
+
+/// The error for a monitor command of step `step` that failed.
+fn step(step: &'static str) -> impl Fn(CallError) -> UpgradeError {
+    move |source| UpgradeError::Step { step, source }
+}
+
+/// What could not be put back, for the report.
+fn note(what: &'static str) -> impl Fn(CallError) -> String {
+    move |e| format!("{what}: {}", crate::error_chain(&e))
+}
+
+/// The deadline of one monitor command sent now.
+fn step_deadline() -> Option<Instant> {
+    Some(Instant::now() + STEP_TIMEOUT)
 }
 
 pub(crate) fn start_timeout() -> Duration {
@@ -687,39 +786,4 @@ pub(crate) fn start_timeout() -> Duration {
         .filter(|s| *s > 0.0)
         .map(Duration::from_secs_f64)
         .unwrap_or(START_TIMEOUT)
-}
-
-/// `[(name, enabled)]` from a `query-migrate-capabilities` reply.
-fn capabilities(reply: &Value) -> Vec<(String, bool)> {
-    reply
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|c| Some((c["capability"].as_str()?.to_owned(), c["state"].as_bool()?)))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn caps_arg(names: &[String], state: bool) -> Value {
-    let caps: Vec<Value> = names
-        .iter()
-        .map(|c| json!({"capability": c, "state": state}))
-        .collect();
-    json!({ "capabilities": caps })
-}
-
-fn migration_status(event: &Value) -> Option<&str> {
-    if event["event"] != "MIGRATION" {
-        return None;
-    }
-    event["data"]["status"].as_str()
-}
-
-fn is_active(status: &str) -> bool {
-    !matches!(status, "none" | "completed" | "failed" | "cancelled")
-}
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
 }

@@ -355,7 +355,9 @@ mod tests {
         let json = v.to_json();
         assert_eq!(json["upgradable"], false);
         assert_eq!(json["reasons"][3]["option"], "-device vfio-pci");
-        assert!(v.summary().starts_with("upgradable: no: -drive file=/dev/fdset/1"));
+        assert!(v
+            .summary()
+            .starts_with("upgradable: no: -drive file=/dev/fdset/1"));
     }
 
     #[test]

@@ -258,6 +258,18 @@ impl Proxy {
         Ok(fds)
     }
 
+    /// Unlinks generation `gen`'s backend sockets unless it is live: it ended without clients
+    /// being switched to it (it failed to start, or only a check started it). Connections a
+    /// swap already prepared to it stay until [`Proxy::abort`].
+    pub fn discard(&mut self, gen: u32) {
+        if self.live == Some(gen) {
+            return;
+        }
+        if let Some(paths) = self.backends.remove(&gen) {
+            unlink_all(&paths);
+        }
+    }
+
     /// Makes `gen` the live generation at start: clients accepted so far and from now on are
     /// connected to it.
     pub fn activate_first(&mut self, registry: &Registry, gen: u32) -> io::Result<()> {

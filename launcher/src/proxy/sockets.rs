@@ -1,18 +1,13 @@
 //! The sockets under the proxy: the ones clients connect to, and each generation's backends.
 
 use std::fs;
-use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{
-    self, sockopt, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockaddrLike,
-    SockaddrStorage,
-};
+use nix::sys::socket::{self, sockopt, AddressFamily, MsgFlags, SockaddrLike, SockaddrStorage};
 
 /// A socket path the launcher bound; unlinked on drop while it is still the launcher's socket.
 #[derive(Debug)]
@@ -140,65 +135,15 @@ impl Drop for BackendDir {
     }
 }
 
-/// Waits until `fd` is ready for `events`, or fails with `TimedOut` at `deadline`.
-pub(super) fn wait_fd(fd: BorrowedFd<'_>, events: PollFlags, deadline: Instant) -> io::Result<()> {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        // Rounded up, so a sub-millisecond remainder does not spin.
-        let left = left
-            .max(Duration::from_millis(1))
-            .min(Duration::from_secs(60));
-        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(fd, events)];
-        match nix::poll::poll(&mut fds, timeout) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-            Ok(_) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
+pub(super) use crate::fdio::{send, wait_fd};
 
-/// `send` without SIGPIPE: a client that went away must show up as EPIPE, not kill the
-/// supervisor (whose signal dispositions are its own business).
-pub(super) fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
-    socket::send(fd.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
-}
-
-/// Most fds one read takes, as many as QEMU's own socket channel accepts per message
-/// (`SOCKET_MAX_FDS` in `io/channel-socket.c`); the kernel closes any beyond.
-const MAX_FDS: usize = 16;
-
-/// `recvmsg` taking the fds a client passed with SCM_RIGHTS (libvirt's `getfd` and `add-fd`),
-/// close-on-exec from the start so that no QEMU generation inherits them by accident.
+/// `recvmsg` taking the fds a client passed with SCM_RIGHTS (libvirt's `getfd` and `add-fd`).
 pub(super) fn recv_fds(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = socket::recvmsg::<()>(
-        fd.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )?;
-    let mut fds = Vec::new();
-    for cmsg in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(raw) = cmsg {
-            // SAFETY: the kernel installed these fds in this process for this message just
-            // now; nothing else knows their numbers, so each is owned exactly once here.
-            fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
-        }
-    }
-    Ok((msg.bytes, fds))
+    crate::fdio::recv_with_fds(fd, buf, MsgFlags::empty())
 }
 
-/// [`send`] passing `fds` with the first byte written, by SCM_RIGHTS. On a partial write the
-/// fds went with the part written; on `WouldBlock` nothing was sent.
+/// [`send`] passing `fds` with the first byte written, by SCM_RIGHTS.
 pub(super) fn send_fds(fd: BorrowedFd<'_>, buf: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {
-    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let cmsg = [ControlMessage::ScmRights(&raw)];
-    let iov = [IoSlice::new(buf)];
-    socket::sendmsg::<()>(fd.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
-        .map_err(io::Error::from)
+    let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+    crate::fdio::send_with_fds(fd, buf, &fds)
 }

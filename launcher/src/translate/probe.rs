@@ -140,7 +140,8 @@ struct Reader {
 
 impl Reader {
     fn new(fd: OwnedFd) -> Result<Reader, ProbeError> {
-        let flags = nix::fcntl::fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).map_err(ProbeError::Pipe)?;
+        let flags =
+            nix::fcntl::fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).map_err(ProbeError::Pipe)?;
         let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
         nix::fcntl::fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(ProbeError::Pipe)?;
         Ok(Reader {
@@ -547,7 +548,8 @@ impl ProbeCache {
 
     /// Keeps answers; those of a replaced file are forgotten.
     pub fn insert(&mut self, key: FileKey, questions: Questions, caps: Capabilities) {
-        self.known.retain(|(k, _, _)| k.path != key.path || *k == key);
+        self.known
+            .retain(|(k, _, _)| k.path != key.path || *k == key);
         self.known.push((key, questions, caps));
     }
 }
@@ -623,7 +625,8 @@ mod tests {
 
     #[test]
     fn help_lists_every_spelling() {
-        let text = "QEMU emulator version 10.0.2\nusage: qemu-system-x86_64 [options] [disk_image]\n\n\
+        let text =
+            "QEMU emulator version 10.0.2\nusage: qemu-system-x86_64 [options] [disk_image]\n\n\
                     Standard options:\n-h or -help     display this help and exit\n\
                     -machine [type=]name[,prop[=value][,...]]\n\
                     -fda/-fdb file  use 'file' as floppy disk 0/1 image\n\
@@ -657,7 +660,12 @@ mod tests {
             .collect();
         assert_eq!(
             devices,
-            ["isa-serial", "isa-serial-pci", "virtio-net", "virtio-net-pci"]
+            [
+                "isa-serial",
+                "isa-serial-pci",
+                "virtio-net",
+                "virtio-net-pci"
+            ]
         );
         assert_eq!(asked.len(), lines.len() - 1);
         assert_eq!(lines.last().unwrap()["arguments"]["typename"], "secret");

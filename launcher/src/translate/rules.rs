@@ -176,7 +176,10 @@ fn machine(t: &mut Translation<'_>, opt: &mut Opt) {
     let Some(mut arg) = opt.parse_arg() else {
         return;
     };
-    if let Some(kind) = arg.get("type").filter(|k| k != "none" && !k.contains("help")) {
+    if let Some(kind) = arg
+        .get("type")
+        .filter(|k| k != "none" && !k.contains("help"))
+    {
         if !t.caps.has_machine(&kind) {
             let why = format!(
                 "{} has no machine type {kind}: a guest moves only to the same machine type",
@@ -322,7 +325,9 @@ fn object(t: &mut Translation<'_>, opt: &mut Opt) {
         // secrets and TLS credentials (9.2), `opened` of rng backends (7.1).
         if key == "loaded" || key == "opened" {
             arg.remove(&key);
-            changed.push(format!("{key}= had no effect and is gone from the new QEMU"));
+            changed.push(format!(
+                "{key}= had no effect and is gone from the new QEMU"
+            ));
             continue;
         }
         let why = format!("{kind} of {} has no property {key}", t.caps.describe());

@@ -12,10 +12,42 @@ fn set(items: &[&str]) -> BTreeSet<String> {
 }
 
 const COMMON: &[&str] = &[
-    "machine", "accel", "m", "smp", "name", "S", "object", "device", "chardev", "mon", "netdev",
-    "nodefaults", "no-user-config", "display", "nographic", "serial", "kernel", "append", "vnc",
-    "spice", "overcommit", "global", "rtc", "boot", "uuid", "sandbox", "msg", "incoming",
-    "audiodev", "no-shutdown", "drive", "blockdev", "add-fd", "qmp", "help", "h",
+    "machine",
+    "accel",
+    "m",
+    "smp",
+    "name",
+    "S",
+    "object",
+    "device",
+    "chardev",
+    "mon",
+    "netdev",
+    "nodefaults",
+    "no-user-config",
+    "display",
+    "nographic",
+    "serial",
+    "kernel",
+    "append",
+    "vnc",
+    "spice",
+    "overcommit",
+    "global",
+    "rtc",
+    "boot",
+    "uuid",
+    "sandbox",
+    "msg",
+    "incoming",
+    "audiodev",
+    "no-shutdown",
+    "drive",
+    "blockdev",
+    "add-fd",
+    "qmp",
+    "help",
+    "h",
 ];
 
 fn machine(name: &str, alias: Option<&str>) -> MachineType {
@@ -39,7 +71,13 @@ fn qemu10() -> Capabilities {
             machine("pc-i440fx-7.2", None),
             machine("pc-q35-7.2", None),
         ],
-        machine_props: Some(set(&["hpet", "acpi", "usb", "memory-backend", "dump-guest-core"])),
+        machine_props: Some(set(&[
+            "hpet",
+            "acpi",
+            "usb",
+            "memory-backend",
+            "dump-guest-core",
+        ])),
         devices: [
             ("virtio-blk-pci".to_owned(), Some(set(&["drive", "addr"]))),
             ("qxl-vga".to_owned(), None),
@@ -47,7 +85,10 @@ fn qemu10() -> Capabilities {
         .into(),
         objects: [
             ("secret".to_owned(), Some(set(&["data", "file", "format"]))),
-            ("tcg-accel".to_owned(), Some(set(&["tb-size", "one-insn-per-tb"]))),
+            (
+                "tcg-accel".to_owned(),
+                Some(set(&["tb-size", "one-insn-per-tb"])),
+            ),
         ]
         .into(),
     }
@@ -57,7 +98,12 @@ fn qemu10() -> Capabilities {
 fn qemu72() -> Capabilities {
     let mut options = set(COMMON);
     options.extend(set(&[
-        "no-hpet", "no-acpi", "async-teardown", "chroot", "runas", "singlestep",
+        "no-hpet",
+        "no-acpi",
+        "async-teardown",
+        "chroot",
+        "runas",
+        "singlestep",
     ]));
     Capabilities {
         binary: "/usr/bin/qemu-7.2".into(),
@@ -69,12 +115,18 @@ fn qemu72() -> Capabilities {
         ],
         machine_props: Some(set(&["hpet", "acpi", "usb", "memory-backend"])),
         devices: [
-            ("virtio-blk-pci".to_owned(), Some(set(&["drive", "addr", "scsi"]))),
+            (
+                "virtio-blk-pci".to_owned(),
+                Some(set(&["drive", "addr", "scsi"])),
+            ),
             ("qxl-vga".to_owned(), Some(set(&["ram_size"]))),
         ]
         .into(),
         objects: [
-            ("secret".to_owned(), Some(set(&["data", "file", "format", "loaded"]))),
+            (
+                "secret".to_owned(),
+                Some(set(&["data", "file", "format", "loaded"])),
+            ),
             ("tcg-accel".to_owned(), Some(set(&["tb-size"]))),
         ]
         .into(),
@@ -105,7 +157,11 @@ fn libvirt_9_argv_for_7_2_runs_on_10_0() {
     );
     let was: Vec<&str> = t.changes.iter().map(|c| c.was.as_str()).collect();
     assert_eq!(was, ["-no-hpet", "-no-acpi"]);
-    assert!(t.changes[0].now.ends_with("hpet=off,acpi=off"), "{:?}", t.changes);
+    assert!(
+        t.changes[0].now.ends_with("hpet=off,acpi=off"),
+        "{:?}",
+        t.changes
+    );
     assert!(t.changes[0].why.contains("9.0"));
 }
 
@@ -219,7 +275,9 @@ fn what_has_no_equivalent_is_refused_by_name() {
     let options: Vec<&str> = v.reasons.iter().map(|r| r.option.as_str()).collect();
     assert_eq!(options, ["-machine pc-i440fx-10.0", "-perfmap"]);
     assert!(v.reasons[0].why.contains("no machine type pc-i440fx-10.0"));
-    assert!(v.reasons[1].why.starts_with("QEMU 7.2.22 at /usr/bin/qemu-7.2 does not accept it"));
+    assert!(v.reasons[1]
+        .why
+        .starts_with("QEMU 7.2.22 at /usr/bin/qemu-7.2 does not accept it"));
     let cmd = parse(&[
         "-device",
         "qxl-vga,id=video0",
@@ -229,7 +287,10 @@ fn what_has_no_equivalent_is_refused_by_name() {
     let v = translate(&cmd, &qemu10()).unwrap_err();
     assert_eq!(v.reasons[0].option, "-device qxl-vga,id=video0");
     assert!(v.reasons[0].why.ends_with("has no device qxl-vga"));
-    assert_eq!(v.reasons[1].option, "-device virtio-blk-pci,drive=d0,scsi=on");
+    assert_eq!(
+        v.reasons[1].option,
+        "-device virtio-blk-pci,drive=d0,scsi=on"
+    );
     assert!(v.reasons[1].why.ends_with("has no property scsi"));
     // -singlestep needs an -accel tcg to carry its equivalent.
     let v = translate(&parse(&["-singlestep"]), &qemu10()).unwrap_err();
@@ -238,7 +299,16 @@ fn what_has_no_equivalent_is_refused_by_name() {
 
 #[test]
 fn legacy_options_of_qemu_5_and_6() {
-    let cmd = parse(&["-accel", "tcg", "-realtime", "mlock=off", "-tb-size", "256", "-sdl", "d.img"]);
+    let cmd = parse(&[
+        "-accel",
+        "tcg",
+        "-realtime",
+        "mlock=off",
+        "-tb-size",
+        "256",
+        "-sdl",
+        "d.img",
+    ]);
     let t = translate(&cmd, &qemu10()).unwrap();
     assert_eq!(
         strings(&t.cmd),

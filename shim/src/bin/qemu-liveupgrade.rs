@@ -168,12 +168,18 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 None => all_vms().into_iter().map(|(p, _)| p).collect(),
             };
             let to = to.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
-            let req = json!({ "execute": "check", "to": to.map(|p| p.to_string_lossy().into_owned()) });
+            let req =
+                json!({ "execute": "check", "to": to.map(|p| p.to_string_lossy().into_owned()) });
             let mut all_ok = true;
             for path in vms {
                 let name = status_of(&path)
                     .ok()
-                    .and_then(|s| s["name"].as_str().map(str::to_owned).or(Some(s["pid"].to_string())))
+                    .and_then(|s| {
+                        s["name"]
+                            .as_str()
+                            .map(str::to_owned)
+                            .or(Some(s["pid"].to_string()))
+                    })
                     .unwrap_or_else(|| path.display().to_string());
                 let mut report = None;
                 control::request(&path, &req, |line| {
@@ -182,7 +188,8 @@ fn run(command: Command) -> Result<ExitCode, String> {
                     }
                 })
                 .map_err(|e| format!("{}: {e}", path.display()))?;
-                let mut report = report.ok_or("the launcher closed the connection without a report")?;
+                let mut report =
+                    report.ok_or("the launcher closed the connection without a report")?;
                 all_ok &= report["ok"] == true;
                 if json {
                     report["vm"] = name.into();
@@ -191,7 +198,11 @@ fn run(command: Command) -> Result<ExitCode, String> {
                     println!("{}", describe_check(&name, &report));
                 }
             }
-            Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if all_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Status { vm, json } => {
             let status = status_of(&find_vm(&vm)?)?;
@@ -344,9 +355,18 @@ fn describe_check(name: &str, r: &Value) -> String {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|x| format!("{}: {}", x["option"].as_str().unwrap_or("?"), x["why"].as_str().unwrap_or("?")))
+        .map(|x| {
+            format!(
+                "{}: {}",
+                x["option"].as_str().unwrap_or("?"),
+                x["why"].as_str().unwrap_or("?")
+            )
+        })
         .collect();
-    format!("{name}: cannot be upgraded to {target}: {}", reasons.join("; "))
+    format!(
+        "{name}: cannot be upgraded to {target}: {}",
+        reasons.join("; ")
+    )
 }
 
 fn pretty(v: &Value) -> String {

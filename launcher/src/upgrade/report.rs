@@ -1,0 +1,81 @@
+//! The upgrade's report: one JSON object for the domain log and the control socket.
+
+use serde_json::{json, Value};
+
+use super::UpgradeError;
+use crate::generation::Generation;
+
+/// What a successful swap measured.
+#[derive(Debug, Default)]
+pub(super) struct Stats {
+    pub(super) downtime_ms: Option<u64>,
+    pub(super) ram_bytes: Option<u64>,
+    pub(super) shared: bool,
+    pub(super) threads: Value,
+    /// Tap ioctls the new QEMU made while the old one ran the guest, answered without effect.
+    pub(super) tap_ioctls_held: Option<u32>,
+    /// Options of the user's argv the new QEMU got in another form.
+    pub(super) translations: Vec<Value>,
+}
+
+/// How an upgrade failed.
+#[derive(Debug)]
+pub(super) struct Failure {
+    pub(super) error: Box<UpgradeError>,
+    /// The new QEMU's last line on stderr, its own explanation when it gave one.
+    pub(super) said: Option<String>,
+    /// What the rollback could not put back.
+    pub(super) unrestored: Vec<String>,
+}
+
+impl From<UpgradeError> for Failure {
+    fn from(error: UpgradeError) -> Failure {
+        Failure {
+            error: Box::new(error),
+            said: None,
+            unrestored: Vec::new(),
+        }
+    }
+}
+
+/// `{"version", "binary", "generation"}` of a generation, for the report.
+pub(super) fn generation(gen: &Generation) -> Value {
+    json!({
+        "version": gen.version_string(),
+        "binary": gen.binary.path.to_string_lossy(),
+        "generation": gen.number,
+    })
+}
+
+/// The report `head` completed with the outcome; `current` runs the guest now.
+pub(super) fn complete(
+    mut report: Value,
+    current: &Generation,
+    result: Result<Stats, Failure>,
+) -> Value {
+    match result {
+        Ok(stats) => {
+            report["result"] = "ok".into();
+            report["to"] = generation(current);
+            report["ram"] = if stats.shared { "shared" } else { "streamed" }.into();
+            report["downtime_ms"] = json!(stats.downtime_ms);
+            report["ram_bytes"] = json!(stats.ram_bytes);
+            report["threads"] = stats.threads;
+            report["tap_ioctls_held"] = json!(stats.tap_ioctls_held);
+            report["translations"] = json!(stats.translations);
+        }
+        Err(failure) => {
+            report["result"] = "failed".into();
+            let mut reason = crate::error_chain(&failure.error);
+            if let Some(line) = failure.said {
+                reason.push_str(&format!(" (new QEMU: {line})"));
+            }
+            report["reason"] = reason.into();
+            if !failure.unrestored.is_empty() {
+                report["rollback_problems"] = json!(failure.unrestored);
+            }
+            report["generation"] = current.number.into();
+        }
+    }
+    report
+}
