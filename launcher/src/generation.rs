@@ -15,6 +15,7 @@ use nix::unistd::Pid;
 
 use crate::child::{self, ChildError, ExecStatus, Exit, InheritedSignals};
 use crate::cmdline::CmdLine;
+use crate::listeners::{graphics, hostfwd};
 use crate::memfd::{self, Region, Unshareable};
 use crate::monitors::{self, ListenOn, Proxied};
 use crate::ptys::{self, KeptPty};
@@ -84,7 +85,7 @@ impl Layout {
             .iter()
             .filter_map(|p| match p.listen {
                 ListenOn::Fd(fd) => Some(fd),
-                ListenOn::Path(_) => None,
+                ListenOn::Path(_) | ListenOn::Tcp(_) => None,
             })
             .collect();
         let keep = named
@@ -122,6 +123,8 @@ pub struct Base {
     pub ptys: Vec<KeptPty>,
     /// What in the user's command line stops an upgrade, judged once, on the argv as given.
     pub verdict: Verdict,
+    /// The VNC and SPICE displays whose ports the launcher holds.
+    pub displays: Vec<graphics::Display>,
 }
 
 impl Base {
@@ -156,6 +159,7 @@ impl Base {
             taps,
             ptys: kept,
             verdict,
+            displays: graphics::find(user),
         }
     }
 
@@ -178,14 +182,17 @@ pub struct GenArgs {
     /// What the binary accepts, when it was asked: the argv is translated for it
     /// ([`crate::translate`]). The first generation is never translated.
     pub target: Option<crate::translate::Capabilities>,
+    /// The generation's own display sockets, in the launcher's private directory.
+    pub displays: graphics::Sockets,
 }
 
 /// The command line a generation runs: the launcher's base command line (the user's, with RAM
-/// rewritten), its socket servers pointed at the generation's own sockets, minus what the
-/// launcher does itself, plus the private monitor.
+/// rewritten), its socket servers and displays pointed at the generation's own sockets, minus
+/// what the launcher does itself, plus the private monitor.
 pub fn generation_cmdline(base: &Base, args: &GenArgs) -> CmdLine {
     let layout = &base.layout;
-    let mut cmd = monitors::rewrite(&base.cmd, &base.proxied, &layout.monitors, !args.incoming);
+    let cmd = monitors::rewrite(&base.cmd, &base.proxied, &layout.monitors, !args.incoming);
+    let mut cmd = graphics::rewrite(&cmd, &base.displays, &args.displays);
     cmd.remove_all("daemonize");
     cmd.remove_all("pidfile");
     if let Some(machine) = &args.machine {
@@ -193,6 +200,8 @@ pub fn generation_cmdline(base: &Base, args: &GenArgs) -> CmdLine {
     }
     if args.incoming {
         monitors::append_to_files(&mut cmd);
+        // The old QEMU holds the forwards' ports; this one gets them once it has exited.
+        hostfwd::strip(&mut cmd);
         cmd.remove_all("incoming");
         // A snapshot loaded at start would be written into the guest RAM the running QEMU
         // shares; the incoming state replaces it anyway.

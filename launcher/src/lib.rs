@@ -15,7 +15,9 @@
 //!   by name once, for every generation.
 //! - [`generation`]: the argv and fds one QEMU generation gets.
 //! - [`memfd`]: guest RAM the launcher owns and every generation maps.
-//! - [`monitors`], [`proxy`]: monitor and chardev sockets the launcher serves across generations.
+//! - [`monitors`], [`proxy`]: monitor and chardev sockets the launcher serves across generations;
+//!   [`listeners`]: every listening socket of the VM (displays, TCP ports, host forwards) and
+//!   what cannot be kept.
 //! - [`ptys`]: ptys the launcher holds and relays, so that their path outlives each QEMU.
 //! - [`supervisor`]: the event loop: signals, reaping, exit-status mirroring; [`spawn`]: a
 //!   generation started from it with every owner's fds; [`token`]: what wakes the loop;
@@ -35,6 +37,7 @@ pub mod daemonize;
 pub mod fdio;
 pub mod generation;
 pub mod journal;
+pub mod listeners;
 pub mod memfd;
 pub mod monitors;
 pub mod plan;

@@ -2,20 +2,28 @@
 //! rewrite that points each QEMU generation at the launcher instead.
 //!
 //! A client connected to QEMU's own listening socket would see EOF when that QEMU is replaced,
-//! and libvirt treats monitor EOF as a crash. So for every unix socket server on the command
-//! line (`-qmp unix:`, `-monitor unix:`, `-serial unix:`, `-chardev socket,path=`, and
-//! libvirt's `-chardev socket,fd=N,server=on`) the launcher listens on the user's path or fd,
-//! and each generation gets a private listening socket of its own in its place (see
-//! [`crate::proxy`]). TCP servers are left to QEMU: the next generation cannot bind their
-//! port while the old one holds it, so an upgrade of such a VM fails and leaves it as it was.
+//! and libvirt treats monitor EOF as a crash; a TCP port cannot even be bound by the next QEMU
+//! while the old one holds it. So for every socket server on the command line (`-qmp unix:`,
+//! `-qmp tcp:`, `-monitor`, `-serial`, `-parallel` with `unix:`, `tcp:` or `telnet:`,
+//! `-chardev socket,path=` or `host=,port=`, and libvirt's `-chardev socket,fd=N,server=on`)
+//! the launcher listens on the user's path, port or fd, and each generation gets a private
+//! listening unix socket of its own in its place (see [`crate::proxy`]).
+//!
+//! Left to QEMU, and named by [`crate::listeners::blockers`]: sockets whose bytes are not the
+//! chardev's alone to relay. A vhost-user chardev carries the guest's memory and vring fds
+//! with SCM_RIGHTS and belongs to the backend's session with that QEMU; a `tls-creds` or
+//! `websocket` chardev, or `tn3270`, has a session layer QEMU speaks on each connection, which
+//! a new generation would start again in the middle of the client's stream.
 //!
 //! File chardevs and chardev logs are appended to by every generation after the first, which
 //! QEMU would otherwise truncate when it opens them: an upgrade must not wipe a console log.
 
+use std::fmt;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 use crate::cmdline::{CmdLine, Item, OptArg};
+use crate::listeners::inet::{self, Endpoint};
 use crate::proxy::Mode;
 
 /// Where a proxied socket's clients connect.
@@ -25,6 +33,18 @@ pub enum ListenOn {
     Path(PathBuf),
     /// A listening socket inherited at this fd number.
     Fd(RawFd),
+    /// A TCP address the launcher binds.
+    Tcp(Endpoint),
+}
+
+impl fmt::Display for ListenOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenOn::Path(p) => write!(f, "unix:{}", p.display()),
+            ListenOn::Fd(fd) => write!(f, "fd:{fd}"),
+            ListenOn::Tcp(ep) => ep.fmt(f),
+        }
+    }
 }
 
 /// One socket server the launcher serves.
@@ -37,14 +57,17 @@ pub struct Proxied {
     /// Whether QEMU was asked to wait for the first client before starting (`wait=on`, the
     /// default for a server). Only the first generation keeps it; later ones never wait.
     pub wait: bool,
+    /// A legacy `telnet:` server: each generation keeps speaking telnet on it.
+    telnet: bool,
     /// Index of the option in the command line's items.
     item: usize,
     /// The chardev id, when the option is a `-chardev`.
     chardev: Option<String>,
 }
 
-/// Finds every unix socket server the launcher will serve.
+/// Finds every socket server the launcher will serve.
 pub fn find(cmd: &CmdLine) -> Vec<Proxied> {
+    let vhost_user = vhost_user_chardevs(cmd);
     let mut found = Vec::new();
     for (item, it) in cmd.items.iter().enumerate() {
         let Item::Opt(opt) = it else { continue };
@@ -56,19 +79,18 @@ pub fn find(cmd: &CmdLine) -> Vec<Proxied> {
             _ => None,
         };
         if let Some(mode) = legacy_mode {
-            let Some(path) = arg
-                .get("dev")
-                .and_then(|d| d.strip_prefix("unix:").map(str::to_owned))
+            let Some((listen, telnet)) = arg.get("dev").and_then(|d| legacy_listen(&d, &arg))
             else {
                 continue;
             };
-            if !is_on(&arg, "server") {
+            if !is_on(&arg, "server") || !servable(&arg) {
                 continue;
             }
             found.push(Proxied {
-                listen: ListenOn::Path(PathBuf::from(path)),
+                listen,
                 mode,
                 wait: waits(&arg),
+                telnet,
                 item,
                 chardev: None,
             });
@@ -77,24 +99,95 @@ pub fn find(cmd: &CmdLine) -> Vec<Proxied> {
         if opt.name != "chardev" || arg.is_json() {
             continue;
         }
-        if arg.get("backend").as_deref() != Some("socket") || !is_on(&arg, "server") {
+        if arg.get("backend").as_deref() != Some("socket")
+            || !is_on(&arg, "server")
+            || !servable(&arg)
+        {
+            continue;
+        }
+        let Some(id) = arg.get("id") else { continue };
+        if vhost_user.contains(&id) {
             continue;
         }
         let listen = match (arg.get("path"), arg.get("fd").and_then(|f| f.parse().ok())) {
             (Some(p), _) => ListenOn::Path(PathBuf::from(p)),
             (None, Some(fd)) => ListenOn::Fd(fd),
-            _ => continue,
+            (None, None) => match tcp_endpoint(&arg, arg.get("host"), arg.get("port")) {
+                Some(ep) => ListenOn::Tcp(ep),
+                None => continue,
+            },
         };
-        let Some(id) = arg.get("id") else { continue };
         found.push(Proxied {
             listen,
             mode: chardev_mode(cmd, &id),
             wait: waits(&arg),
+            telnet: false,
             item,
             chardev: Some(id),
         });
     }
     found
+}
+
+/// The socket of a legacy chardev string the launcher can serve, and whether it is `telnet:`.
+fn legacy_listen(dev: &str, arg: &OptArg) -> Option<(ListenOn, bool)> {
+    if let Some(path) = dev.strip_prefix("unix:") {
+        return Some((ListenOn::Path(PathBuf::from(path)), false));
+    }
+    let (rest, telnet) = match dev.strip_prefix("tcp:") {
+        Some(rest) => (rest, false),
+        None => (dev.strip_prefix("telnet:")?, true),
+    };
+    let (host, port) = inet::split_host_port(rest)?;
+    Some((
+        ListenOn::Tcp(tcp_endpoint(arg, Some(host), Some(port))?),
+        telnet,
+    ))
+}
+
+/// A TCP server address from `host`, `port` and the options that shape binding. A port QEMU
+/// would look up as a service name stays QEMU's.
+fn tcp_endpoint(arg: &OptArg, host: Option<String>, port: Option<String>) -> Option<Endpoint> {
+    let port = inet::parse_port(&port?)?;
+    let to = match arg.get("to") {
+        Some(to) => Some(inet::parse_port(&to)?),
+        None => None,
+    };
+    Some(Endpoint {
+        host: host.unwrap_or_default(),
+        port,
+        to,
+        ipv4: arg.get_bool("ipv4"),
+        ipv6: arg.get_bool("ipv6"),
+    })
+}
+
+/// Whether a socket server's bytes are the chardev's alone, so that the launcher may relay
+/// them: no session layer of QEMU's own on each connection.
+pub fn servable(arg: &OptArg) -> bool {
+    let dev = arg.get("dev").unwrap_or_default();
+    arg.get("tls-creds").is_none()
+        && arg.get_bool("websocket") != Some(true)
+        && arg.get_bool("tn3270") != Some(true)
+        && !dev.starts_with("tn3270:")
+        && !dev.starts_with("websocket:")
+}
+
+/// Ids of the chardevs a vhost-user backend talks on: `-netdev vhost-user,chardev=` and the
+/// `chardev` of every `vhost-user-*` device.
+pub fn vhost_user_chardevs(cmd: &CmdLine) -> Vec<String> {
+    let netdevs = cmd
+        .opts("netdev")
+        .filter_map(|o| o.parse_arg())
+        .filter(|a| a.get("type").as_deref() == Some("vhost-user"));
+    let devices = cmd
+        .opts("device")
+        .filter_map(|o| o.parse_arg())
+        .filter(|a| a.get("driver").is_some_and(|d| d.starts_with("vhost-user")));
+    netdevs
+        .chain(devices)
+        .filter_map(|a| a.get("chardev"))
+        .collect()
 }
 
 /// A chardev used by a `-mon` is a monitor (QMP with `mode=control`, HMP otherwise); any other
@@ -143,8 +236,11 @@ pub fn rewrite(cmd: &CmdLine, proxied: &[Proxied], fds: &[RawFd], first: bool) -
                 let Some(mut arg) = opt.parse_arg() else {
                     continue;
                 };
-                arg.remove("path");
-                arg.remove("nowait");
+                for key in [
+                    "path", "nowait", "host", "port", "to", "ipv4", "ipv6", "numeric",
+                ] {
+                    arg.remove(key);
+                }
                 arg.set("fd", &fd.to_string());
                 arg.set("wait", wait);
                 opt.set_arg(&arg);
@@ -166,7 +262,10 @@ pub fn rewrite(cmd: &CmdLine, proxied: &[Proxied], fds: &[RawFd], first: bool) -
                 opt.spelling = format!("-{name}").into();
                 opt.name = name.to_owned();
                 opt.arg = Some(arg.into());
-                added.push(format!("socket,id={id},fd={fd},server=on,wait={wait}"));
+                let telnet = if p.telnet { ",telnet=on" } else { "" };
+                added.push(format!(
+                    "socket,id={id},fd={fd},server=on,wait={wait}{telnet}"
+                ));
             }
         }
     }
@@ -286,9 +385,15 @@ mod tests {
         let p = find(&cmd);
         assert_eq!(
             p.iter().map(|p| (p.mode, p.wait)).collect::<Vec<_>>(),
-            [(Mode::Qmp, false), (Mode::Hmp, false), (Mode::Raw, true)]
+            [
+                (Mode::Qmp, false),
+                (Mode::Hmp, false),
+                (Mode::Raw, true),
+                (Mode::Qmp, false)
+            ]
         );
-        let first = strings(&rewrite(&cmd, &p, &[10, 11, 12], true));
+        assert_eq!(p[3].listen.to_string(), "tcp:127.0.0.1:4444");
+        let first = strings(&rewrite(&cmd, &p, &[10, 11, 12, 13], true));
         assert_eq!(
             first,
             [
@@ -298,18 +403,20 @@ mod tests {
                 "chardev=qemu-liveupgrade-chr1,mode=readline",
                 "-serial",
                 "chardev:qemu-liveupgrade-chr2",
-                "-qmp",
-                "tcp:127.0.0.1:4444,server=on,wait=off",
+                "-mon",
+                "chardev=qemu-liveupgrade-chr3,mode=control",
                 "-chardev",
                 "socket,id=qemu-liveupgrade-chr0,fd=10,server=on,wait=off",
                 "-chardev",
                 "socket,id=qemu-liveupgrade-chr1,fd=11,server=on,wait=off",
                 "-chardev",
                 "socket,id=qemu-liveupgrade-chr2,fd=12,server=on,wait=on",
+                "-chardev",
+                "socket,id=qemu-liveupgrade-chr3,fd=13,server=on,wait=off",
             ]
         );
-        let later = strings(&rewrite(&cmd, &p, &[10, 11, 12], false));
-        assert!(later.last().unwrap().ends_with("wait=off"), "{later:?}");
+        let later = strings(&rewrite(&cmd, &p, &[10, 11, 12, 13], false));
+        assert!(later[later.len() - 3].ends_with("wait=off"), "{later:?}");
     }
 
     #[test]
@@ -339,6 +446,41 @@ mod tests {
                 "-chardev",
                 "file,id=qemu-liveupgrade-file2,path=/tmp/a,,b.log,append=on",
             ]
+        );
+    }
+
+    #[test]
+    fn tcp_and_telnet_servers_are_served_tls_and_vhost_user_are_not() {
+        let cmd = parse(&[
+            "-chardev",
+            "socket,id=c0,host=127.0.0.1,port=4450,to=4460,server=on,wait=off,ipv4=on",
+            "-serial",
+            "telnet::4555,server,nowait",
+            "-chardev",
+            "socket,id=t0,host=127.0.0.1,port=4446,server=on,tls-creds=tls0",
+            "-chardev",
+            "socket,id=vu0,path=/run/vu.sock,server=on",
+            "-netdev",
+            "vhost-user,id=n0,chardev=vu0",
+            "-monitor",
+            "tcp:localhost:http,server=on",
+        ]);
+        let p = find(&cmd);
+        assert_eq!(
+            p.iter().map(|p| p.listen.to_string()).collect::<Vec<_>>(),
+            ["tcp:127.0.0.1:4450", "tcp::4555"],
+            "the TLS, vhost-user and service-named servers stay QEMU's"
+        );
+        let ListenOn::Tcp(ep) = &p[0].listen else {
+            panic!("not tcp")
+        };
+        assert_eq!((ep.to, ep.ipv4), (Some(4460), Some(true)));
+        let out = strings(&rewrite(&cmd, &p, &[20, 21], true));
+        assert_eq!(out[1], "socket,id=c0,server=on,wait=off,fd=20");
+        assert_eq!(out[3], "chardev:qemu-liveupgrade-chr1");
+        assert_eq!(
+            out.last().unwrap(),
+            "socket,id=qemu-liveupgrade-chr1,fd=21,server=on,wait=off,telnet=on"
         );
     }
 

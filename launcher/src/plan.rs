@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::cmdline::CmdLine;
 use crate::generation::{generation_cmdline, Base, GenArgs, Layout};
-use crate::monitors::ListenOn;
+use crate::listeners::graphics;
 use crate::resolve::{self, Binary};
 use crate::resources::{resources, Resources};
 use crate::translate::{self, probe, Change, Questions};
@@ -45,6 +45,8 @@ pub struct Plan {
     pub daemonize: bool,
     /// The pidfile the launcher writes with its own pid.
     pub pidfile: Option<OsString>,
+    /// The displays whose ports the launcher holds: protocol and where viewers connect.
+    pub displays: Vec<(String, String)>,
     /// Whether the VM could be upgraded, and every reason it could not.
     pub verdict: Verdict,
     /// What generation 2 would run on the binary of `plan --to`, once [`Plan::upgrade_to`]
@@ -83,7 +85,11 @@ impl Plan {
             ));
         }
         let mut argv = vec![argv0.to_owned()];
-        argv.extend(generation_cmdline(&base, &GenArgs::default()).to_args());
+        let args = GenArgs {
+            displays: graphics::Sockets::placeholders(&base.displays),
+            ..GenArgs::default()
+        };
+        argv.extend(generation_cmdline(&base, &args).to_args());
         Plan {
             binary: resolve::resolve(argv0).map_err(|e| e.to_string()),
             argv,
@@ -104,16 +110,21 @@ impl Plan {
             served: base
                 .proxied
                 .iter()
-                .map(|p| {
-                    let at = match &p.listen {
-                        ListenOn::Path(path) => format!("unix:{}", path.display()),
-                        ListenOn::Fd(fd) => format!("fd:{fd}"),
-                    };
-                    (at, format!("{:?}", p.mode).to_lowercase())
-                })
+                .map(|p| (p.listen.to_string(), format!("{:?}", p.mode).to_lowercase()))
                 .collect(),
             daemonize: cmd.has("daemonize"),
             pidfile: cmd.opts("pidfile").last().and_then(|o| o.arg.clone()),
+            displays: base
+                .displays
+                .iter()
+                .map(|d| {
+                    let at = match &d.listen {
+                        graphics::Listen::Tcp { endpoint, .. } => endpoint.to_string(),
+                        graphics::Listen::Path(p) => format!("unix:{}", p.display()),
+                    };
+                    (d.protocol.name().to_owned(), at)
+                })
+                .collect(),
             verdict,
             next: None,
             base,
@@ -151,6 +162,7 @@ impl Plan {
             machine: next.machine.clone(),
             incoming: true,
             target: None,
+            displays: graphics::Sockets::placeholders(&self.base.displays),
         };
         let cmd = generation_cmdline(&self.base, &args);
         let questions = translate::questions(&cmd, next.machine.as_deref());
@@ -202,6 +214,9 @@ impl Plan {
             })).collect::<Vec<_>>(),
             "served_by_launcher": self.served.iter().zip(&self.layout.monitors).map(|((at, mode), fd)| json!({
                 "listen": at, "mode": mode, "generation_fd": fd,
+            })).collect::<Vec<_>>(),
+            "displays_held_by_launcher": self.displays.iter().map(|(protocol, at)| json!({
+                "protocol": protocol, "listen": at,
             })).collect::<Vec<_>>(),
             "resources": self.resources.to_json(),
             "next_generation": self.next.as_ref().map(|n| json!({
@@ -300,6 +315,13 @@ impl Plan {
             writeln!(
                 out,
                 "served by the launcher: {at} ({mode}), each generation listens on fd {fd}"
+            )
+            .ok();
+        }
+        for (protocol, at) in &self.displays {
+            writeln!(
+                out,
+                "display held by the launcher: {protocol} on {at}, each connection handed to QEMU"
             )
             .ok();
         }

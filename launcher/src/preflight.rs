@@ -27,6 +27,7 @@ impl Supervisor {
             machine: self.machine.clone(),
             incoming: true,
             target: None,
+            ..GenArgs::default()
         };
         let cmd = generation_cmdline(&self.config.base, &args);
         let questions = translate::questions(&cmd, self.machine.as_deref());
@@ -141,6 +142,7 @@ impl Supervisor {
             machine: self.machine.clone(),
             incoming: true,
             target,
+            ..GenArgs::default()
         };
         match self.translated(&args) {
             Ok(t) => {

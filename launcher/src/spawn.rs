@@ -11,6 +11,7 @@ use mio::{Interest, Registry};
 
 use crate::config::Template;
 use crate::generation::{generation_cmdline, Fds, GenArgs, Generation, GenerationError, Stdio};
+use crate::listeners::graphics::Protocol;
 use crate::proxy::Proxy;
 use crate::ptys::PtyRelay;
 use crate::relay::Relay;
@@ -51,7 +52,6 @@ pub(crate) fn spawn_registered(
     args: &GenArgs,
     relay_stderr: bool,
 ) -> Result<Generation, GenerationError> {
-    let cmd = generation_cmdline(template.base, args);
     let layout = &template.base.layout;
     let stderr = match relay_stderr {
         true => Some(crate::fdio::pipe().map_err(|e| GenerationError::Socket(e.into()))?),
@@ -65,6 +65,19 @@ pub(crate) fn spawn_registered(
         .proxy
         .backends_for(number)
         .map_err(GenerationError::Socket)?;
+    // Its display servers listen on sockets of its own, made in the proxy's private directory.
+    let mut args = args.clone();
+    for d in &template.base.displays {
+        let path = plumbing
+            .proxy
+            .display_socket(number, d.protocol.name())
+            .map_err(GenerationError::Socket)?;
+        match d.protocol {
+            Protocol::Vnc => args.displays.vnc = Some(path),
+            Protocol::Spice => args.displays.spice = Some(path),
+        }
+    }
+    let cmd = generation_cmdline(template.base, &args);
     let pty_ends = plumbing
         .ptys
         .ends_for(registry, number)

@@ -14,7 +14,7 @@
 //! ([`Supervisor::end_generation`]).
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -32,8 +32,7 @@ pub use crate::config::Config;
 use crate::control::{self, Client, Control, Request};
 use crate::daemonize::StartResult;
 use crate::generation::{GenArgs, Generation, GenerationError};
-use crate::monitors::ListenOn;
-use crate::proxy::{Listen, Proxy};
+use crate::proxy::Proxy;
 use crate::ptys::PtyRelay;
 use crate::qmp::QmpError;
 use crate::relay::Relay;
@@ -167,21 +166,12 @@ impl Supervisor {
         }
         let null = std::fs::File::open("/dev/null").map_err(SupervisorError::Poll)?;
         let mut proxy = Proxy::new(Token::PROXY_BASE);
-        for p in &config.base.proxied {
-            let listen = match &p.listen {
-                ListenOn::Path(path) => Listen::Path(path.clone()),
-                // SAFETY: the fd was inherited open (the layout checked it) and nothing else in
-                // this process uses it: it is not passed on to QEMU, only served from here.
-                ListenOn::Fd(fd) => Listen::Fd(unsafe { OwnedFd::from_raw_fd(*fd) }),
-            };
-            let what = match &p.listen {
-                ListenOn::Path(path) => path.display().to_string(),
-                ListenOn::Fd(fd) => format!("fd {fd}"),
-            };
-            proxy
-                .add(poll.registry(), listen, p.mode)
-                .map_err(|source| SupervisorError::Listen { what, source })?;
-        }
+        crate::listeners::listen(&mut proxy, poll.registry(), &config.base).map_err(|e| {
+            SupervisorError::Listen {
+                what: e.what,
+                source: e.source,
+            }
+        })?;
         let opened = std::mem::take(&mut config.ptys);
         let mut ptys = PtyRelay::new(poll.registry(), opened, |i| Token::Pty(i).to_mio())
             .map_err(SupervisorError::Poll)?;
@@ -296,6 +286,10 @@ impl Supervisor {
             if let Some((mut client, to)) = self.check_requests.pop() {
                 let report = self.check(to);
                 let _ = client.send(&report);
+                continue;
+            }
+            if self.proxy.has_viewers() {
+                self.hand_over_viewers();
                 continue;
             }
             if self.upgrade_requests > 0 {

@@ -244,6 +244,7 @@ impl Supervisor {
             machine: self.machine.clone(),
             incoming: true,
             target,
+            ..GenArgs::default()
         };
         let translated = self
             .translated(&args)
@@ -543,6 +544,8 @@ impl Upgrade<'_> {
         let new_threads = thread_list(sup, To::CURRENT);
         stats.threads = threads::apply(&moved.placement, &new_threads);
         sup.reap_ended(Instant::now() + STEP_TIMEOUT);
+        // The host forwards the old QEMU held are free now: the new one takes them.
+        stats.hostfwd = sup.restore_forwards();
         stats
     }
 

@@ -145,9 +145,11 @@ pub const CHECKS: &[Check] = &[
     snapshot_disks,
     host_devices,
     confidential_guests,
-    listeners,
-    vhost_user,
+    crate::listeners::blockers,
 ];
+
+/// Checks whose findings do not stop an upgrade but change what users see of it.
+pub const NOTES: &[Check] = &[crate::listeners::caveats];
 
 /// The verdict on a command line alone: what `plan` shows without `--to`, and what every upgrade
 /// of the VM checks first.
@@ -155,6 +157,9 @@ pub fn of_cmdline(cmd: &CmdLine) -> Verdict {
     let mut verdict = Verdict::default();
     for check in CHECKS {
         check(cmd).into_iter().for_each(|r| verdict.add(r));
+    }
+    for check in NOTES {
+        check(cmd).into_iter().for_each(|n| verdict.note(n));
     }
     verdict
 }
@@ -252,63 +257,6 @@ fn confidential_guests(cmd: &CmdLine) -> Vec<Reason> {
         .collect()
 }
 
-/// Listeners QEMU binds itself on TCP (VNC and SPICE displays, TCP server chardevs and
-/// monitors, `-netdev socket,listen=`/`stream,server=on`, user networking's `hostfwd=`): a
-/// second QEMU cannot bind a port the first holds ("Address already in use"), so the new QEMU
-/// fails to start. The launcher serves unix and fd listeners itself; these stay QEMU's until it
-/// serves them too.
-fn listeners(cmd: &CmdLine) -> Vec<Reason> {
-    let port_held = "QEMU listens on this port itself, and a new QEMU cannot bind it while \
-                     the running one holds it";
-    let mut reasons = Vec::new();
-    for opt in cmd.opts("vnc") {
-        let display = opt.parse_arg().and_then(|a| a.get("vnc")).unwrap_or_default();
-        if display != "none" && !display.starts_with("unix:") {
-            reasons.push(Reason::about(opt, port_held));
-        }
-    }
-    for opt in cmd.opts("spice") {
-        let arg = opt.parse_arg();
-        let port = |k: &str| arg.as_ref().and_then(|a| a.get(k)).is_some();
-        if port("port") || port("tls-port") {
-            reasons.push(Reason::about(opt, port_held));
-        }
-    }
-    for socket in crate::resources::resources(cmd).sockets {
-        if socket.server && matches!(socket.address, crate::resources::SocketAddr::Tcp { .. }) {
-            let id = socket.id.map(|i| format!(" id={i}")).unwrap_or_default();
-            let option = format!("-{}{id} ({})", socket.option, socket.address);
-            reasons.push(Reason::new(option, port_held));
-        }
-    }
-    for opt in cmd.opts("netdev").chain(cmd.opts("nic")) {
-        let Some(arg) = opt.parse_arg() else { continue };
-        if arg.get("type").as_deref() == Some("user")
-            && arg.keys().iter().any(|k| k == "hostfwd" || k.starts_with("hostfwd."))
-        {
-            reasons.push(Reason::about(opt, format!("hostfwd: {port_held}")));
-        }
-    }
-    reasons
-}
-
-/// vhost-user: QEMU sends the backend the guest's memory and vring fds with SCM_RIGHTS over
-/// its socket. A socket the launcher relays carries bytes only, and one QEMU keeps cannot be
-/// reconnected by a second QEMU while the first holds it.
-fn vhost_user(cmd: &CmdLine) -> Vec<Reason> {
-    let why = "vhost-user passes the guest's memory and vring fds to its backend, which no \
-               second QEMU can take over while the first is connected";
-    let netdevs = cmd
-        .opts("netdev")
-        .filter(|o| o.parse_arg().and_then(|a| a.get("type")).as_deref() == Some("vhost-user"));
-    let devices = cmd.opts("device").filter(|o| {
-        o.parse_arg()
-            .and_then(|a| a.get("driver"))
-            .is_some_and(|d| d.starts_with("vhost-user"))
-    });
-    netdevs.chain(devices).map(|o| Reason::about(o, why)).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,16 +309,12 @@ mod tests {
     }
 
     #[test]
-    fn tcp_listeners_and_vhost_user_are_named() {
+    fn listeners_the_launcher_cannot_hold_and_vhost_user_are_named() {
         let v = of_cmdline(&parse(&[
             "-vnc",
             "127.0.0.1:0,audiodev=audio1",
-            "-vnc",
-            "none",
             "-spice",
             "port=5901,addr=127.0.0.1,disable-ticketing=on",
-            "-spice",
-            "unix=on,addr=/run/spice.sock,disable-ticketing=on",
             "-chardev",
             "socket,id=c0,host=127.0.0.1,port=4555,server=on,wait=off",
             "-chardev",
@@ -385,17 +329,9 @@ mod tests {
             r#"{"type":"vhost-user","chardev":"vu","id":"n2"}"#,
         ]));
         let options: Vec<&str> = v.reasons.iter().map(|r| r.option.as_str()).collect();
-        assert_eq!(
-            options,
-            [
-                "-vnc 127.0.0.1:0",
-                "-spice port=5901",
-                "-chardev id=c0 (tcp:127.0.0.1:4555)",
-                "-netdev id=n1 (tcp::1234)",
-                "-netdev user",
-                "-netdev vhost-user",
-            ]
-        );
+        assert_eq!(options, ["-netdev vhost-user", "-netdev id=n1 (tcp::1234)"]);
+        let notes: Vec<&str> = v.notes.iter().map(|r| r.option.as_str()).collect();
+        assert_eq!(notes, ["-vnc", "-spice", "hostfwd=tcp::2222-:22"]);
     }
 
     #[test]

@@ -16,9 +16,9 @@
 //! a batch of its own already, in which case the batch goes with the next unit.
 
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::Path;
 use std::time::Instant;
@@ -30,6 +30,7 @@ use serde_json::Value;
 
 use super::framing::{Filter, Greeting, Inbound, Outbound, Request, Seen, Unit, CAP};
 use super::sockets::{recv_fds, send, send_fds, wait_fd};
+use super::stream::Stream;
 use super::Mode;
 use crate::journal::{Journal, Outcome};
 
@@ -51,18 +52,18 @@ thread_local! {
 
 /// Reads what is there into `buf`; with `fds`, also the fds passed along.
 fn read_chunk(
-    stream: &mut UnixStream,
+    stream: BorrowedFd<'_>,
     buf: &mut Vec<u8>,
     mut fds: Option<&mut Vec<OwnedFd>>,
 ) -> Got {
     SCRATCH.with_borrow_mut(|scratch| {
         let got = loop {
             let got = match fds.as_deref_mut() {
-                Some(fds) => recv_fds(stream.as_fd(), scratch).map(|(n, got)| {
+                Some(fds) => recv_fds(stream, scratch).map(|(n, got)| {
                     fds.extend(got);
                     n
                 }),
-                None => stream.read(scratch),
+                None => nix::unistd::read(stream.as_raw_fd(), scratch).map_err(io::Error::from),
             };
             match got {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -82,11 +83,11 @@ fn read_chunk(
 }
 
 /// Writes the front of `buf` until the socket would block. `Err` when the peer is gone.
-fn write_some(stream: &UnixStream, buf: &mut Vec<u8>) -> Result<bool, ()> {
+fn write_some(stream: BorrowedFd<'_>, buf: &mut Vec<u8>) -> Result<bool, ()> {
     let mut at = 0;
     let mut result = Ok(());
     while at < buf.len() {
-        match send(stream.as_fd(), &buf[at..]) {
+        match send(stream, &buf[at..]) {
             Ok(n) => at += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -186,7 +187,7 @@ impl Backend {
         let mut progress = false;
         let mut answers = Vec::new();
         while !self.eof && (!bounded || out.len() < CAP) {
-            match read_chunk(&mut self.stream, &mut self.rx, None) {
+            match read_chunk(self.stream.as_fd(), &mut self.rx, None) {
                 Got::Data => answers.extend(self.out.process(&mut self.rx, out)),
                 Got::Blocked => {
                     self.dry = true;
@@ -360,7 +361,7 @@ impl Backend {
 #[derive(Debug)]
 pub(super) struct Conn {
     pub monitor: usize,
-    pub client: UnixStream,
+    pub client: Stream,
     pub token: Token,
     to_client: Vec<u8>,
     from_client: Vec<u8>,
@@ -381,7 +382,7 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    pub(super) fn new(monitor: usize, mode: Mode, client: UnixStream, token: Token) -> Conn {
+    pub(super) fn new(monitor: usize, mode: Mode, client: Stream, token: Token) -> Conn {
         Conn {
             monitor,
             client,
@@ -421,7 +422,7 @@ impl Conn {
                 progress |= n.pull(None, true).0;
                 next_dry = n.dry;
             }
-            match write_some(&self.client, &mut self.to_client) {
+            match write_some(self.client.as_fd(), &mut self.to_client) {
                 Ok(moved) => progress |= moved,
                 Err(()) => self.dead = true,
             }
@@ -452,15 +453,13 @@ impl Conn {
 
     /// Reads what the client sent; returns whether anything moved and whether the socket
     /// was read to EAGAIN.
-    /// Reads what the client sent; returns whether anything moved and whether the socket
-    /// was read to EAGAIN.
     fn read_client(&mut self) -> (bool, bool) {
         let mut progress = false;
         let mut dry = false;
         while !self.client_eof && !self.dead && self.from_client.len() < CAP {
             let at = self.from_client.len();
             let mut fds = Vec::new();
-            match read_chunk(&mut self.client, &mut self.from_client, Some(&mut fds)) {
+            match read_chunk(self.client.as_fd(), &mut self.from_client, Some(&mut fds)) {
                 Got::Data => {}
                 Got::Blocked => {
                     dry = true;

@@ -424,8 +424,10 @@ impl Outbound {
     }
 
     /// Whether one message from QEMU goes to the client, and as what. Only the envelope is
-    /// looked at, but for the one reply rewritten: `query-chardev`'s, whose ptys the launcher
-    /// holds ([`crate::ptys`]) while QEMU reports the socket it was given in their place.
+    /// looked at, but for the replies rewritten: `query-chardev`'s, whose ptys the launcher
+    /// holds ([`crate::ptys`]) while QEMU reports the socket it was given in their place, and
+    /// those of the display queries and VNC's connection events, whose ports the launcher
+    /// holds ([`crate::listeners::graphics`]).
     fn judge(&mut self, bytes: &[u8], answers: &mut Vec<Seen>) -> Verdict {
         let Ok(Value::Object(mut msg)) = serde_json::from_slice::<Value>(bytes) else {
             return Verdict::Pass;
@@ -445,7 +447,11 @@ impl Outbound {
                 return Verdict::Drop;
             }
             let mut verdict = Verdict::Pass;
-            if let Some(ret) = msg.get("return").and_then(crate::ptys::chardev_info_reply) {
+            let rewritten = msg.get("return").and_then(|r| {
+                crate::ptys::chardev_info_reply(r)
+                    .or_else(|| crate::listeners::graphics::info_reply(r))
+            });
+            if let Some(ret) = rewritten {
                 let mut reply = msg.clone();
                 reply.insert("return".into(), ret);
                 if let Ok(bytes) = serde_json::to_vec(&reply) {
@@ -464,10 +470,17 @@ impl Outbound {
             return Verdict::Pass;
         };
         let keep = self.keep_event(name);
+        let rewritten = keep
+            .then(|| crate::listeners::graphics::event(name, &msg))
+            .flatten()
+            .and_then(|event| serde_json::to_vec(&event).ok());
         if name == "DEVICE_DELETED" {
             answers.push(Seen::Event(Value::Object(msg)));
         }
-        Verdict::keep(keep)
+        match rewritten {
+            Some(bytes) => Verdict::Replace(bytes),
+            None => Verdict::keep(keep),
+        }
     }
 
     fn keep_event(&mut self, name: &str) -> bool {

@@ -27,7 +27,9 @@
 
 mod conn;
 mod framing;
+mod handoff;
 mod sockets;
+mod stream;
 mod swap;
 #[cfg(test)]
 mod tests;
@@ -38,7 +40,6 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use mio::net::UnixListener;
 use mio::{Interest, Registry, Token};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
@@ -46,6 +47,9 @@ use crate::journal::Journal;
 use conn::{Backend, Conn};
 use framing::{Filter, Greeting};
 use sockets::{BackendDir, BoundPath};
+use stream::Listener;
+
+pub use handoff::Handoff;
 
 /// What a proxied chardev carries, which decides how the proxy frames it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +70,8 @@ pub enum Listen {
     Path(PathBuf),
     /// An inherited listening unix socket, as libvirt passes with `fd=N,server=on`.
     Fd(OwnedFd),
+    /// A listening TCP socket the launcher bound (non-blocking).
+    Tcp(std::net::TcpListener),
 }
 
 /// A failure to prepare a swap; the supervisor then aborts the upgrade.
@@ -128,7 +134,7 @@ pub enum ProxyError {
 #[derive(Debug)]
 struct Monitor {
     mode: Mode,
-    listener: UnixListener,
+    listener: Listener,
     _path: Option<BoundPath>,
     /// The client being served.
     active: Option<u64>,
@@ -140,6 +146,8 @@ struct Monitor {
 enum Route {
     Listener(usize),
     Conn(u64),
+    /// A display's listener, by display and socket.
+    Handoff(usize, usize),
 }
 
 /// All proxied monitors and chardevs of one VM, and their clients.
@@ -153,12 +161,16 @@ pub struct Proxy {
     next_conn: u64,
     /// Backend socket paths by generation, one per monitor in `add` order.
     backends: BTreeMap<u32, Vec<PathBuf>>,
+    /// Display socket paths by generation (QEMU binds them).
+    displays: BTreeMap<u32, Vec<PathBuf>>,
     dir: BackendDir,
     live: Option<u32>,
     /// A swap is under way (from `hold` to `commit` or `abort`).
     swapping: bool,
     swap_running: bool,
     journal: Journal,
+    /// Display listeners whose connections QEMU takes over itself.
+    handoff: Handoff,
 }
 
 impl Proxy {
@@ -179,11 +191,13 @@ impl Proxy {
             conns: BTreeMap::new(),
             next_conn: 0,
             backends: BTreeMap::new(),
+            displays: BTreeMap::new(),
             dir: BackendDir::new(base),
             live: None,
             swapping: false,
             swap_running: false,
             journal: Journal::default(),
+            handoff: Handoff::default(),
         }
     }
 
@@ -196,15 +210,7 @@ impl Proxy {
     /// Starts listening for clients of one monitor or chardev and returns its index. Add every
     /// monitor before the first [`Proxy::backends_for`].
     pub fn add(&mut self, registry: &Registry, listen: Listen, mode: Mode) -> io::Result<usize> {
-        let (listener, path) = match listen {
-            Listen::Path(p) => {
-                let (l, bound) = BoundPath::bind(&p)?;
-                (l, Some(bound))
-            }
-            Listen::Fd(fd) => (sockets::inherited(fd)?, None),
-        };
-        listener.set_nonblocking(true)?;
-        let mut listener = UnixListener::from_std(listener);
+        let (mut listener, path) = listener(listen)?;
         let index = self.monitors.len();
         let token = self.token(Route::Listener(index));
         registry.register(&mut listener, token, Interest::READABLE)?;
@@ -253,6 +259,9 @@ impl Proxy {
             }
         }
         if let Some(old) = self.backends.insert(gen, paths) {
+            unlink_all(&old);
+        }
+        if let Some(old) = self.displays.remove(&gen) {
             unlink_all(&old);
         }
         Ok(fds)
@@ -311,6 +320,7 @@ impl Proxy {
         match self.routes.get(&event.token().0).copied() {
             Some(Route::Listener(m)) => self.accept(registry, m),
             Some(Route::Conn(id)) => self.service(registry, id),
+            Some(Route::Handoff(d, l)) => self.handoff.accept(d, l),
             // A socket closed earlier in the same batch of events.
             None => {}
         }
@@ -356,7 +366,7 @@ impl Proxy {
     fn accept(&mut self, registry: &Registry, m: usize) {
         loop {
             match self.monitors[m].listener.accept() {
-                Ok((mut stream, _)) => {
+                Ok(mut stream) => {
                     let id = self.next_conn;
                     self.next_conn += 1;
                     let token = self.token(Route::Conn(id));
@@ -477,6 +487,29 @@ impl Proxy {
         let _ = registry.deregister(&mut b.stream);
         self.routes.remove(&b.token.0);
     }
+}
+
+/// A non-blocking listener for `listen`, and the path it bound, if it bound one.
+fn listener(listen: Listen) -> io::Result<(Listener, Option<BoundPath>)> {
+    Ok(match listen {
+        Listen::Path(p) => {
+            let (l, bound) = BoundPath::bind(&p)?;
+            l.set_nonblocking(true)?;
+            (
+                Listener::Unix(mio::net::UnixListener::from_std(l)),
+                Some(bound),
+            )
+        }
+        Listen::Fd(fd) => {
+            let l = sockets::inherited(fd)?;
+            l.set_nonblocking(true)?;
+            (Listener::Unix(mio::net::UnixListener::from_std(l)), None)
+        }
+        Listen::Tcp(l) => {
+            l.set_nonblocking(true)?;
+            (Listener::Tcp(mio::net::TcpListener::from_std(l)), None)
+        }
+    })
 }
 
 fn unlink_all(paths: &[PathBuf]) {

@@ -114,6 +114,18 @@ impl BackendDir {
         ))
     }
 
+    /// The directory, made now if it was not yet.
+    pub(super) fn path(&mut self) -> io::Result<PathBuf> {
+        self.dir()
+    }
+
+    /// A new name in the directory for generation `gen`'s socket `name`, for QEMU to bind.
+    pub(super) fn path_for(&mut self, gen: u32, name: &str) -> io::Result<PathBuf> {
+        let dir = self.dir()?;
+        self.serial += 1;
+        Ok(dir.join(format!("{gen}.{}.{name}", self.serial)))
+    }
+
     /// A new listening socket for monitor `index` of generation `gen`: its path and its fd
     /// (close-on-exec; the child module places it for QEMU).
     pub(super) fn listener(&mut self, gen: u32, index: usize) -> io::Result<(PathBuf, OwnedFd)> {

@@ -162,13 +162,15 @@ impl Proxy {
     fn end_swap(&mut self, registry: &Registry) {
         self.swapping = false;
         let live = self.live;
-        self.backends.retain(|&gen, paths| {
-            let keep = Some(gen) == live;
-            if !keep {
-                unlink_all(paths);
-            }
-            keep
-        });
+        for by_gen in [&mut self.backends, &mut self.displays] {
+            by_gen.retain(|&gen, paths| {
+                let keep = Some(gen) == live;
+                if !keep {
+                    unlink_all(paths);
+                }
+                keep
+            });
+        }
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for id in ids {
             self.service(registry, id);

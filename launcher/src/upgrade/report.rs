@@ -16,6 +16,8 @@ pub(super) struct Stats {
     pub(super) tap_ioctls_held: Option<u32>,
     /// Options of the user's argv the new QEMU got in another form.
     pub(super) translations: Vec<Value>,
+    /// The host forwards given back to the new QEMU, and any it refused; null without any.
+    pub(super) hostfwd: Value,
 }
 
 /// How an upgrade failed.
@@ -63,6 +65,9 @@ pub(super) fn complete(
             report["threads"] = stats.threads;
             report["tap_ioctls_held"] = json!(stats.tap_ioctls_held);
             report["translations"] = json!(stats.translations);
+            if !stats.hostfwd.is_null() {
+                report["hostfwd"] = stats.hostfwd;
+            }
         }
         Err(failure) => {
             report["result"] = "failed".into();

@@ -584,3 +584,119 @@ fn an_fd_that_is_not_listening_is_refused() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
 }
+
+/// A monitor on a TCP port: the client's connection is the launcher's, and moves to the new
+/// generation like a unix one.
+#[test]
+fn tcp_clients_are_served_like_unix_ones() {
+    use std::net::{TcpListener, TcpStream};
+    let dir = temp_dir();
+    let mut poll = Poll::new().unwrap();
+    let mut events = Events::with_capacity(16);
+    let mut proxy = Proxy::new(100);
+    proxy.set_backend_dir(&dir);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    proxy
+        .add(poll.registry(), Listen::Tcp(listener), Mode::Qmp)
+        .unwrap();
+    let script = |gen| Script {
+        gen,
+        mode: Mode::Qmp,
+        refuse_caps: false,
+        caps_delay: Duration::ZERO,
+    };
+    let gen1 = Fake::spawn(proxy.backends_for(1).unwrap().remove(0), script(1));
+    proxy.activate_first(poll.registry(), 1).unwrap();
+
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut read_line = |proxy: &mut Proxy, poll: &mut Poll, client: &mut TcpStream| -> Value {
+        let end = Instant::now() + WAIT;
+        loop {
+            if let Some(i) = got.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = got.drain(..i + 2).collect();
+                return serde_json::from_slice(&line).unwrap();
+            }
+            assert!(Instant::now() < end, "timed out, have {got:?}");
+            poll.poll(&mut events, Some(Duration::from_millis(5)))
+                .unwrap();
+            for ev in events.iter() {
+                proxy.handle(poll.registry(), ev);
+            }
+            let mut chunk = [0u8; 4096];
+            match client.read(&mut chunk) {
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    assert!(read_line(&mut proxy, &mut poll, &mut client)
+        .get("QMP")
+        .is_some());
+    client.write_all(format!("{CAPS}\n").as_bytes()).unwrap();
+    assert_eq!(
+        read_line(&mut proxy, &mut poll, &mut client),
+        json!({"return": {}, "id": "caps"})
+    );
+
+    let gen2 = Fake::spawn(proxy.backends_for(2).unwrap().remove(0), script(2));
+    proxy.hold(poll.registry());
+    proxy
+        .prepare(poll.registry(), 2, Instant::now() + WAIT)
+        .unwrap();
+    assert!(proxy.drained());
+    proxy.commit(poll.registry(), 2);
+    client
+        .write_all(b"{\"execute\":\"query-version\",\"id\":7}\n")
+        .unwrap();
+    let r = read_line(&mut proxy, &mut poll, &mut client);
+    assert_eq!((version(&r), &r["id"]), (2, &json!(7)));
+    assert_eq!(gen1.got().len(), 1);
+    assert_eq!(
+        gen2.got().len(),
+        2,
+        "capabilities replayed, then the command"
+    );
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A display's viewers are accepted and queued whole, for QEMU to take over: what the viewer
+/// sends arrives unread on the queued socket.
+#[test]
+fn display_viewers_are_queued_unread() {
+    use std::net::{TcpListener, TcpStream};
+    let mut poll = Poll::new().unwrap();
+    let mut events = Events::with_capacity(16);
+    let mut proxy = Proxy::new(100);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    proxy
+        .add_display(poll.registry(), vec![Listen::Tcp(listener)], "vnc")
+        .unwrap();
+    assert!(!proxy.has_viewers());
+    let mut viewers: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    viewers[1].write_all(b"RFB 003.008\n").unwrap();
+    let end = Instant::now() + WAIT;
+    let mut taken = Vec::new();
+    while taken.len() < 3 {
+        assert!(Instant::now() < end, "viewers not accepted");
+        poll.poll(&mut events, Some(Duration::from_millis(5)))
+            .unwrap();
+        for ev in events.iter() {
+            proxy.handle(poll.registry(), ev);
+        }
+        taken.extend(proxy.take_viewers());
+    }
+    assert!(taken.iter().all(|(p, _)| *p == "vnc"));
+    let mut second = TcpStream::from(taken.swap_remove(1).1);
+    second.set_nonblocking(false).unwrap();
+    let mut hello = [0u8; 12];
+    second.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello, b"RFB 003.008\n");
+}
