@@ -17,6 +17,8 @@ pub mod paths;
 pub mod qmp;
 pub mod shim;
 pub mod tempdir;
+pub mod vhost_user;
+pub mod viewers;
 pub mod vm;
 
 use std::thread;
