@@ -7,7 +7,7 @@
 //! a [`Layout`] so that every generation sees the same numbers.
 
 use std::ffi::OsString;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -44,8 +44,14 @@ pub enum GenerationError {
 /// Fd numbers fixed for the life of the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
-    /// Inherited fds the command line refers to, open when the launcher started.
+    /// Inherited fds the command line refers to, open when the launcher started, which every
+    /// generation gets.
     pub keep: Vec<RawFd>,
+    /// Inherited fds only the first generation gets, at their numbers: with `-incoming`, every
+    /// inherited fd no other option names. libvirt's restore passes its stream so, unnamed
+    /// (`-incoming defer`, then `migrate-incoming fd:N`), and a QEMU would have inherited it;
+    /// later generations are started by the launcher with its own stream and never read it.
+    pub first_only: Vec<RawFd>,
     /// Where each generation finds its end of the private monitor.
     pub private_monitor: RawFd,
     /// Where each generation finds the memfds of guest RAM, one per region.
@@ -60,22 +66,27 @@ pub struct Layout {
 
 impl Layout {
     /// Chooses the layout for a command line with `ram_regions` launcher-owned RAM regions,
-    /// `proxied` monitors, `tap_queues` tap fds and `ptys` kept ptys. `is_open` says whether an
-    /// fd was inherited open; fds named on the command line but not open are not kept (QEMU
-    /// reports them), listening fds the launcher serves itself are not passed on, and no
-    /// launcher fd is ever placed at a number the command line names.
+    /// `proxied` monitors, `tap_queues` tap fds and `ptys` kept ptys. `inherited` lists the fds
+    /// above stderr that were open when the launcher started. Fds named on the command line
+    /// but not open are not kept (QEMU reports them), listening fds the launcher serves itself
+    /// are not passed on, and no launcher fd is ever placed at a number the command line names
+    /// or, under `-incoming`, at any inherited number.
     pub fn new(
         resources: &Resources,
         ram_regions: usize,
         proxied: &[Proxied],
         tap_queues: usize,
         ptys: usize,
-        is_open: impl Fn(RawFd) -> bool,
+        inherited: &[RawFd],
     ) -> Layout {
         let mut named: Vec<RawFd> = resources.fds.iter().map(|f| f.fd).collect();
         named.sort_unstable();
         named.dedup();
-        let mut free = (3..).filter(|n| !named.contains(n));
+        let mut taken = named.clone();
+        if resources.incoming.is_some() {
+            taken.extend(inherited);
+        }
+        let mut free = (3..).filter(|n| !taken.contains(n));
         let private_monitor = free.next().unwrap_or(3);
         let ram = free.by_ref().take(ram_regions).collect();
         let monitors = free.by_ref().take(proxied.len()).collect();
@@ -88,12 +99,30 @@ impl Layout {
                 ListenOn::Path(_) | ListenOn::Tcp(_) => None,
             })
             .collect();
-        let keep = named
+        // An fd only `-incoming fd:N` names carries the first generation's stream alone.
+        let incoming_only = |fd: RawFd| {
+            resources
+                .fds
+                .iter()
+                .filter(|f| f.fd == fd)
+                .all(|f| f.option == "incoming")
+        };
+        let keep: Vec<RawFd> = named
             .into_iter()
-            .filter(|&fd| fd > 2 && is_open(fd) && !served.contains(&fd))
+            .filter(|fd| *fd > 2 && inherited.contains(fd) && !served.contains(fd))
+            .filter(|fd| !incoming_only(*fd))
             .collect();
+        let first_only = match resources.incoming.is_some() {
+            true => inherited
+                .iter()
+                .copied()
+                .filter(|fd| *fd > 2 && !served.contains(fd) && !keep.contains(fd))
+                .collect(),
+            false => Vec::new(),
+        };
         Layout {
             keep,
+            first_only,
             private_monitor,
             ram,
             monitors,
@@ -128,8 +157,8 @@ pub struct Base {
 }
 
 impl Base {
-    /// Plans the base for `user`; `is_open` tells which named fds were inherited open.
-    pub fn new(user: &CmdLine, is_open: impl Fn(RawFd) -> bool) -> Base {
+    /// Plans the base for `user`; `inherited` lists the fds above stderr open at start.
+    pub fn new(user: &CmdLine, inherited: &[RawFd]) -> Base {
         let (regions, unshared) = match memfd::regions(user) {
             Ok(r) => (r, None),
             Err(Unshareable(why)) => (Vec::new(), Some(why)),
@@ -144,7 +173,7 @@ impl Base {
             &proxied,
             queues,
             kept.len(),
-            is_open,
+            inherited,
         );
         let verdict = crate::verdict::of_cmdline(user);
         let cmd = memfd::rewrite(user, &regions, &layout.ram);
@@ -166,10 +195,37 @@ impl Base {
     /// [`Base::new`] for the fds actually open in this process. Call before the process
     /// opens any fd of its own, while its fd table holds only what the caller passed.
     pub fn for_this_process(user: &CmdLine) -> Base {
-        Base::new(user, |fd| {
-            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_ok()
-        })
+        Base::new(user, &inherited_fds(user))
     }
+
+    /// [`Base::new`] assuming every fd the command line names is passed open, and no other.
+    pub fn assuming_named_open(user: &CmdLine) -> Base {
+        Base::new(user, &resources(user).fd_numbers())
+    }
+}
+
+/// The fds above stderr open in this process: every entry of `/proc/self/fd` but the one
+/// reading it, or, without `/proc`, those the command line names that are open.
+fn inherited_fds(user: &CmdLine) -> Vec<RawFd> {
+    let is_open = |fd: RawFd| nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_ok();
+    let listed: Option<Vec<RawFd>> = std::fs::read_dir("/proc/self/fd").ok().map(|dir| {
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    });
+    // The directory's own fd was among the entries and is closed now.
+    let mut fds: Vec<RawFd> = match listed {
+        Some(listed) => listed
+            .into_iter()
+            .filter(|fd| *fd > 2 && is_open(*fd))
+            .collect(),
+        None => resources(user)
+            .fd_numbers()
+            .into_iter()
+            .filter(|fd| *fd > 2 && is_open(*fd))
+            .collect(),
+    };
+    fds.sort_unstable();
+    fds
 }
 
 /// What differs between generations.
@@ -250,6 +306,18 @@ pub struct Fds<'a> {
     pub tap_guard: Option<&'a [libc::sock_filter]>,
 }
 
+/// Closes the launcher's copies of the fds only the first generation gets, once it holds its
+/// own: an incoming stream's reader or file, which QEMU alone consumes and closes. Kept open
+/// here, a restored save file would stay open for the life of the VM.
+fn release_first_only(layout: &Layout) {
+    for &fd in &layout.first_only {
+        // SAFETY: the fd was inherited and nothing in this process wraps it: the layout kept
+        // every launcher-made fd off the inherited numbers, and only the first spawn reads
+        // these numbers, which happens once.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+}
+
 /// A QEMU generation: a child process from fork to reaping, and what the launcher holds of
 /// it. Dropping one that was never reaped kills it: no QEMU outlives the value that stands
 /// for it.
@@ -295,10 +363,14 @@ impl Generation {
         let qmp = Qmp::new(ours).map_err(GenerationError::Socket)?;
         let mut argv = vec![argv0.clone()];
         argv.extend(cmd.to_args());
+        let mut keep = fds.layout.keep.clone();
+        if number == 1 {
+            keep.extend(&fds.layout.first_only);
+        }
         let spec = child::Spec {
             program: &binary.path,
             argv,
-            keep: fds.layout.keep.clone(),
+            keep,
             place: [(theirs.as_fd(), fds.layout.private_monitor)]
                 .into_iter()
                 .chain(fds.place.iter().copied())
@@ -309,6 +381,10 @@ impl Generation {
         };
         let started = child::spawn(&spec)?;
         drop(theirs);
+        // The child has its copies from the fork on.
+        if number == 1 {
+            release_first_only(fds.layout);
+        }
         Ok(Generation {
             number,
             pid: started.pid,
@@ -352,5 +428,93 @@ impl Drop for Generation {
         if self.exit.is_none() {
             let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cmdline::fixtures::args;
+
+    fn base(argv: &[&str], inherited: &[RawFd]) -> Base {
+        Base::new(&CmdLine::parse(&args(argv)).unwrap(), inherited)
+    }
+
+    /// libvirt's restore: `-incoming defer`, the stream passed unnamed at fd 25 for a later
+    /// `migrate-incoming fd:25`, the monitor's listening socket at 28 and a log at 27.
+    const RESTORE: &[&str] = &[
+        "-chardev",
+        "socket,id=charmonitor,fd=28,server=on,wait=off",
+        "-mon",
+        "chardev=charmonitor,id=monitor,mode=control",
+        "-add-fd",
+        "set=0,fd=27,opaque=serial0-log",
+        "-incoming",
+        "defer",
+    ];
+
+    #[test]
+    fn under_incoming_the_first_generation_inherits_the_unnamed_stream() {
+        let b = base(RESTORE, &[3, 25, 27, 28]);
+        assert_eq!(b.layout.keep, vec![27]);
+        assert_eq!(
+            b.layout.first_only,
+            vec![3, 25],
+            "every inherited fd but those served"
+        );
+        let launcher_fds: Vec<RawFd> = [b.layout.private_monitor]
+            .iter()
+            .chain(&b.layout.ram)
+            .chain(&b.layout.monitors)
+            .copied()
+            .collect();
+        for fd in [3, 25, 27, 28] {
+            assert!(!launcher_fds.contains(&fd), "{fd} in {launcher_fds:?}");
+        }
+        // The first generation keeps the user's -incoming; later ones get the launcher's.
+        let first = generation_cmdline(&b, &GenArgs::default()).to_args();
+        assert!(first.windows(2).any(|w| w == args(&["-incoming", "defer"])));
+        let later = GenArgs {
+            incoming: true,
+            ..GenArgs::default()
+        };
+        let later = generation_cmdline(&b, &later).to_args();
+        assert_eq!(later.iter().filter(|a| *a == "-incoming").count(), 1);
+    }
+
+    #[test]
+    fn an_fd_only_incoming_names_goes_to_the_first_generation_alone() {
+        let b = base(&["-incoming", "fd:4", "-add-fd", "set=0,fd=5"], &[4, 5, 9]);
+        assert_eq!(b.layout.keep, vec![5]);
+        assert_eq!(b.layout.first_only, vec![4, 9]);
+    }
+
+    #[test]
+    fn without_incoming_unnamed_fds_stay_with_the_launcher() {
+        let b = base(&["-add-fd", "set=0,fd=5"], &[3, 5, 25]);
+        assert_eq!(b.layout.keep, vec![5]);
+        assert!(b.layout.first_only.is_empty());
+        assert_eq!(
+            b.layout.private_monitor, 3,
+            "only named numbers are avoided"
+        );
+    }
+
+    #[test]
+    fn the_launcher_closes_its_copies_once_the_first_generation_runs() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let layout = Layout {
+            keep: Vec::new(),
+            first_only: vec![std::os::fd::IntoRawFd::into_raw_fd(r)],
+            private_monitor: 0,
+            ram: Vec::new(),
+            monitors: Vec::new(),
+            taps: Vec::new(),
+            ptys: Vec::new(),
+        };
+        release_first_only(&layout);
+        // The read end is gone everywhere: the write end now fails with EPIPE.
+        let err = nix::unistd::write(&w, b"x").unwrap_err();
+        assert_eq!(err, nix::errno::Errno::EPIPE);
     }
 }

@@ -76,12 +76,19 @@ impl Plan {
     /// Plans `cmd` as if the shim had been invoked as `argv0`, assuming every fd the command
     /// line names will be passed open.
     pub fn new(argv0: &OsStr, cmd: &CmdLine) -> Plan {
-        let base = Base::new(cmd, |_| true);
+        let base = Base::assuming_named_open(cmd);
         let mut verdict = base.verdict.clone();
         if let Some(why) = &base.unshared {
             verdict.note(Reason::new(
                 "guest RAM",
                 format!("not shared ({why}): it crosses in the migration stream, which takes seconds and a second copy of it"),
+            ));
+        }
+        if let Some(from) = resources(cmd).incoming {
+            verdict.note(Reason::new(
+                format!("-incoming {from}"),
+                "the first QEMU starts by loading the VM's state; upgrades are refused until it \
+                 has loaded (run state no longer inmigrate)",
             ));
         }
         let mut argv = vec![argv0.to_owned()];
@@ -227,7 +234,20 @@ impl Plan {
                 "translations": n.changes.iter().map(Change::to_json).collect::<Vec<_>>(),
                 "error": n.error,
             })),
+            "incoming": self.incoming_json(),
         })
+    }
+
+    /// What starting by loading a VM's state (`-incoming`) changes: the first generation gets
+    /// the stream as QEMU would, and nothing can be upgraded until it is loaded.
+    fn incoming_json(&self) -> Value {
+        match &self.resources.incoming {
+            None => Value::Null,
+            Some(from) => json!({
+                "from": from,
+                "first_generation_only_fds": self.layout.first_only,
+            }),
+        }
     }
 
     /// Each tap the launcher opens, with the fd numbers its queues get in every generation.
@@ -288,6 +308,14 @@ impl Plan {
         )
         .ok();
         writeln!(out, "private monitor: fd {}", self.layout.private_monitor).ok();
+        if let Some(from) = &self.resources.incoming {
+            writeln!(
+                out,
+                "incoming: {from}: generation 1 also inherits every other fd the launcher was \
+                 given, as QEMU would; not upgradable until the state is loaded"
+            )
+            .ok();
+        }
         match &self.unshared {
             None => {
                 for ((id, size, huge, page), fd) in self.ram.iter().zip(&self.layout.ram) {

@@ -29,6 +29,9 @@ pub struct Resources {
     pub machine: Option<Machine>,
     /// The monitors, explicit ones only (not QEMU's default `vc` monitor).
     pub monitors: Vec<Monitor>,
+    /// Where the VM's state comes from, when QEMU starts by loading it: the last `-incoming`
+    /// (`defer`, `fd:N`, `tcp:...`, `unix:...`, `exec:...`), as given.
+    pub incoming: Option<String>,
 }
 
 /// An inherited fd that an option names.
@@ -178,6 +181,11 @@ pub fn resources(cmd: &CmdLine) -> Resources {
         memory: memory(cmd),
         machine: machine(cmd),
         monitors,
+        incoming: cmd
+            .opts("incoming")
+            .last()
+            .and_then(|o| o.arg.as_ref())
+            .map(|a| a.to_string_lossy().into_owned()),
     }
 }
 
@@ -610,6 +618,7 @@ impl Resources {
             "memory": self.memory.iter().map(Memory::to_json).collect::<Vec<_>>(),
             "machine": self.machine.as_ref().map(Machine::to_json),
             "monitors": self.monitors.iter().map(Monitor::to_json).collect::<Vec<_>>(),
+            "incoming": self.incoming,
         })
     }
 }
