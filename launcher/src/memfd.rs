@@ -19,8 +19,32 @@ use serde_json::Value;
 use crate::cmdline::{CmdLine, Item, OptArg};
 use crate::resources::parse_size;
 
-/// Id of the backend the launcher adds when the command line only has `-m`.
+/// Id of the backend the launcher adds when the command line only has `-m`, for machine types
+/// whose own id it does not know (see [`default_ram_id`]).
 pub const RAM_ID: &str = "qemu-liveupgrade.ram";
+
+/// The id QEMU gives the RAM backend it makes for `-m` on `machine` (the machine class's
+/// `default_ram_id`; `None`: no `-machine`, x86's `pc`). It names the RAM block in the
+/// migration stream, so the launcher's backend takes it too: a save file or a live migration
+/// of the VM then carries what QEMU's would, and a QEMU on the other side, plain or under the
+/// launcher, accepts it (QEMU refuses a stream naming a RAM block it lacks: "Unknown ramblock").
+pub fn default_ram_id(machine: Option<&str>) -> &'static str {
+    let Some(machine) = machine else {
+        return "pc.ram";
+    };
+    let is = |prefix: &str| machine.starts_with(prefix);
+    if is("pc") || is("q35") || is("isapc") || is("xenfv") {
+        "pc.ram"
+    } else if is("microvm") {
+        "microvm.ram"
+    } else if is("pseries") {
+        "ppc_spapr.ram"
+    } else if is("s390-ccw-virtio") {
+        "s390.ram"
+    } else {
+        RAM_ID
+    }
+}
 
 /// QEMU's default RAM for x86 machines when no `-m` is given.
 const DEFAULT_RAM: u64 = 128 << 20;
@@ -44,7 +68,7 @@ pub enum MemfdError {
 /// One RAM region the launcher will own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Region {
-    /// The memory backend id, kept from the command line or [`RAM_ID`].
+    /// The memory backend id, kept from the command line or the machine's [`default_ram_id`].
     pub id: String,
     /// Bytes.
     pub size: u64,
@@ -149,8 +173,9 @@ pub fn regions(cmd: &CmdLine) -> Result<Vec<Region>, Unshareable> {
                 .ok_or_else(|| Unshareable("-m has no size the launcher understands".into()))?,
             None => DEFAULT_RAM,
         };
+        let machine_type = machine.as_ref().and_then(|m| m.get("type"));
         regions.push(Region {
-            id: RAM_ID.to_owned(),
+            id: default_ram_id(machine_type.as_deref()).to_owned(),
             size,
             hugetlb: false,
             page_size: 0,
@@ -285,20 +310,34 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert_eq!(
             (r[0].id.as_str(), r[0].size, r[0].hugetlb),
-            (RAM_ID, 256 << 20, false)
+            ("pc.ram", 256 << 20, false)
         );
         let out = strings(&rewrite(&cmd, &r, &[9]));
         assert_eq!(
             out,
             [
                 "-machine",
-                "pc,accel=tcg,memory-backend=qemu-liveupgrade.ram",
+                "pc,accel=tcg,memory-backend=pc.ram",
                 "-m",
                 "256",
                 "-object",
-                "memory-backend-file,id=qemu-liveupgrade.ram,size=268435456,mem-path=/proc/self/fd/9,share=on",
+                "memory-backend-file,id=pc.ram,size=268435456,mem-path=/proc/self/fd/9,share=on",
             ]
         );
+    }
+
+    #[test]
+    fn the_backend_takes_the_id_qemu_gives_the_machine_s_ram() {
+        for (machine, id) in [
+            ("q35,accel=tcg", "pc.ram"),
+            ("pc-q35-7.2", "pc.ram"),
+            ("microvm", "microvm.ram"),
+            ("type=pseries", "ppc_spapr.ram"),
+            ("virt", RAM_ID),
+        ] {
+            let r = regions(&parse(&["-machine", machine, "-m", "64"])).unwrap();
+            assert_eq!(r[0].id, id, "{machine}");
+        }
     }
 
     #[test]
@@ -307,10 +346,7 @@ mod tests {
         let r = regions(&cmd).unwrap();
         assert_eq!(r[0].size, 128 << 20);
         let out = strings(&rewrite(&cmd, &r, &[5]));
-        assert!(
-            out.contains(&"memory-backend=qemu-liveupgrade.ram".to_owned()),
-            "{out:?}"
-        );
+        assert!(out.contains(&"memory-backend=pc.ram".to_owned()), "{out:?}");
     }
 
     #[test]
