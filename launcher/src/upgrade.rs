@@ -61,6 +61,10 @@ pub enum UpgradeError {
     /// The guest is in a state that cannot be migrated now.
     #[error("guest is {0}, not running, paused or prelaunch")]
     State(String),
+    /// The first QEMU is still loading the VM's state (`-incoming`): there is nothing whole
+    /// to move yet, and a swap would race the stream.
+    #[error("guest is inmigrate, still loading its state from an incoming migration: upgrade it once it has loaded")]
+    Loading,
     /// The new QEMU could not be started or did not answer.
     #[error("new QEMU did not start")]
     Start(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -211,6 +215,9 @@ impl Supervisor {
             .call(To::CURRENT, "query-status", None, step_deadline())
             .map_err(step("query-status"))?;
         let status = status["status"].as_str().unwrap_or("unknown").to_owned();
+        if status == "inmigrate" {
+            return Err(UpgradeError::Loading);
+        }
         if !UPGRADABLE.contains(&status.as_str()) {
             return Err(UpgradeError::State(status));
         }
