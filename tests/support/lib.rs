@@ -11,6 +11,7 @@
 //! how to get it, never a silently skipped test.
 
 pub mod libvirt;
+pub mod lifecycle;
 pub mod linux;
 pub mod liveupgrade;
 pub mod paths;
