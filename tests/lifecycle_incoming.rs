@@ -50,14 +50,20 @@ fn argv() -> Vec<String> {
 /// `qemu-liveupgrade upgrade --json PID` against a shim VM: its report, and whether the
 /// command succeeded.
 fn cli_upgrade(vm: &LcVm) -> (bool, Value) {
+    cli(vm, "upgrade")
+}
+
+/// `qemu-liveupgrade COMMAND --json PID` (`upgrade`, `check`): the report, and whether the
+/// command succeeded.
+fn cli(vm: &LcVm, command: &str) -> (bool, Value) {
     let mut cmd = Command::new(cli_bin());
-    cmd.args(["upgrade", "--json", &vm.vm.pid().to_string()])
+    cmd.args([command, "--json", &vm.vm.pid().to_string()])
         .env("QEMU_LIVEUPGRADE_RUNDIR", vm.rundir());
     let out = output_within(cmd, Duration::from_secs(120));
     let text = String::from_utf8_lossy(&out.stdout);
     let report = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
         panic!(
-            "upgrade: not JSON ({e}): {text} {}",
+            "{command}: not JSON ({e}): {text} {}",
             String::from_utf8_lossy(&out.stderr)
         )
     });
@@ -111,6 +117,11 @@ fn save_and_restore(runner: Runner) -> Restored {
         assert!(
             reason.contains("inmigrate") && reason.contains("incoming"),
             "the refusal names the reason: {report}"
+        );
+        let (ok, check) = cli(&dst, "check");
+        assert!(
+            !ok && check["verdict"].to_string().contains("inmigrate"),
+            "check says a loading VM is not upgradable now: {check}"
         );
         assert_eq!(
             run_state(&mut qmp),

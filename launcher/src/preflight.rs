@@ -115,6 +115,13 @@ impl Supervisor {
         // What the running QEMU itself refuses to migrate (a mounted 9p share, a device that
         // cannot migrate): QEMU lists its migration blockers in query-migrate.
         let deadline = Some(Instant::now() + std::time::Duration::from_secs(10));
+        // A VM still loading its state (`-incoming`) has nothing whole to move yet.
+        if let Ok(status) = self.call(To::CURRENT, "query-status", None, deadline) {
+            if status["status"] == "inmigrate" {
+                let why = crate::upgrade::UpgradeError::Loading.to_string();
+                verdict.add(Reason::new("the running QEMU", why));
+            }
+        }
         if let Ok(info) = self.call(To::CURRENT, "query-migrate", None, deadline) {
             for why in info["blocked-reasons"].as_array().into_iter().flatten() {
                 let why = why.as_str().unwrap_or_default();
