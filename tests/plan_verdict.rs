@@ -87,7 +87,12 @@ fn every_libvirt_fixture_gets_a_verdict_with_its_reasons() {
         let p = plan(&f.args, None);
         let verdict = &p["verdict"];
         assert_eq!(verdict["upgradable"], f.upgradable, "{}: {verdict}", f.name);
-        assert_eq!(options(&verdict["reasons"]), f.reasons, "{}: {verdict}", f.name);
+        assert_eq!(
+            options(&verdict["reasons"]),
+            f.reasons,
+            "{}: {verdict}",
+            f.name
+        );
         for reason in verdict["reasons"].as_array().unwrap() {
             assert!(
                 reason["why"].as_str().is_some_and(|w| w.len() > 20),
@@ -118,8 +123,16 @@ fn plan_to_10_0_translates_what_libvirt_9_wrote_for_7_2() {
         if !f.reasons.is_empty() || reasons.len() > f.reasons.len() {
             println!("{} -> 10.0.2: {}", f.name, p["verdict"]);
         } else {
-            let argv: Vec<&str> = next["argv"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
-            assert!(!argv.contains(&"-no-hpet") && !argv.contains(&"-no-acpi"), "{argv:?}");
+            let argv: Vec<&str> = next["argv"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            assert!(
+                !argv.contains(&"-no-hpet") && !argv.contains(&"-no-acpi"),
+                "{argv:?}"
+            );
         }
     }
 }

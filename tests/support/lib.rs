@@ -25,7 +25,9 @@ pub mod vm;
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub use paths::{cli_bin, guest_elf, qemu_build, repo_root as repo_root_path, shim_bin, system_qemu};
+pub use paths::{
+    cli_bin, guest_elf, qemu_build, repo_root as repo_root_path, shim_bin, system_qemu,
+};
 pub use qmp::Qmp;
 pub use tempdir::{tempdir, TempDir};
 pub use vm::{GuestErrors, Heartbeat, Vm};

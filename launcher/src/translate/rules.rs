@@ -173,7 +173,7 @@ pub(super) fn properties(t: &mut Translation<'_>, opt: &mut Opt) {
 }
 
 fn machine(t: &mut Translation<'_>, opt: &mut Opt) {
-    let Some(mut arg) = opt.parse_arg() else {
+    let Some(arg) = opt.parse_arg() else {
         return;
     };
     if let Some(kind) = arg
@@ -189,42 +189,31 @@ fn machine(t: &mut Translation<'_>, opt: &mut Opt) {
             return;
         }
     }
-    let mut changed: Vec<String> = Vec::new();
-    for key in arg.keys() {
-        if key == "type" || key == "accel" || t.caps.machine_has(&key) != Some(false) {
-            continue;
-        }
-        let value = arg.get(&key).unwrap_or_default();
+    let caps = t.caps;
+    let known = |key: &str| key == "type" || key == "accel" || caps.machine_has(key) != Some(false);
+    let what = format!("the machine type of {}", caps.describe());
+    unknown_keys(t, opt, arg, known, &what, |t, arg, key| {
+        let value = arg.get(key).unwrap_or_default();
         let flag = format!("no-{key}");
-        match key.as_str() {
+        match key {
             "hpet" | "acpi" if value == "off" && t.caps.has_option(&flag) => {
-                arg.remove(&key);
+                arg.remove(key);
                 t.pending.push((flag.clone(), None));
-                changed.push(format!("{key}=off is -{flag} there"));
+                Some(format!("{key}=off is -{flag} there"))
             }
             "enforce-config-section" => {
-                arg.remove(&key);
+                arg.remove(key);
                 let global = format!("migration.send-configuration={value}");
                 t.pending.push(("global".into(), Some(global)));
-                changed.push("QEMU 5.2 replaced enforce-config-section with -global migration.send-configuration".into());
+                Some("QEMU 5.2 replaced enforce-config-section with -global migration.send-configuration".into())
             }
-            _ => {
-                let why = format!(
-                    "the machine type of {} has no property {key}",
-                    t.caps.describe()
-                );
-                t.refuse(opt, why);
-                return;
-            }
+            _ => None,
         }
-    }
-    if !changed.is_empty() {
-        rewrite_arg(t, opt, &arg, changed.join("; "));
-    }
+    });
 }
 
 fn accel(t: &mut Translation<'_>, opt: &mut Opt) {
-    let Some(mut arg) = opt.parse_arg() else {
+    let Some(arg) = opt.parse_arg() else {
         return;
     };
     let Some(kind) = arg.get("accel") else {
@@ -233,27 +222,17 @@ fn accel(t: &mut Translation<'_>, opt: &mut Opt) {
     let Some(Some(props)) = t.caps.objects.get(&format!("{kind}-accel")) else {
         return;
     };
-    let mut changed: Vec<String> = Vec::new();
-    for key in arg.keys() {
-        if key == "accel" || props.contains(&key) {
-            continue;
+    let what = format!("{kind} of {}", t.caps.describe());
+    let known = |key: &str| key == "accel" || props.contains(key);
+    unknown_keys(t, opt, arg, known, &what, |t, arg, key| {
+        if key != "one-insn-per-tb" || !t.caps.has_option("singlestep") {
+            return None;
         }
-        let on = arg.get_bool(&key) == Some(true);
-        if key == "one-insn-per-tb" && t.caps.has_option("singlestep") {
-            arg.remove(&key);
-            if on {
-                t.pending.push(("singlestep".into(), None));
-            }
-            changed.push("one-insn-per-tb=on is -singlestep before QEMU 8.1".to_owned());
-            continue;
+        if arg.remove(key).as_deref() == Some("on") {
+            t.pending.push(("singlestep".into(), None));
         }
-        let why = format!("{kind} of {} has no property {key}", t.caps.describe());
-        t.refuse(opt, why);
-        return;
-    }
-    if !changed.is_empty() {
-        rewrite_arg(t, opt, &arg, changed.join("; "));
-    }
+        Some("one-insn-per-tb=on is -singlestep before QEMU 8.1".into())
+    });
 }
 
 /// Keys `-device` handles itself rather than as properties of the device.
@@ -262,7 +241,7 @@ const DEVICE_KEYS: &[&str] = &["driver", "id", "bus"];
 const OBJECT_KEYS: &[&str] = &["qom-type", "id"];
 
 fn device(t: &mut Translation<'_>, opt: &mut Opt) {
-    let Some(mut arg) = opt.parse_arg() else {
+    let Some(arg) = opt.parse_arg() else {
         return;
     };
     let Some(driver) = arg.get("driver") else {
@@ -277,31 +256,21 @@ fn device(t: &mut Translation<'_>, opt: &mut Opt) {
         }
         None => return,
     };
-    let mut changed: Vec<String> = Vec::new();
-    for key in arg.keys() {
-        if DEVICE_KEYS.contains(&key.as_str()) || props.contains(&key) {
-            continue;
-        }
+    let what = format!("device {driver} of {}", t.caps.describe());
+    let known = |key: &str| DEVICE_KEYS.contains(&key) || props.contains(key);
+    unknown_keys(t, opt, arg, known, &what, |_, arg, key| {
         // virtio-blk's SCSI passthrough (removed in 9.1) was off unless asked for.
-        if key == "scsi" && driver.starts_with("virtio-blk") && arg.get_bool(&key) == Some(false) {
-            arg.remove(&key);
-            changed.push("QEMU 9.1 removed virtio-blk's scsi property; off is what remains".into());
-            continue;
+        let off = arg.get_bool(key) == Some(false);
+        if key != "scsi" || !driver.starts_with("virtio-blk") || !off {
+            return None;
         }
-        let why = format!(
-            "device {driver} of {} has no property {key}",
-            t.caps.describe()
-        );
-        t.refuse(opt, why);
-        return;
-    }
-    if !changed.is_empty() {
-        rewrite_arg(t, opt, &arg, changed.join("; "));
-    }
+        arg.remove(key);
+        Some("QEMU 9.1 removed virtio-blk's scsi property; off is what remains".into())
+    });
 }
 
 fn object(t: &mut Translation<'_>, opt: &mut Opt) {
-    let Some(mut arg) = opt.parse_arg() else {
+    let Some(arg) = opt.parse_arg() else {
         return;
     };
     let Some(kind) = arg.get("qom-type") else {
@@ -316,23 +285,44 @@ fn object(t: &mut Translation<'_>, opt: &mut Opt) {
         }
         None => return,
     };
-    let mut changed: Vec<String> = Vec::new();
-    for key in arg.keys() {
-        if OBJECT_KEYS.contains(&key.as_str()) || props.contains(&key) {
-            continue;
-        }
+    let what = format!("{kind} of {}", t.caps.describe());
+    let known = |key: &str| OBJECT_KEYS.contains(&key) || props.contains(key);
+    unknown_keys(t, opt, arg, known, &what, |_, arg, key| {
         // Properties that never had an effect, removed without replacement: `loaded` of
         // secrets and TLS credentials (9.2), `opened` of rng backends (7.1).
-        if key == "loaded" || key == "opened" {
-            arg.remove(&key);
-            changed.push(format!(
-                "{key}= had no effect and is gone from the new QEMU"
-            ));
+        if key != "loaded" && key != "opened" {
+            return None;
+        }
+        arg.remove(key);
+        Some(format!(
+            "{key}= had no effect and is gone from the new QEMU"
+        ))
+    });
+}
+
+/// Walks the keys of `arg` that `known` rejects: `fix` turns one into its equivalent (editing
+/// `arg` or adding options, and saying why) or returns `None`, which refuses the option, naming
+/// `what` has no such property. The option is rewritten when anything was fixed.
+fn unknown_keys(
+    t: &mut Translation<'_>,
+    opt: &mut Opt,
+    mut arg: OptArg,
+    known: impl Fn(&str) -> bool,
+    what: &str,
+    mut fix: impl FnMut(&mut Translation<'_>, &mut OptArg, &str) -> Option<String>,
+) {
+    let mut changed: Vec<String> = Vec::new();
+    for key in arg.keys() {
+        if known(&key) {
             continue;
         }
-        let why = format!("{kind} of {} has no property {key}", t.caps.describe());
-        t.refuse(opt, why);
-        return;
+        match fix(t, &mut arg, &key) {
+            Some(why) => changed.push(why),
+            None => {
+                t.refuse(opt, format!("{what} has no property {key}"));
+                return;
+            }
+        }
     }
     if !changed.is_empty() {
         rewrite_arg(t, opt, &arg, changed.join("; "));
