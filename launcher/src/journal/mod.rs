@@ -80,6 +80,9 @@ enum Holds {
     },
     /// The latest `set_link` of a NIC or netdev.
     Link(String),
+    /// The latest `set_password` or `expire_password` of a display: its key names the
+    /// command, protocol and display.
+    Setting(String),
     /// A removal of something the command line made, which the new generation has too.
     Kept,
 }
@@ -120,6 +123,10 @@ enum Effect {
         fd: Option<i64>,
     },
     Link(String),
+    /// A display password or its expiry, which a new generation must be given again: libvirt
+    /// sets a VNC or SPICE password (`<graphics passwd=...>`) with `set_password` once, after
+    /// start, and a display with `password=on` but none set lets nobody in.
+    Setting(String),
     /// Nothing, beyond using `getfd` names.
     Other,
 }
@@ -184,6 +191,9 @@ impl Command {
                 None => Effect::Other,
             },
             "set_link" => s("name").map_or(Effect::Other, Effect::Link),
+            "set_password" | "expire_password" => s("protocol").map_or(Effect::Other, |p| {
+                Effect::Setting(display_setting(name, &p, s("display").as_deref()))
+            }),
             _ => Effect::Other,
         };
         Command {
@@ -258,6 +268,18 @@ impl Command {
                 json!({ "fdname": name }),
                 Effect::CloseFd(name.clone()),
             ),
+            // `set_password [-d DISPLAY] PROTOCOL PASSWORD [CONNECTED]`, `expire_password [-d
+            // DISPLAY] PROTOCOL TIME`: kept as typed.
+            ("set_password" | "expire_password", Some(first)) => {
+                let (display, protocol) = match first.as_str() {
+                    "-d" => (args.get(1).map(String::as_str), args.get(2)),
+                    _ => (None, Some(&first)),
+                };
+                match protocol {
+                    Some(p) => raw(Effect::Setting(display_setting(word, p, display))),
+                    None => (String::new(), Value::Null, Effect::Other),
+                }
+            }
             ("set_link", Some(name)) => match args.get(1).map(String::as_str) {
                 Some(state @ ("on" | "off")) => {
                     let arguments = json!({ "name": name, "up": state == "on" });
@@ -330,6 +352,12 @@ fn drive_add(args: &[String]) -> Effect {
         option(opts, "id").map(Target::Drive)
     };
     target.map_or(Effect::Other, Effect::Add)
+}
+
+/// The key of a display setting: the command, the protocol and the display (VNC's `display`,
+/// the default one when not named).
+fn display_setting(command: &str, protocol: &str, display: Option<&str>) -> String {
+    format!("{command} {protocol} {}", display.unwrap_or("default"))
 }
 
 /// A device's id as DEVICE_DELETED names it: `device_del` also takes the QOM path.
@@ -592,6 +620,11 @@ impl Journal {
             },
             Effect::Link(name) => {
                 let holds = Holds::Link(name);
+                self.entries.retain(|e| e.holds != holds);
+                Some(add(holds, None, arguments))
+            }
+            Effect::Setting(key) => {
+                let holds = Holds::Setting(key);
                 self.entries.retain(|e| e.holds != holds);
                 Some(add(holds, None, arguments))
             }
