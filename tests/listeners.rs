@@ -21,7 +21,7 @@ use qemu_liveupgrade_tests::linux::{linux_guest, Console};
 use qemu_liveupgrade_tests::liveupgrade::UpgradeVm;
 use qemu_liveupgrade_tests::shim::cli_json;
 use qemu_liveupgrade_tests::viewers::{
-    free_port, free_vnc_display, rfb_handshake, spice_link, TcpQmp,
+    free_port, free_vnc_display, rfb_handshake, rfb_login, spice_link, TcpQmp,
 };
 use qemu_liveupgrade_tests::{cli_bin, system_qemu, wait_until};
 use serde_json::{json, Value};
@@ -279,5 +279,37 @@ fn spice_link_is_answered_on_the_same_port_across_upgrades() {
         let report = vm.upgrade();
         assert_eq!(report["result"], "ok", "upgrade to {version}: {report}");
         check_spice(&vm, &mut qmp, port, version);
+    }
+}
+
+/// A VNC password set through a monitor, as libvirt sets `<graphics passwd=...>` once after
+/// start, lets a viewer in on every later QEMU, and a wrong one does not.
+#[test]
+fn a_vnc_password_set_at_run_time_outlives_upgrades() {
+    let display = free_vnc_display();
+    let vnc = format!("127.0.0.1:{display},password=on");
+    let vm = UpgradeVm::start("7.2.22", 64, &["-vnc", &vnc, "-vga", "std"]);
+    let mut qmp = vm.connect();
+    let addr = local(5900 + display);
+    qmp.execute(
+        "set_password",
+        json!({"protocol": "vnc", "password": "s3cret", "connected": "keep"}),
+    );
+    let check = |version: &str| {
+        rfb_login(addr, Some("s3cret"))
+            .unwrap_or_else(|e| panic!("the password on {version}: {e}"));
+        let wrong = rfb_login(addr, Some("guess")).expect_err("a wrong password let in");
+        assert_eq!(
+            wrong.kind(),
+            std::io::ErrorKind::PermissionDenied,
+            "{wrong}"
+        );
+    };
+    check("7.2.22");
+    for version in ["10.0.2", "7.2.22"] {
+        vm.install(version);
+        let report = vm.upgrade();
+        assert_eq!(report["result"], "ok", "upgrade to {version}: {report}");
+        check(version);
     }
 }

@@ -10,6 +10,7 @@
 //! Every helper fails loudly: a missing binary or QEMU build is a panic that says
 //! how to get it, never a silently skipped test.
 
+pub mod des;
 pub mod libvirt;
 pub mod lifecycle;
 pub mod linux;

@@ -39,6 +39,13 @@ pub struct ServerInit {
 /// `ClientInit`, and returns the `ServerInit`. Fails if the server offers no None security
 /// (a password was set) or says anything that is not RFB.
 pub fn rfb_handshake(addr: SocketAddr) -> io::Result<ServerInit> {
+    rfb_login(addr, None)
+}
+
+/// [`rfb_handshake`] with VNC authentication (security type 2) when `password` is given: the
+/// server's challenge answered with DES ([`crate::des`]). A refused password is an error of
+/// kind `PermissionDenied`.
+pub fn rfb_login(addr: SocketAddr, password: Option<&str>) -> io::Result<ServerInit> {
     let mut s = connect(addr)?;
     let mut version = [0u8; 12];
     s.read_exact(&mut version)?;
@@ -50,14 +57,25 @@ pub fn rfb_handshake(addr: SocketAddr) -> io::Result<ServerInit> {
     s.read_exact(&mut count)?;
     let mut types = vec![0u8; usize::from(count[0])];
     s.read_exact(&mut types)?;
-    if !types.contains(&1) {
-        return Err(bad(format!("no None security type offered: {types:?}")));
+    let wanted = if password.is_some() { 2 } else { 1 };
+    if !types.contains(&wanted) {
+        return Err(bad(format!(
+            "security type {wanted} not offered: {types:?}"
+        )));
     }
-    s.write_all(&[1])?;
+    s.write_all(&[wanted])?;
+    if let Some(password) = password {
+        let mut challenge = [0u8; 16];
+        s.read_exact(&mut challenge)?;
+        s.write_all(&crate::des::vnc_response(password, &challenge))?;
+    }
     let mut result = [0u8; 4];
     s.read_exact(&mut result)?;
     if result != [0; 4] {
-        return Err(bad(format!("security handshake failed: {result:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("security handshake failed: {result:?}"),
+        ));
     }
     s.write_all(&[1])?;
     let mut init = [0u8; 24];
