@@ -14,17 +14,16 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use qemu_liveupgrade_tests::linux::{linux_guest, Console};
 use qemu_liveupgrade_tests::liveupgrade::UpgradeVm;
-use qemu_liveupgrade_tests::shim::cli_json;
+use qemu_liveupgrade_tests::shim::plan_json;
 use qemu_liveupgrade_tests::viewers::{
     free_port, free_vnc_display, rfb_handshake, rfb_login, spice_link, TcpQmp,
 };
-use qemu_liveupgrade_tests::{cli_bin, system_qemu, wait_until};
-use serde_json::{json, Value};
+use qemu_liveupgrade_tests::{system_qemu, wait_until};
+use serde_json::json;
 
 /// Boot to READY under TCG takes 3-5 s on an idle machine; CI machines are shared.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -101,15 +100,6 @@ fn script_argv(ports: &Ports, serial: &str) -> Vec<String> {
     .to_vec()
 }
 
-fn plan(argv: &[String]) -> Value {
-    let mut cmd = Command::new(cli_bin());
-    cmd.args(["plan", "--json", "--"])
-        .args(argv)
-        .env("QEMU_LIVEUPGRADE_BINARY", system_qemu())
-        .env("QEMU_LIVEUPGRADE_CONFIG", "/nonexistent");
-    cli_json(cmd, "plan")
-}
-
 /// Opens a connection through the forward to the guest's echo service. Right after an
 /// upgrade the forward is back once the upgrade reported, so this does not retry.
 fn echo_connection(port: u16) -> TcpStream {
@@ -182,7 +172,7 @@ fn script_vm_keeps_vnc_hostfwd_and_tcp_qmp_across_upgrades() {
     let argv = script_argv(&ports, serial.to_str().expect("utf-8"));
 
     // The plan keeps all three, and says what an upgrade ends.
-    let p = plan(&argv);
+    let p = plan_json(&system_qemu(), &argv);
     assert_eq!(p["verdict"]["upgradable"], true, "{}", p["verdict"]);
     let caveats: Vec<&str> = p["verdict"]["notes"]
         .as_array()

@@ -3,13 +3,12 @@
 //! sends with SCM_RIGHTS and the VM starts; `plan` says such a VM cannot be upgraded, and an
 //! upgrade is refused before anything is tried, the guest running on.
 
-use std::process::Command;
 use std::time::Duration;
 
 use qemu_liveupgrade_tests::liveupgrade::UpgradeVm;
-use qemu_liveupgrade_tests::shim::cli_json;
+use qemu_liveupgrade_tests::shim::plan_json;
 use qemu_liveupgrade_tests::vhost_user::{Backend, SET_VRING_CALL};
-use qemu_liveupgrade_tests::{cli_bin, guest_argv, system_qemu};
+use qemu_liveupgrade_tests::{guest_argv, system_qemu};
 
 /// The heartbeat guest with a virtio NIC on a vhost-user netdev whose socket is at `path`.
 fn vhost_user_argv(path: &str) -> Vec<String> {
@@ -34,12 +33,7 @@ fn a_vhost_user_backend_gets_qemus_fds_and_the_vm_is_not_upgradable() {
     let sock = sock.to_str().expect("utf-8 path");
 
     // What the plan says, before anything runs.
-    let mut cmd = Command::new(cli_bin());
-    cmd.args(["plan", "--json", "--"])
-        .args(vhost_user_argv(sock))
-        .env("QEMU_LIVEUPGRADE_BINARY", system_qemu())
-        .env("QEMU_LIVEUPGRADE_CONFIG", "/nonexistent");
-    let plan = cli_json(cmd, "plan");
+    let plan = plan_json(&system_qemu(), &vhost_user_argv(sock));
     assert_eq!(plan["verdict"]["upgradable"], false, "{}", plan["verdict"]);
     let reasons = plan["verdict"]["reasons"].as_array().expect("reasons");
     assert!(

@@ -204,6 +204,16 @@ pub fn cli_status(rundir: &Path, pid: Pid) -> Value {
     cli_json(cmd, &format!("status {pid}"))
 }
 
+/// `qemu-liveupgrade plan --json -- ARGS`, with `binary` as the real QEMU.
+pub fn plan_json<S: AsRef<std::ffi::OsStr>>(binary: &Path, args: &[S]) -> Value {
+    let mut cmd = Command::new(cli_bin());
+    cmd.args(["plan", "--json", "--"])
+        .args(args)
+        .env("QEMU_LIVEUPGRADE_BINARY", binary)
+        .env("QEMU_LIVEUPGRADE_CONFIG", "/nonexistent");
+    cli_json(cmd, "plan")
+}
+
 /// Runs a `qemu-liveupgrade` command that prints JSON and returns it; panics, naming `what`,
 /// if it fails or prints something else.
 pub fn cli_json(cmd: Command, what: &str) -> Value {
