@@ -132,9 +132,12 @@ pub fn free_port() -> u16 {
 }
 
 /// A VNC display number N in 40..100 whose port 5900 + N is free on loopback now, tried from
-/// a start that varies with the process, so that tests running at once pick different ones.
+/// a start that varies with the process and the call, so that tests running at once (in one
+/// process or several) pick different ones.
 pub fn free_vnc_display() -> u16 {
-    let start = (std::process::id() % 60) as u16;
+    static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let call = CALLS.fetch_add(7, std::sync::atomic::Ordering::Relaxed);
+    let start = ((std::process::id() as u16) % 60).wrapping_add(call) % 60;
     for i in 0..60 {
         let n = 40 + (start + i) % 60;
         if TcpListener::bind((Ipv4Addr::LOCALHOST, 5900 + n)).is_ok() {
