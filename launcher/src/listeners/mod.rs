@@ -194,6 +194,9 @@ pub fn listen(proxy: &mut Proxy, registry: &mio::Registry, base: &Base) -> Resul
                 source,
             })?;
     }
+    if base.displays.is_empty() {
+        return Ok(());
+    }
     let mut published = Published {
         dir: proxy.private_dir().map_err(|source| ListenError {
             what: "the launcher's private directory".into(),
