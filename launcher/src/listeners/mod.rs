@@ -55,8 +55,8 @@ pub fn caveats(cmd: &CmdLine) -> Vec<Caveat> {
         .map(|d| {
             Caveat::new(
                 format!("-{}", d.protocol.name()),
-                "a viewer connected during an upgrade is disconnected when the old QEMU goes \
-                 and reconnects to the same port, served by the new one",
+                "a viewer connected during an upgrade is disconnected when the old QEMU goes; \
+                 it can connect again at once to the same port, where the new QEMU serves it",
             )
         })
         .collect();
