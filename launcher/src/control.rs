@@ -1,44 +1,65 @@
 //! The per-VM control socket that `qemu-liveupgrade upgrade|status|list` talk to.
 //!
-//! One unix socket per VM, `<pid>.sock` in `/run/qemu-liveupgrade/` for root or
-//! `$XDG_RUNTIME_DIR/qemu-liveupgrade/` otherwise (`QEMU_LIVEUPGRADE_RUNDIR` overrides both),
-//! mode 0600: whoever may upgrade a VM may also kill it. The protocol is one JSON request line
-//! per connection, `{"execute":"status"}` or `{"execute":"upgrade","to":PATH|null}`, answered
-//! by JSON lines: a status object, or progress lines `{"progress":STEP}` and then the upgrade
-//! report.
+//! One unix socket per VM, `<pid>.sock`, mode 0600, in the directory of the launcher's uid
+//! under `/run/qemu-liveupgrade/` (see [`crate::rundir`] for why that directory can be
+//! trusted): whoever may upgrade a VM may also kill it, so only that uid and root may connect,
+//! and the launcher drops any other peer (`SO_PEERCRED`). The protocol is one JSON request
+//! line per connection, `{"execute":"status"}` or `{"execute":"upgrade","to":PATH|null}`,
+//! answered by JSON lines: a status object, or progress lines `{"progress":STEP}` and then
+//! the upgrade report.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use mio::unix::SourceFd;
 use mio::{Interest, Registry};
 use serde_json::{json, Value};
 
+use crate::rundir::{self, RunDir, RunDirError};
 use crate::token::Token;
 
-/// Environment variable overriding the control socket directory.
-pub const ENV_RUNDIR: &str = "QEMU_LIVEUPGRADE_RUNDIR";
-
-/// The directory holding every VM's control socket for this user.
-pub fn run_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os(ENV_RUNDIR).filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    if nix::unistd::geteuid().is_root() {
-        return PathBuf::from("/run/qemu-liveupgrade");
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(d) => PathBuf::from(d).join("qemu-liveupgrade"),
-        None => std::env::temp_dir().join(format!("qemu-liveupgrade-{}", nix::unistd::getuid())),
-    }
+/// The name of the control socket of the VM whose launcher has `pid`.
+pub fn socket_name(pid: u32) -> String {
+    format!("{pid}.sock")
 }
 
-/// The control socket of the VM whose launcher has `pid`.
-pub fn socket_path(dir: &Path, pid: u32) -> PathBuf {
-    dir.join(format!("{pid}.sock"))
+/// The launcher `pid` in `dir`'s socket, connected, once `SO_PEERCRED` says the process
+/// listening there is that pid and runs as the directory's owner: a socket left by a launcher
+/// that died, whose name another process of that uid bound again, is not taken for that VM.
+pub fn connect(dir: &RunDir, pid: u32) -> io::Result<UnixStream> {
+    let stream = UnixStream::connect(dir.reach(&socket_name(pid)))?;
+    let (uid, peer_pid) = rundir::peer(&stream)?;
+    if uid != dir.owner() || peer_pid != pid {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is served by pid {peer_pid} (uid {uid}), not by launcher {pid} (uid {})",
+                dir.shown(&socket_name(pid)).display(),
+                dir.owner()
+            ),
+        ));
+    }
+    Ok(stream)
+}
+
+/// Why a VM has no control socket (it runs regardless; SIGUSR2 still upgrades it).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No directory it may trust.
+    #[error("no directory for it")]
+    Dir(#[source] RunDirError),
+    /// bind(2), chmod(2) or the registration failed.
+    #[error("cannot listen on {}", path.display())]
+    Bind {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A request read from a control client.
@@ -122,35 +143,57 @@ impl Client {
 #[derive(Debug)]
 pub struct Control {
     listener: UnixListener,
-    path: PathBuf,
+    dir: RunDir,
+    name: String,
     /// Connected clients by slot; a slot's token is `Token::ControlClient(slot)`.
     clients: Vec<Option<Client>>,
 }
 
 impl Control {
-    /// Binds `<run_dir>/<pid>.sock`, mode 0600, replacing a stale socket of a dead launcher
-    /// that had the same pid, and registers it under `Token::Control`.
-    pub fn bind(dir: &Path, pid: u32, registry: &Registry) -> io::Result<Control> {
-        std::fs::create_dir_all(dir)?;
-        let path = socket_path(dir, pid);
-        let _ = std::fs::remove_file(&path);
-        // The umask decides the mode at bind time; tighten it right after, before anyone can
-        // learn the path from a `list`.
-        let listener = UnixListener::bind(&path)?;
+    /// Binds this process's socket in the directory [`rundir::for_launcher`] gives (checked,
+    /// made if missing) and registers it under `Token::Control`.
+    pub fn open(registry: &Registry) -> Result<Control, ControlError> {
+        let dir = rundir::for_launcher().map_err(ControlError::Dir)?;
+        Control::bind(dir, std::process::id(), registry)
+    }
+
+    /// Binds `<dir>/<pid>.sock`, mode 0600, replacing a stale socket of a dead launcher that
+    /// had the same pid, and registers it under `Token::Control`.
+    pub fn bind(dir: RunDir, pid: u32, registry: &Registry) -> Result<Control, ControlError> {
+        let name = socket_name(pid);
+        let path = dir.shown(&name);
+        let fail = |source| ControlError::Bind {
+            path: path.clone(),
+            source,
+        };
+        dir.unlink(&name).map_err(fail)?;
+        // The umask decides the mode at bind time; tighten it right after. Only this uid
+        // reaches into the directory meanwhile.
+        let listener = UnixListener::bind(dir.reach(&name)).map_err(fail)?;
+        // From here a failure drops `control`, which removes the socket again.
         let control = Control {
             listener,
-            path,
+            dir,
+            name,
             clients: Vec::new(),
         };
-        std::fs::set_permissions(&control.path, std::fs::Permissions::from_mode(0o600))?;
-        control.listener.set_nonblocking(true)?;
+        let socket = control.dir.reach(&control.name);
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+        control.listener.set_nonblocking(true).map_err(fail)?;
         let fd = control.listener.as_raw_fd();
-        registry.register(
-            &mut SourceFd(&fd),
-            Token::Control.to_mio(),
-            Interest::READABLE,
-        )?;
+        registry
+            .register(
+                &mut SourceFd(&fd),
+                Token::Control.to_mio(),
+                Interest::READABLE,
+            )
+            .map_err(fail)?;
         Ok(control)
+    }
+
+    /// The socket's path, for messages.
+    pub fn path(&self) -> PathBuf {
+        self.dir.shown(&self.name)
     }
 
     /// Accepts every pending client and registers it.
@@ -191,10 +234,17 @@ impl Control {
         Some((client, request?))
     }
 
-    /// Accepts one pending client, if any.
+    /// Accepts one pending client, if any. A peer that is neither root nor this process's
+    /// uid is hung up on: the socket's mode should have kept it out, and whoever may upgrade
+    /// a VM may also kill it.
     fn accept_one(&self) -> io::Result<Option<Client>> {
         match self.listener.accept() {
             Ok((stream, _)) => {
+                let me = nix::unistd::geteuid();
+                match rundir::peer(&stream) {
+                    Ok((uid, _)) if uid.is_root() || uid == me => {}
+                    _ => return Ok(None),
+                }
                 stream.set_nonblocking(true)?;
                 Ok(Some(Client {
                     stream,
@@ -209,14 +259,17 @@ impl Control {
 
 impl Drop for Control {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let _ = self.dir.unlink(&self.name);
     }
 }
 
-/// Sends one request to a VM's control socket and calls `on_line` for every JSON line of the
-/// answer until the launcher closes the connection.
-pub fn request(path: &Path, req: &Value, mut on_line: impl FnMut(&Value)) -> io::Result<()> {
-    let mut stream = UnixStream::connect(path)?;
+/// Sends one request on a VM's control socket ([`connect`]) and calls `on_line` for every
+/// JSON line of the answer until the launcher closes the connection.
+pub fn request(
+    mut stream: UnixStream,
+    req: &Value,
+    mut on_line: impl FnMut(&Value),
+) -> io::Result<()> {
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     stream.write_all(&line)?;
@@ -246,16 +299,22 @@ mod tests {
     fn requests_come_back_with_their_client_over_a_real_socket() {
         let dir = std::env::temp_dir().join(format!("qlu-control-{}", std::process::id()));
         let mut poll = mio::Poll::new().unwrap();
-        let mut control = Control::bind(&dir, 4242, poll.registry()).unwrap();
-        let path = socket_path(&dir, 4242);
+        let me = std::process::id();
+        let mut control =
+            Control::bind(rundir::at(&dir, true).unwrap(), me, poll.registry()).unwrap();
+        let path = control.path();
+        assert_eq!(path, dir.join(format!("{me}.sock")));
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        let found = rundir::at(&dir, false).unwrap();
+        let stream = connect(&found, me).unwrap();
+        let err = connect(&found, me + 1).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
         let client = {
-            let path = path.clone();
             std::thread::spawn(move || {
                 let mut lines = Vec::new();
                 request(
-                    &path,
+                    stream,
                     &json!({"execute": "upgrade", "to": "/usr/bin/q"}),
                     |v| lines.push(v.clone()),
                 )

@@ -26,7 +26,9 @@
 //! - [`daemonize`]: `-daemonize` and `-pidfile` done by the launcher itself.
 //! - [`upgrade`]: the live upgrade, step by step; [`threads`]: vCPU placement carried over;
 //!   [`translate`]: a later generation's argv for another QEMU version.
-//! - [`control`]: the per-VM control socket behind `qemu-liveupgrade upgrade|status|list`.
+//! - [`control`]: the per-VM control socket behind `qemu-liveupgrade upgrade|status|list`;
+//!   [`rundir`]: the directory it lives in, checked before use; [`discover`]: the VMs a
+//!   command can reach.
 //! - [`plan`]: the `plan` report; [`verdict`]: whether a VM can be upgraded, and why not.
 
 pub mod child;
@@ -34,6 +36,7 @@ pub mod cmdline;
 pub mod config;
 pub mod control;
 pub mod daemonize;
+pub mod discover;
 pub mod fdio;
 pub mod generation;
 pub mod journal;
@@ -48,6 +51,7 @@ pub mod qmp;
 pub mod relay;
 pub mod resolve;
 pub mod resources;
+pub mod rundir;
 pub mod spawn;
 pub mod supervisor;
 pub mod tapguard;

@@ -227,13 +227,13 @@ impl Supervisor {
             // It exited: the loop reports how.
             Err(Awaited::Call(_)) => {}
         }
-        match Control::bind(&control::run_dir(), std::process::id(), sup.poll.registry()) {
+        match Control::open(sup.poll.registry()) {
             Ok(c) => sup.control = Some(c),
             // The VM runs regardless; SIGUSR2 still upgrades it.
             Err(e) => eprintln!(
-                "{}: qemu-liveupgrade: no control socket in {}: {e}",
+                "{}: qemu-liveupgrade: no control socket: {}",
                 crate::resolve::invoked_name(&sup.config.argv0).to_string_lossy(),
-                control::run_dir().display()
+                crate::error_chain(&e)
             ),
         }
         Ok(sup)

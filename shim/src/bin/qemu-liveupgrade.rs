@@ -1,12 +1,12 @@
 //! `qemu-liveupgrade`: the operator's command.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use launcher::cmdline::CmdLine;
-use launcher::control;
+use launcher::discover;
 use launcher::plan::Plan;
 use serde_json::{json, Value};
 
@@ -125,26 +125,25 @@ fn run(command: Command) -> Result<ExitCode, String> {
             no_wait,
             json,
         } => {
-            let path = find_vm(&vm)?;
+            let target = discover::scan().find(&vm)?;
             let to = to.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
             let req =
                 json!({ "execute": "upgrade", "to": to.map(|p| p.to_string_lossy().into_owned()) });
             if no_wait {
                 // The launcher acts on a request once it has read it; nothing more is awaited.
-                let stream =
-                    std::os::unix::net::UnixStream::connect(&path).map_err(|e| e.to_string())?;
+                let fail = |e: std::io::Error| format!("{}: {e}", target.shown().display());
+                let stream = target.connect().map_err(fail)?;
                 let mut line = serde_json::to_vec(&req).unwrap_or_default();
                 line.push(b'\n');
-                std::io::Write::write_all(&mut &stream, &line).map_err(|e| e.to_string())?;
+                std::io::Write::write_all(&mut &stream, &line).map_err(fail)?;
                 return Ok(ExitCode::SUCCESS);
             }
             let mut report = None;
-            control::request(&path, &req, |line| match line.get("progress") {
+            target.request(&req, |line| match line.get("progress") {
                 Some(step) if !json => eprintln!("{vm}: {}", step.as_str().unwrap_or("")),
                 Some(_) => {}
                 None => report = Some(line.clone()),
-            })
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            })?;
             let report = report.ok_or("the launcher closed the connection without a report")?;
             if json {
                 println!("{report}");
@@ -163,16 +162,18 @@ fn run(command: Command) -> Result<ExitCode, String> {
             to,
             json,
         } => {
+            let scan = discover::scan();
             let vms = match vm {
-                Some(vm) => vec![find_vm(&vm)?],
-                None => all_vms().into_iter().map(|(p, _)| p).collect(),
+                Some(vm) => vec![scan.find(&vm)?],
+                None => live(&scan).into_iter().map(|(v, _)| v).collect(),
             };
             let to = to.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
             let req =
                 json!({ "execute": "check", "to": to.map(|p| p.to_string_lossy().into_owned()) });
             let mut all_ok = true;
-            for path in vms {
-                let name = status_of(&path)
+            for target in vms {
+                let name = target
+                    .status()
                     .ok()
                     .and_then(|s| {
                         s["name"]
@@ -180,14 +181,13 @@ fn run(command: Command) -> Result<ExitCode, String> {
                             .map(str::to_owned)
                             .or(Some(s["pid"].to_string()))
                     })
-                    .unwrap_or_else(|| path.display().to_string());
+                    .unwrap_or_else(|| target.shown().display().to_string());
                 let mut report = None;
-                control::request(&path, &req, |line| {
+                target.request(&req, |line| {
                     if line.get("progress").is_none() {
                         report = Some(line.clone());
                     }
-                })
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+                })?;
                 let mut report =
                     report.ok_or("the launcher closed the connection without a report")?;
                 all_ok &= report["ok"] == true;
@@ -205,7 +205,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             })
         }
         Command::Status { vm, json } => {
-            let status = status_of(&find_vm(&vm)?)?;
+            let status = discover::scan().find(&vm)?.status()?;
             if json {
                 println!("{}", pretty(&status));
             } else {
@@ -214,7 +214,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::List { json } => {
-            let vms = all_vms();
+            let vms = live(&discover::scan());
             if json {
                 for (_, s) in &vms {
                     println!("{s}");
@@ -241,53 +241,13 @@ fn run(command: Command) -> Result<ExitCode, String> {
     }
 }
 
-/// The control socket of a VM given by pid or name.
-fn find_vm(vm: &str) -> Result<PathBuf, String> {
-    let dir = control::run_dir();
-    if let Ok(pid) = vm.parse::<u32>() {
-        let path = control::socket_path(&dir, pid);
-        if path.exists() {
-            return Ok(path);
-        }
-        return Err(format!(
-            "no VM with pid {pid} under qemu-liveupgrade (no {})",
-            path.display()
-        ));
+/// Every VM whose launcher answers, with its status; directories the scan did not trust are
+/// named on stderr.
+fn live(scan: &discover::Scan) -> Vec<(discover::Vm, Value)> {
+    for refused in &scan.refused {
+        eprintln!("qemu-liveupgrade: skipped {refused}");
     }
-    all_vms()
-        .into_iter()
-        .find(|(_, s)| s["name"].as_str() == Some(vm))
-        .map(|(p, _)| p)
-        .ok_or_else(|| {
-            format!(
-                "no VM named {vm} under qemu-liveupgrade in {}",
-                dir.display()
-            )
-        })
-}
-
-/// Every live VM's control socket and status; sockets nobody answers on are skipped.
-fn all_vms() -> Vec<(PathBuf, Value)> {
-    let Ok(entries) = std::fs::read_dir(control::run_dir()) else {
-        return Vec::new();
-    };
-    let mut vms: Vec<(PathBuf, Value)> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
-        .filter_map(|p| status_of(&p).ok().map(|s| (p, s)))
-        .collect();
-    vms.sort_by_key(|(_, s)| s["pid"].as_u64());
-    vms
-}
-
-fn status_of(path: &Path) -> Result<Value, String> {
-    let mut status = None;
-    control::request(path, &json!({"execute": "status"}), |v| {
-        status = Some(v.clone())
-    })
-    .map_err(|e| format!("{}: {e}", path.display()))?;
-    status.ok_or_else(|| format!("{}: no answer", path.display()))
+    scan.live()
 }
 
 fn print_status(s: &Value) {

@@ -1,0 +1,222 @@
+//! Control sockets of VMs that run as another user than root, as libvirt's packaged
+//! configuration runs them (as `libvirt-qemu`, without `XDG_RUNTIME_DIR`): the launcher binds
+//! in `/run/qemu-liveupgrade/<uid>/`, and root's `qemu-liveupgrade` lists, shows and upgrades
+//! the VM. A directory someone else made first under that uid's name is refused: the VM runs
+//! without a control socket and says so in one line, and the CLI skips the directory. The CLI
+//! takes a socket for a VM only when the launcher it is named for answers on it.
+//!
+//! Each test runs its VM as a uid of its own that no account has (the kernel needs none), so
+//! tests running at once, and the real `libvirt-qemu` directory, are never touched.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use nix::unistd::{chown, Gid, Uid};
+use qemu_liveupgrade_tests::libvirt::{domain_dir, install_emulator, reachable_copy};
+use qemu_liveupgrade_tests::shim::{cli_json, output_within};
+use qemu_liveupgrade_tests::{cli_bin, guest_argv, guest_elf, qemu_build, wait_until, TempDir, Vm};
+use serde_json::Value;
+
+const BASE: &str = "/run/qemu-liveupgrade";
+const OLD: &str = "7.2.22";
+const NEW: &str = "10.0.2";
+
+/// A uid no account and no other test uses: `3_000_000 + 4 * (pid mod 1_000_000) + k`.
+fn test_uid(k: u32) -> Uid {
+    Uid::from_raw(3_000_000 + 4 * (std::process::id() % 1_000_000) + k)
+}
+
+/// The directory of `uid` under [`BASE`], removed before and after the test.
+struct UidDir(PathBuf);
+
+impl UidDir {
+    fn new(uid: Uid) -> UidDir {
+        let dir = UidDir(Path::new(BASE).join(uid.to_string()));
+        let _ = fs::remove_dir_all(&dir.0);
+        dir
+    }
+}
+
+impl Drop for UidDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The heartbeat guest under the shim, run as `uid` with the environment libvirt gives an
+/// emulator (no `XDG_RUNTIME_DIR`), its files in a directory that uid can reach.
+fn start_as(uid: Uid) -> (TempDir, Vm) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests run VMs as other users and look in {BASE}: run them as root"
+    );
+    let dir = domain_dir();
+    let shim = install_emulator(dir.path(), None);
+    let kernel = reachable_copy(dir.path(), &guest_elf());
+    let mut argv = guest_argv(64);
+    let at = argv.iter().position(|a| a == "-kernel").expect("-kernel") + 1;
+    argv[at] = kernel.display().to_string();
+    let mut cmd = Command::new(&shim);
+    cmd.env_clear()
+        .env("LC_ALL", "C")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", dir.path())
+        .env("QEMU_LIVEUPGRADE_BINARY", qemu_build(OLD))
+        .env("QEMU_LIVEUPGRADE_CONFIG", "/nonexistent")
+        .args(argv)
+        .uid(uid.as_raw())
+        .gid(uid.as_raw());
+    let vm = Vm::spawn(cmd);
+    vm.wait_ready(Duration::from_secs(60));
+    (dir, vm)
+}
+
+/// Runs root's `qemu-liveupgrade ARGS`, with the default directories.
+fn cli(args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(cli_bin());
+    cmd.args(args).env_remove("QEMU_LIVEUPGRADE_RUNDIR");
+    output_within(cmd, Duration::from_secs(120))
+}
+
+fn cli_ok(args: &[&str]) -> Value {
+    let mut cmd = Command::new(cli_bin());
+    cmd.args(args).env_remove("QEMU_LIVEUPGRADE_RUNDIR");
+    cli_json(cmd, &args.join(" "))
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[test]
+fn root_lists_shows_and_upgrades_a_vm_of_another_user() {
+    let uid = test_uid(0);
+    let uid_dir = UidDir::new(uid);
+    let (_dir, vm) = start_as(uid);
+    let pid = vm.pid().as_raw() as u32;
+    let socket = uid_dir.0.join(format!("{pid}.sock"));
+    wait_until(Duration::from_secs(10), "the control socket", || {
+        socket.exists()
+    });
+
+    // The layout: root's sticky base, the uid's own private directory, a private socket.
+    let base = fs::metadata(BASE).unwrap();
+    assert_eq!(base.uid(), 0, "{BASE} is root's");
+    assert_eq!(mode(Path::new(BASE)), 0o1733, "{BASE}'s mode");
+    let own = fs::symlink_metadata(&uid_dir.0).unwrap();
+    assert!(own.is_dir());
+    assert_eq!(
+        own.uid(),
+        uid.as_raw(),
+        "{} is the VM user's",
+        uid_dir.0.display()
+    );
+    assert_eq!(mode(&uid_dir.0), 0o700);
+    assert_eq!(fs::metadata(&socket).unwrap().uid(), uid.as_raw());
+    assert_eq!(mode(&socket), 0o600);
+
+    let listed = cli(&["list", "--json"]);
+    assert!(listed.status.success(), "{listed:?}");
+    let statuses: Vec<Value> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        statuses.iter().any(|s| s["pid"] == pid),
+        "root's list does not show pid {pid}: {statuses:?}"
+    );
+    let status = cli_ok(&["status", "--json", &pid.to_string()]);
+    assert_eq!(status["pid"], pid);
+    assert_eq!(status["version"], OLD);
+
+    let to = qemu_build(NEW).display().to_string();
+    let upgraded = cli(&["upgrade", "--json", &pid.to_string(), "--to", &to]);
+    let report: Value = serde_json::from_slice(&upgraded.stdout).unwrap_or_else(|e| {
+        panic!(
+            "upgrade printed no report ({e}): {}",
+            String::from_utf8_lossy(&upgraded.stderr)
+        )
+    });
+    assert_eq!(report["result"], "ok", "{report}");
+    assert_eq!(report["to"]["version"], NEW, "{report}");
+    vm.wait_heartbeats_after(std::time::Instant::now(), 200, Duration::from_secs(30));
+    assert!(vm.errors().is_clean(), "{:?}", vm.errors());
+
+    // The same socket under another launcher's name: the CLI asks who answers.
+    let other = pid + 1;
+    let alias = uid_dir.0.join(format!("{other}.sock"));
+    fs::hard_link(&socket, &alias).expect("link the socket under another name");
+    let out = cli(&["status", "--json", &other.to_string()]);
+    assert!(
+        !out.status.success(),
+        "status of pid {other} answered by {pid}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("served by pid {pid}")),
+        "qemu-liveupgrade status {other}: {err}"
+    );
+    fs::remove_file(&alias).unwrap();
+}
+
+#[test]
+fn a_directory_someone_else_made_for_that_uid_is_refused() {
+    let uid = test_uid(1);
+    let intruder = test_uid(2);
+    let uid_dir = UidDir::new(uid);
+    // Root's base, as any root command leaves it; then the intruder's directory under the
+    // VM user's name.
+    assert!(cli(&["list"]).status.success());
+    fs::create_dir(&uid_dir.0).unwrap();
+    chown(
+        &uid_dir.0,
+        Some(intruder),
+        Some(Gid::from_raw(intruder.as_raw())),
+    )
+    .unwrap();
+    // Open to all: were it taken, the VM's socket would sit where the intruder controls it.
+    fs::set_permissions(&uid_dir.0, fs::Permissions::from_mode(0o777)).unwrap();
+
+    let (_dir, vm) = start_as(uid);
+    let pid = vm.pid();
+    vm.wait_stderr_contains(
+        "qemu-liveupgrade: no control socket",
+        Duration::from_secs(10),
+    );
+    let line = vm
+        .stderr_text()
+        .lines()
+        .find(|l| l.contains("no control socket"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        line.starts_with("qemu-system-x86_64: qemu-liveupgrade: no control socket: ")
+            && line.contains(&format!("is owned by uid {intruder}, not uid {uid}")),
+        "the diagnostic: {line}"
+    );
+    assert_eq!(
+        fs::read_dir(&uid_dir.0).unwrap().count(),
+        0,
+        "nothing bound in it"
+    );
+    // The VM runs regardless.
+    vm.wait_heartbeats_after(std::time::Instant::now(), 200, Duration::from_secs(30));
+
+    let listed = cli(&["list", "--json"]);
+    assert!(listed.status.success(), "{listed:?}");
+    let err = String::from_utf8_lossy(&listed.stderr);
+    assert!(
+        err.contains(&format!("skipped {}", uid_dir.0.display())) && err.contains("is owned by"),
+        "list says nothing of the refused directory: {err}"
+    );
+    let out = cli(&["status", &pid.to_string()]);
+    assert!(!out.status.success());
+}
