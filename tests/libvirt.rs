@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use qemu_liveupgrade_tests::libvirt::{
-    credentials, domain_dir, ensure_libvirtd, install_emulator, libvirtd_errors,
+    cli_status, credentials, domain_dir, ensure_libvirtd, install_emulator, libvirtd_errors,
     libvirtd_log_between, libvirtd_log_mark, qemu_user, reachable_copy, repoint, try_virsh,
     unique_name, virsh_ok, Domain, HeartbeatDomain, SerialLog, QEMU_USER,
 };
@@ -80,6 +80,10 @@ struct Upgrade {
     log_window: (u64, u64),
     /// QEMU's own messages in the domain log while it ran (a failed upgrade's details).
     qemu_messages: Vec<String>,
+    /// `qemu-liveupgrade status --json NAME` as root afterwards.
+    status: Result<Value, String>,
+    /// The pid libvirt tracks.
+    pid: Pid,
 }
 
 impl Upgrade {
@@ -141,6 +145,7 @@ fn upgrade(dom: &Domain, real: &Path, to: &str) -> Upgrade {
         .filter(|l| !l.starts_with('{') && l.contains("qemu-system-x86_64:"))
         .map(str::to_owned)
         .collect();
+    let status = cli_status(dom.name());
     assert_eq!(dom.pid(), pid, "libvirt's pid changed across the upgrade");
     assert!(is_running(pid), "the shim (pid {pid}) is gone");
     step(&format!(
@@ -154,6 +159,8 @@ fn upgrade(dom: &Domain, real: &Path, to: &str) -> Upgrade {
         version,
         log_window: (from_mark, to_mark),
         qemu_messages,
+        status,
+        pid,
     }
 }
 
@@ -207,6 +214,17 @@ fn assert_upgrade_ok(up: &Upgrade, from: &str, to: &str) {
     assert_eq!(up.report["to"]["version"], to, "{}", up.report);
     assert_domstate_running(up);
     assert_eq!(up.version, to, "version through libvirt's monitor");
+    let status = up
+        .status
+        .as_ref()
+        .unwrap_or_else(|e| panic!("qemu-liveupgrade status (as root) failed: {e}"));
+    assert_eq!(status["pid"], up.pid.as_raw(), "status: {status}");
+    assert_eq!(status["version"], to, "status: {status}");
+    assert_eq!(
+        status["generation"], up.report["to"]["generation"],
+        "status: {status}"
+    );
+    assert_eq!(status["last_upgrade"]["result"], "ok", "status: {status}");
 }
 
 fn assert_domstate_running(up: &Upgrade) {

@@ -35,7 +35,7 @@ use serde_json::{json, Value};
 
 use crate::paths::repo_root;
 use crate::shim::{output_within, QEMU_NAME};
-use crate::{shim_bin, tempdir, wait_until, TempDir};
+use crate::{cli_bin, shim_bin, tempdir, wait_until, TempDir};
 
 /// The connection every command uses: the system instance, where domains run as root.
 pub const URI: &str = "qemu:///system";
@@ -78,7 +78,32 @@ pub fn ensure_libvirtd() {
             "{} succeeded but libvirtd still does not answer on {URI}; see {LIBVIRTD_LOG}",
             script.display()
         );
+        // `/run/qemu-liveupgrade`, where launchers that run as libvirt-qemu bind their
+        // control sockets, is root's to make (the package does at boot); any root
+        // qemu-liveupgrade command makes it too.
+        let mut list = Command::new(cli_bin());
+        list.arg("list").env_remove("QEMU_LIVEUPGRADE_RUNDIR");
+        let out = output_within(list, Duration::from_secs(30));
+        assert!(
+            out.status.success(),
+            "qemu-liveupgrade list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     });
+}
+
+/// `qemu-liveupgrade status --json VM` as root, with the default directories (as an operator
+/// runs it): `Err` carries what the CLI said.
+pub fn cli_status(vm: &str) -> Result<Value, String> {
+    let mut cmd = Command::new(cli_bin());
+    cmd.args(["status", "--json", vm])
+        .env_remove("QEMU_LIVEUPGRADE_RUNDIR");
+    let out = output_within(cmd, Duration::from_secs(30));
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// The uid and gid QEMU runs as: user and group [`QEMU_USER`] (64055 and 64055 on Debian;
