@@ -119,6 +119,9 @@ pub struct Spec<'a> {
     /// A seccomp filter with a notification listener (see [`crate::tapguard`]), installed
     /// last before exec; the listener comes back in [`Executed::listener`].
     pub seccomp: Option<&'a [libc::sock_filter]>,
+    /// A signal the child sends itself just before exec: the test fault hook
+    /// ([`crate::fault`]), the only way to act between fork and exec.
+    pub before_exec: Option<Signal>,
 }
 
 /// A forked child on its way to executing its binary. Whether it got there arrives later on
@@ -302,7 +305,13 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Started, ChildError> {
                     .seccomp
                     .zip(listener_pair.as_ref().map(|(_, t)| t.as_raw_fd())),
             };
+            let before_exec = spec.before_exec.map(|s| s as libc::c_int);
             let err = child_setup(&plan).err().unwrap_or_else(|| {
+                if let Some(sig) = before_exec {
+                    // SAFETY: raise(3) is async-signal-safe; the signal's disposition is the
+                    // default again (reset_signals), so it stops or kills this child.
+                    unsafe { libc::raise(sig) };
+                }
                 // SAFETY: program and argv_ptrs are NUL-terminated and outlive the call; the
                 // environment is the launcher's own.
                 unsafe { libc::execv(program.as_ptr(), argv_ptrs.as_ptr()) };
@@ -482,6 +491,7 @@ mod tests {
             stdio: [None, Some(w.as_fd()), None],
             signals: &signals,
             seccomp: None,
+            before_exec: None,
         };
         let mut started = spawn(&spec).unwrap();
         let soon = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -536,6 +546,7 @@ mod tests {
             stdio: [None, None, None],
             signals: &signals,
             seccomp: None,
+            before_exec: None,
         };
         let mut started = spawn(&spec).unwrap();
         let soon = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -304,6 +304,8 @@ pub struct Fds<'a> {
     pub place: Vec<(BorrowedFd<'a>, RawFd)>,
     /// Start under the tap guard's seccomp filter ([`crate::tapguard`]).
     pub tap_guard: Option<&'a [libc::sock_filter]>,
+    /// A signal the child sends itself just before exec (test fault hook).
+    pub before_exec: Option<nix::sys::signal::Signal>,
 }
 
 /// Closes the launcher's copies of the fds only the first generation gets, once it holds its
@@ -378,6 +380,7 @@ impl Generation {
             stdio: fds.stdio.fds,
             signals,
             seccomp: fds.tap_guard,
+            before_exec: fds.before_exec,
         };
         let started = child::spawn(&spec)?;
         drop(theirs);

@@ -23,6 +23,7 @@
 //!   generation started from it with every owner's fds; [`token`]: what wakes the loop;
 //!   [`config`]: what the supervisor is started with.
 //! - [`fdio`]: fd plumbing written once: SCM_RIGHTS, EINTR retries, waiting with a deadline.
+//! - [`signals`]: what the launcher does with each signal, as QEMU does.
 //! - [`daemonize`]: `-daemonize` and `-pidfile` done by the launcher itself.
 //! - [`upgrade`]: the live upgrade, step by step; [`threads`]: vCPU placement carried over;
 //!   [`translate`]: a later generation's argv for another QEMU version.
@@ -37,6 +38,7 @@ pub mod config;
 pub mod control;
 pub mod daemonize;
 pub mod discover;
+pub mod fault;
 pub mod fdio;
 pub mod generation;
 pub mod journal;
@@ -52,6 +54,7 @@ pub mod relay;
 pub mod resolve;
 pub mod resources;
 pub mod rundir;
+pub mod signals;
 pub mod spawn;
 pub mod supervisor;
 pub mod tapguard;

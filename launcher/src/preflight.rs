@@ -36,7 +36,7 @@ impl Supervisor {
             return Ok(caps.clone());
         }
         // As long as a new QEMU gets to start: a binary that hangs here would hang there too.
-        let timeout = crate::upgrade::start_timeout().min(PROBE_TIMEOUT);
+        let timeout = self.config.settings.timeouts.start.min(PROBE_TIMEOUT);
         let signals = &self.config.signals;
         let probe = Probe::start(binary, &self.config.argv0, &questions, signals, timeout)
             .map_err(|e| crate::error_chain(&e))?;
@@ -178,13 +178,13 @@ impl Supervisor {
         report: &mut Value,
     ) {
         let number = self.current.number + 1;
-        let deadline = Instant::now() + crate::upgrade::start_timeout();
+        let deadline = Instant::now() + self.config.settings.timeouts.start;
         match self.start_generation(number, binary, args, deadline) {
             Ok(mut gen) => {
                 report["started"] = true.into();
                 report["version"] = gen.version_string().into();
                 let replayed = self.proxy.journal().entries().len();
-                match self.replay_hotplug(&mut gen) {
+                match self.replay_hotplug(&mut gen, None) {
                     Ok(()) => report["replayed"] = replayed.into(),
                     Err(e) => {
                         verdict.add(Reason::new("hot-plugged devices", crate::error_chain(&e)))

@@ -37,6 +37,8 @@ pub(crate) struct Plumbing<'a> {
     pub(crate) null: &'a std::fs::File,
     /// The output pipes' write ends when daemonized, else nothing.
     pub(crate) child_out: &'a [OwnedFd],
+    /// A signal the child sends itself just before exec (test fault hook).
+    pub(crate) before_exec: Option<nix::sys::signal::Signal>,
 }
 
 /// Forks generation `number` with the layout's fds and registers its exec status and private
@@ -118,6 +120,7 @@ pub(crate) fn spawn_registered(
         stdio,
         place: place.collect(),
         tap_guard: guarded.then_some(filter.as_slice()),
+        before_exec: plumbing.before_exec,
     };
     let mut gen = Generation::spawn(number, binary, template.argv0, &cmd, &fds, template.signals)?;
     drop(fds);

@@ -23,7 +23,6 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
 pub use crate::child::Exit;
@@ -31,22 +30,23 @@ pub use crate::config::Config;
 
 use crate::control::{self, Client, Control, Request};
 use crate::daemonize::StartResult;
+use crate::fault::Phase;
 use crate::generation::{GenArgs, Generation, GenerationError};
 use crate::proxy::Proxy;
 use crate::ptys::PtyRelay;
 use crate::qmp::QmpError;
 use crate::relay::Relay;
 use crate::resolve::Binary;
+use crate::signals::{self, Reaction};
 use crate::spawn::{spawn_registered, Plumbing};
 use crate::token::Token;
 
 mod calls;
 
 use calls::Awaited;
-pub(crate) use calls::{remaining, CallError, To};
+pub(crate) use calls::{CallError, To};
 
-/// Signals the launcher passes on to the running QEMU, as QEMU would have received them.
-pub const FORWARDED: [i32; 4] = [SIGTERM, SIGINT, SIGHUP, SIGQUIT];
+pub use crate::signals::FORWARDED;
 
 /// How long ending a generation waits for it to be reaped after SIGKILL.
 const REAP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -119,8 +119,18 @@ pub struct Supervisor {
     /// The last upgrade's report, for `status`.
     last_upgrade: Option<Value>,
     /// An upgrade is under way: private-monitor events are kept for it to read (otherwise
-    /// they are dropped), and further requests are coalesced into it.
+    /// they are dropped), further requests are coalesced into it, and signals to forward
+    /// wait for it to end.
     pub(crate) upgrading: bool,
+    /// Signals to forward that came during an upgrade.
+    deferred: Vec<Signal>,
+    /// Waits end as soon as a signal to forward is held back: the upgrade has not started
+    /// the migration, and gives up rather than keep the VM's end waiting.
+    pub(crate) interruptible: bool,
+    /// A job-control stop was passed on to QEMU: if QEMU stops, the launcher stops too.
+    job_stop: bool,
+    /// The test fault still to inject ([`crate::fault`]).
+    fault: Option<crate::fault::Fault>,
     /// QEMU's stdout and stderr copied on, when daemonized.
     outputs: Vec<Relay>,
     /// Write ends of the output pipes, handed to every generation when daemonized.
@@ -140,9 +150,10 @@ impl Supervisor {
     /// Starts the first generation and the loop around it. Returns once it executed QEMU.
     pub fn start(mut config: Config) -> Result<Supervisor, SupervisorError> {
         let poll = Poll::new().map_err(SupervisorError::Poll)?;
-        let mut watched = vec![SIGCHLD, SIGUSR2];
-        watched.extend(FORWARDED);
-        let mut signals = Signals::new(watched).map_err(SupervisorError::Poll)?;
+        // QEMU got the inherited signal state already (main captured it first); from here on
+        // the launcher survives what QEMU survives.
+        signals::set_dispositions().map_err(SupervisorError::Poll)?;
+        let mut signals = Signals::new(signals::watched()).map_err(SupervisorError::Poll)?;
         poll.registry()
             .register(&mut signals, Token::Signals.to_mio(), Interest::READABLE)
             .map_err(SupervisorError::Poll)?;
@@ -180,6 +191,7 @@ impl Supervisor {
             ptys: &mut ptys,
             null: &null,
             child_out: &child_out,
+            before_exec: None,
         };
         let first = spawn_registered(
             poll.registry(),
@@ -209,6 +221,10 @@ impl Supervisor {
             started: Instant::now(),
             last_upgrade: None,
             upgrading: false,
+            deferred: Vec::new(),
+            interruptible: false,
+            job_stop: false,
+            fault: config.settings.fault,
             outputs,
             child_out,
             null,
@@ -297,6 +313,7 @@ impl Supervisor {
                 let to = self.upgrade_to.take();
                 let report = self.upgrade(to);
                 self.report(report);
+                self.deliver_deferred();
                 continue;
             }
             self.pump(None, None).map_err(SupervisorError::Poll)?;
@@ -346,7 +363,14 @@ impl Supervisor {
             ptys: &mut self.ptys,
             null: &self.null,
             child_out: &self.child_out,
+            before_exec: self
+                .fault
+                .filter(|f| f.phase == Phase::BeforeExec)
+                .map(|f| f.signal),
         };
+        if plumbing.before_exec.is_some() {
+            self.fault = None;
+        }
         let spawned = spawn_registered(
             self.poll.registry(),
             plumbing,
@@ -368,6 +392,13 @@ impl Supervisor {
             }
         };
         let started = match self.await_exec(To::Beside(&mut gen), Some(deadline)) {
+            Ok(()) => {
+                self.strike(Phase::Exec, Some(gen.pid));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        let started = match started {
             Ok(()) => self
                 .handshake(To::Beside(&mut gen), Some(deadline))
                 .map_err(StartError::from),
@@ -394,9 +425,12 @@ impl Supervisor {
         if gen.exit.is_none() {
             let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
             let deadline = Instant::now() + REAP_TIMEOUT;
+            // Reaping is short and bounded, and a VM that is ending waits for it too.
+            let interruptible = std::mem::replace(&mut self.interruptible, false);
             let _ = self.wait_until(Some(&mut gen), "reaping a QEMU", deadline, |_, g| {
                 g.is_none_or(|g| g.exit.is_some())
             });
+            self.interruptible = interruptible;
         }
         let said = last_words(&self.config.argv0, &mut gen);
         if gen.exit.is_none() {
@@ -489,25 +523,54 @@ impl Supervisor {
     fn on_signals(&mut self, beside: Option<&mut Generation>) {
         let pending: Vec<i32> = self.signals.pending().collect();
         let mut beside = beside;
-        for sig in pending {
-            match sig {
-                SIGCHLD => self.reap(beside.as_deref_mut()),
-                SIGUSR2 => self.upgrade_requests += 1,
-                sig => {
-                    if let Ok(sig) = Signal::try_from(sig) {
-                        let _ = nix::sys::signal::kill(self.current.pid, sig);
-                    }
+        for raw in pending {
+            let Ok(sig) = Signal::try_from(raw) else {
+                continue;
+            };
+            match signals::reaction(raw) {
+                Reaction::Reap => self.reap(beside.as_deref_mut()),
+                Reaction::Upgrade => self.upgrade_requests += 1,
+                // Once the migration has finished or been cancelled: see [`Self::deliver`].
+                Reaction::Forward if self.upgrading => self.deferred.push(sig),
+                Reaction::Forward | Reaction::Continue => {
+                    let _ = nix::sys::signal::kill(self.current.pid, sig);
                 }
+                Reaction::JobStop => {
+                    self.job_stop = true;
+                    let _ = nix::sys::signal::kill(self.current.pid, sig);
+                }
+                Reaction::Ignore | Reaction::Default => {}
             }
         }
+    }
+
+    /// Passes on the signals held back while an upgrade ran, to the QEMU that runs the guest
+    /// now, in the order they came.
+    pub(crate) fn deliver_deferred(&mut self) {
+        for sig in std::mem::take(&mut self.deferred) {
+            let _ = nix::sys::signal::kill(self.current.pid, sig);
+        }
+    }
+
+    /// The signal that is to end the VM once the upgrade under way is over, if one came.
+    pub(crate) fn ending_signal(&self) -> Option<Signal> {
+        self.deferred.first().copied()
     }
 
     /// Reaps every exited child; SIGCHLD is coalesced, so one wake-up may stand for several.
     fn reap(&mut self, mut beside: Option<&mut Generation>) {
         loop {
-            let (pid, exit) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            let flags = WaitPidFlag::WNOHANG | WaitPidFlag::WUNTRACED;
+            let (pid, exit) = match waitpid(Pid::from_raw(-1), Some(flags)) {
                 Ok(WaitStatus::Exited(pid, code)) => (pid, Exit::Code(code)),
                 Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, Exit::Signal(sig)),
+                // QEMU took a job-control stop passed on to it: the VM's pid stops too, until
+                // SIGCONT, which the loop passes on in turn.
+                Ok(WaitStatus::Stopped(pid, _)) if pid == self.current.pid && self.job_stop => {
+                    self.job_stop = false;
+                    let _ = nix::sys::signal::raise(Signal::SIGSTOP);
+                    continue;
+                }
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(_) => continue,
             };
@@ -572,6 +635,21 @@ impl Supervisor {
         if let Some(relay) = self.current.stderr.as_mut() {
             relay.pump();
         }
+    }
+
+    /// Injects the test fault if it strikes at `phase` (once); `new` is the QEMU an upgrade
+    /// is starting.
+    pub(crate) fn strike(&mut self, phase: Phase, new: Option<Pid>) {
+        if let Some(fault) = self.fault {
+            if fault.strike(phase, new, self.current.pid) {
+                self.fault = None;
+            }
+        }
+    }
+
+    /// The deadline of one monitor command sent now.
+    pub(crate) fn step_deadline(&self) -> Option<Instant> {
+        Some(Instant::now() + self.config.settings.timeouts.step)
     }
 
     /// Whether the current generation has exited, which ends the VM.

@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::fault::Phase;
 use crate::generation::{GenArgs, Generation};
 use crate::resolve::{self, Binary, Source};
-use crate::supervisor::{remaining, CallError, Supervisor, To};
+use crate::supervisor::{CallError, Supervisor, To};
 use crate::threads;
 
 mod migration;
@@ -31,16 +32,6 @@ mod report;
 
 use migration::{capabilities, caps_arg, is_active, migration_status, ms, ram_size, SOURCE_FAILED};
 use report::{Failure, Stats};
-
-/// Time a new QEMU gets to start and answer its monitor, unless
-/// `QEMU_LIVEUPGRADE_START_TIMEOUT` (seconds) says otherwise.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// Time any single monitor command gets.
-const STEP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time a migration of device state only gets.
-const SHARED_MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
-/// Added per GiB of guest RAM when RAM travels in the stream.
-const STREAMED_TIMEOUT_PER_GIB: Duration = Duration::from_secs(30);
 
 /// How often a long migration reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -95,6 +86,9 @@ pub enum UpgradeError {
     /// The new QEMU exited during the upgrade.
     #[error("new QEMU exited during the upgrade")]
     NewExited,
+    /// A signal that ends the VM came before the migration started.
+    #[error("the VM is ending ({0})")]
+    Ending(nix::sys::signal::Signal),
 }
 
 /// What one step changed on the old QEMU or in the proxy, for a failure later to put back.
@@ -147,6 +141,9 @@ struct Upgrade<'s> {
     /// Options of the user's argv the new QEMU got in another form, for the report.
     translations: Vec<Value>,
     undo: Vec<Undo>,
+    /// Once monitor clients are held: when the new QEMU must run the guest, or the upgrade
+    /// gives up. It bounds how long clients wait and how long the guest may stay paused.
+    held_until: Option<Instant>,
 }
 
 impl Supervisor {
@@ -156,7 +153,10 @@ impl Supervisor {
         let started = Instant::now();
         let from = report::generation(&self.current);
         self.upgrading = true;
+        // Until the migration starts, a signal that ends the VM ends the upgrade first.
+        self.interruptible = true;
         let result = self.swap(to);
+        self.interruptible = false;
         self.upgrading = false;
         let coalesced = std::mem::take(&mut self.upgrade_requests);
         let head = json!({
@@ -202,6 +202,7 @@ impl Supervisor {
             guest,
             translations,
             undo: Vec::new(),
+            held_until: None,
         };
         match upgrade.move_guest() {
             Ok(moved) => Ok(upgrade.finish(moved)),
@@ -212,7 +213,7 @@ impl Supervisor {
     /// Step 2: the guest can be moved now, and how it runs.
     fn check_guest(&mut self) -> Result<Guest, UpgradeError> {
         let status = self
-            .call(To::CURRENT, "query-status", None, step_deadline())
+            .call(To::CURRENT, "query-status", None, self.step_deadline())
             .map_err(step("query-status"))?;
         let status = status["status"].as_str().unwrap_or("unknown").to_owned();
         if status == "inmigrate" {
@@ -227,7 +228,7 @@ impl Supervisor {
             return Err(UpgradeError::Unsupported(verdict.reasons_line()));
         }
         let migration = self
-            .call(To::CURRENT, "query-migrate", None, step_deadline())
+            .call(To::CURRENT, "query-migrate", None, self.step_deadline())
             .map_err(step("query-migrate"))?;
         if let Some(s) = migration["status"].as_str().filter(|s| is_active(s)) {
             return Err(UpgradeError::State(format!("migrating ({s})")));
@@ -265,7 +266,7 @@ impl Supervisor {
     /// Step 4: the next generation, up and answering, or ended again.
     fn start_new(&mut self, binary: Binary, args: &GenArgs) -> Result<Generation, Failure> {
         let number = self.current.number + 1;
-        let deadline = Instant::now() + start_timeout();
+        let deadline = Instant::now() + self.config.settings.timeouts.start;
         self.start_generation(number, binary, args, deadline)
             .map_err(|failed| Failure {
                 error: Box::new(UpgradeError::Start(Box::new(failed.error))),
@@ -283,6 +284,7 @@ impl Upgrade<'_> {
         let capabilities = self.set_capabilities()?;
 
         self.sup.progress("moving monitor clients");
+        self.held_until = Some(Instant::now() + self.switch_limit(capabilities.shared));
         // 6. Clients of the VM's monitors: their input is held from here on (never failed),
         //    the old QEMU answers what it already has, then each client gets a connection to
         //    the new QEMU with its capability negotiation replayed.
@@ -303,7 +305,7 @@ impl Upgrade<'_> {
         self.migrate()?;
 
         // 9. Completion, as the new QEMU sees it; the old one's failure, or either's exit.
-        self.await_migration(capabilities.shared)?;
+        self.await_migration()?;
 
         // 10. The run state the guest had.
         self.restore_run_state()?;
@@ -383,14 +385,12 @@ impl Upgrade<'_> {
         sup.proxy.set_swap_running(self.guest.status == "running");
         sup.proxy.hold(sup.poll.registry());
         self.undo.push(Undo::Monitors);
-        self.wait(
-            "monitor clients to drain",
-            Instant::now() + STEP_TIMEOUT,
-            |s, _| s.proxy.drained(),
-        )
+        let deadline = self.deadline();
+        self.wait("monitor clients to drain", deadline, |s, _| {
+            s.proxy.drained()
+        })
         .map_err(step("waiting for monitor replies"))?;
         let sup = &mut *self.sup;
-        let deadline = Instant::now() + STEP_TIMEOUT;
         sup.proxy
             .prepare(sup.poll.registry(), self.new.number, deadline)
             .map_err(|e| UpgradeError::Monitors(crate::error_chain(&e)))
@@ -398,11 +398,14 @@ impl Upgrade<'_> {
 
     /// Step 7: the hot-plug journal replayed into the new QEMU.
     fn replay_hotplug(&mut self) -> Result<(), UpgradeError> {
-        self.sup.replay_hotplug(&mut self.new)
+        self.sup.replay_hotplug(&mut self.new, self.held_until)
     }
 
     /// Step 8: the stream's pipe handed out, and the migration started.
     fn migrate(&mut self) -> Result<(), UpgradeError> {
+        if let Some(sig) = self.sup.ending_signal() {
+            return Err(UpgradeError::Ending(sig));
+        }
         let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| step("pipe")(CallError::Poll(e.into())))?;
         // A larger pipe lets streamed RAM move in bigger batches; best effort.
@@ -416,6 +419,7 @@ impl Upgrade<'_> {
             Some(pipe_r.as_fd()),
         )
         .map_err(step("getfd on the new QEMU"))?;
+        self.sup.strike(Phase::StreamIn, Some(self.new.pid));
         self.ask_new(
             "migrate-incoming",
             Some(json!({"uri": format!("fd:{FD_IN}")})),
@@ -428,8 +432,11 @@ impl Upgrade<'_> {
         )
         .map_err(step("getfd on the old QEMU"))?;
         self.undo.push(Undo::OutFd);
+        self.sup.strike(Phase::StreamOut, Some(self.new.pid));
         drop((pipe_r, pipe_w));
         self.undo.push(Undo::Migration);
+        // The migration finishes or is cancelled now, whatever comes meanwhile.
+        self.sup.interruptible = false;
         // From here the old QEMU stops the guest and the new one sets up the taps for it.
         if let Some(guard) = self.new.tap_guard.as_mut() {
             guard.live = true;
@@ -438,20 +445,15 @@ impl Upgrade<'_> {
             .map_err(step("migrate"))?;
         // `migrate` took the fd.
         self.undo.retain(|u| !matches!(u, Undo::OutFd));
+        self.sup.strike(Phase::Migrating, Some(self.new.pid));
         Ok(())
     }
 
     /// Step 9: waits for the migration to end, telling waiting control clients how far it
     /// got every half second (when RAM is streamed this takes seconds).
-    fn await_migration(&mut self, shared: bool) -> Result<(), UpgradeError> {
-        let ram_size: u64 = ram_size(&self.sup.config);
-        let limit = if shared {
-            SHARED_MIGRATION_TIMEOUT
-        } else {
-            SHARED_MIGRATION_TIMEOUT + STREAMED_TIMEOUT_PER_GIB * (1 + (ram_size >> 30) as u32)
-        };
+    fn await_migration(&mut self) -> Result<(), UpgradeError> {
         let mut outcome: Option<Result<(), String>> = None;
-        let until = Instant::now() + limit;
+        let until = self.deadline();
         loop {
             let tick = until.min(Instant::now() + PROGRESS_EVERY);
             let waited = self.wait("migration", tick, |s, new| {
@@ -494,7 +496,7 @@ impl Upgrade<'_> {
     /// it otherwise, a few moments after reporting completion.
     fn restore_run_state(&mut self) -> Result<(), UpgradeError> {
         let mut status = String::from("inmigrate");
-        let settle = Instant::now() + STEP_TIMEOUT;
+        let settle = self.deadline();
         while status == "inmigrate" {
             let st = self
                 .sup
@@ -545,12 +547,13 @@ impl Upgrade<'_> {
             To::CURRENT,
             "migrate-set-capabilities",
             caps,
-            step_deadline(),
+            sup.step_deadline(),
         );
         stats.tap_ioctls_held = sup.current.tap_guard.as_ref().map(|g| g.suppressed);
         let new_threads = thread_list(sup, To::CURRENT);
         stats.threads = threads::apply(&moved.placement, &new_threads);
-        sup.reap_ended(Instant::now() + STEP_TIMEOUT);
+        let step = sup.config.settings.timeouts.step;
+        sup.reap_ended(Instant::now() + step);
         // The host forwards the old QEMU held are free now: the new one takes them.
         stats.hostfwd = sup.restore_forwards();
         stats
@@ -566,6 +569,8 @@ impl Upgrade<'_> {
             undo,
             ..
         } = self;
+        // The rollback runs to its end, whatever signal came.
+        sup.interruptible = false;
         let said = sup.end_generation(new);
         let mut unrestored = Vec::new();
         for step in undo.into_iter().rev() {
@@ -589,12 +594,28 @@ impl Upgrade<'_> {
         mut done: impl FnMut(&mut Supervisor, &mut Generation) -> bool,
     ) -> Result<(), CallError> {
         while !done(self.sup, &mut self.new) {
-            let left = remaining(Some(deadline), what)?;
-            self.sup
-                .pump(Some(&mut self.new), left)
-                .map_err(CallError::Poll)?;
+            self.sup.serve(Some(&mut self.new), Some(deadline), what)?;
         }
         Ok(())
+    }
+
+    /// The deadline of one command or wait sent now: a step's time, and never past the
+    /// moment the held clients are released.
+    fn deadline(&self) -> Instant {
+        let step = Instant::now() + self.sup.config.settings.timeouts.step;
+        self.held_until.map_or(step, |held| held.min(step))
+    }
+
+    /// How long clients may be held and the guest paused: device state only crosses when RAM
+    /// is shared; RAM streamed adds time per GiB.
+    fn switch_limit(&self, shared: bool) -> Duration {
+        let t = &self.sup.config.settings.timeouts;
+        if shared {
+            return t.migration;
+        }
+        let gib = u32::try_from(ram_size(&self.sup.config) >> 30).unwrap_or(u32::MAX);
+        t.migration
+            .saturating_add(t.per_gib.saturating_mul(gib.saturating_add(1)))
     }
 
     /// A command to the old QEMU, the new one served meanwhile.
@@ -608,11 +629,11 @@ impl Upgrade<'_> {
         args: Option<Value>,
         fd: Option<BorrowedFd<'_>>,
     ) -> Result<Value, CallError> {
+        let deadline = Some(self.deadline());
         let to = To::Current {
             beside: Some(&mut self.new),
         };
-        self.sup
-            .call_with_fd(to, command, args, fd, step_deadline())
+        self.sup.call_with_fd(to, command, args, fd, deadline)
     }
 
     /// A command to the new QEMU.
@@ -626,9 +647,9 @@ impl Upgrade<'_> {
         args: Option<Value>,
         fd: Option<BorrowedFd<'_>>,
     ) -> Result<Value, CallError> {
+        let deadline = Some(self.deadline());
         let to = To::Beside(&mut self.new);
-        self.sup
-            .call_with_fd(to, command, args, fd, step_deadline())
+        self.sup.call_with_fd(to, command, args, fd, deadline)
     }
 
     /// Sends waiting control clients the old QEMU's migration figures.
@@ -650,7 +671,11 @@ impl Supervisor {
     /// Replays the hot-plug journal into `new` through its private monitor. QEMU keeps
     /// `getfd` names per monitor, so fds and the commands that use them both go through this
     /// one monitor.
-    pub(crate) fn replay_hotplug(&mut self, new: &mut Generation) -> Result<(), UpgradeError> {
+    pub(crate) fn replay_hotplug(
+        &mut self,
+        new: &mut Generation,
+        until: Option<Instant>,
+    ) -> Result<(), UpgradeError> {
         let entries: Vec<(String, Value, Option<OwnedFd>)> = self
             .proxy
             .journal()
@@ -673,7 +698,7 @@ impl Supervisor {
                     command,
                     Some(arguments.clone()),
                     fd,
-                    step_deadline(),
+                    self.step_deadline().map(|d| until.map_or(d, |u| u.min(d))),
                 )
                 .map_err(|e| {
                     UpgradeError::Replay(format!(
@@ -709,10 +734,11 @@ impl Supervisor {
         match step {
             Undo::Monitors => {}
             Undo::Migration => {
-                let cancelled = self.call(To::CURRENT, "migrate_cancel", None, step_deadline());
-                let settle = Instant::now() + STEP_TIMEOUT;
+                let cancelled =
+                    self.call(To::CURRENT, "migrate_cancel", None, self.step_deadline());
+                let settle = Instant::now() + self.config.settings.timeouts.step;
                 while Instant::now() < settle {
-                    match self.call(To::CURRENT, "query-migrate", None, step_deadline()) {
+                    match self.call(To::CURRENT, "query-migrate", None, self.step_deadline()) {
                         Ok(info) if info["status"].as_str().is_some_and(is_active) => {
                             let pause = Instant::now() + Duration::from_millis(2);
                             let _ = self.wait_until(None, "cancel", pause, |_, _| false);
@@ -724,9 +750,9 @@ impl Supervisor {
                 // finished sending and then lost its destination: `cont` takes its disks
                 // back and runs it.
                 if guest.status == "running" {
-                    let now = self.call(To::CURRENT, "query-status", None, step_deadline());
+                    let now = self.call(To::CURRENT, "query-status", None, self.step_deadline());
                     if now.is_ok_and(|s| s["status"] != "running") {
-                        self.call(To::CURRENT, "cont", None, step_deadline())
+                        self.call(To::CURRENT, "cont", None, self.step_deadline())
                             .map_err(note("cont"))?;
                     }
                 }
@@ -734,7 +760,7 @@ impl Supervisor {
             }
             Undo::OutFd => {
                 let args = json!({"fdname": FD_OUT});
-                self.call(To::CURRENT, "closefd", Some(args), step_deadline())
+                self.call(To::CURRENT, "closefd", Some(args), self.step_deadline())
                     .map_err(note("closefd"))?;
             }
             Undo::Capabilities(names) => {
@@ -744,7 +770,7 @@ impl Supervisor {
                         To::CURRENT,
                         "migrate-set-capabilities",
                         Some(args),
-                        step_deadline(),
+                        self.step_deadline(),
                     )
                     .map_err(note("migrate-set-capabilities"))?;
                 }
@@ -754,7 +780,7 @@ impl Supervisor {
                     To::CURRENT,
                     "migrate-set-parameters",
                     Some(params),
-                    step_deadline(),
+                    self.step_deadline(),
                 )
                 .map_err(note("migrate-set-parameters"))?;
             }
@@ -766,10 +792,10 @@ impl Supervisor {
 /// A generation's vCPU and iothread ids, for [`threads::snapshot`] and [`threads::apply`].
 fn thread_list(sup: &mut Supervisor, mut to: To<'_>) -> Vec<(String, i32)> {
     let cpus = sup
-        .call(to.reborrow(), "query-cpus-fast", None, step_deadline())
+        .call(to.reborrow(), "query-cpus-fast", None, sup.step_deadline())
         .unwrap_or_default();
     let io = sup
-        .call(to.reborrow(), "query-iothreads", None, step_deadline())
+        .call(to.reborrow(), "query-iothreads", None, sup.step_deadline())
         .unwrap_or_default();
     threads::threads(&cpus, &io)
 }
@@ -782,18 +808,4 @@ fn step(step: &'static str) -> impl Fn(CallError) -> UpgradeError {
 /// What could not be put back, for the report.
 fn note(what: &'static str) -> impl Fn(CallError) -> String {
     move |e| format!("{what}: {}", crate::error_chain(&e))
-}
-
-/// The deadline of one monitor command sent now.
-fn step_deadline() -> Option<Instant> {
-    Some(Instant::now() + STEP_TIMEOUT)
-}
-
-pub(crate) fn start_timeout() -> Duration {
-    std::env::var("QEMU_LIVEUPGRADE_START_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .filter(|s| *s > 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(START_TIMEOUT)
 }

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use launcher::child::InheritedSignals;
 use launcher::cmdline::CmdLine;
+use launcher::config::Settings;
 use launcher::daemonize::{self, Pidfile};
 use launcher::error_chain;
 use launcher::generation::Base;
@@ -60,6 +61,8 @@ fn launch(
         return pass_through(argv0, &args);
     }
     let base = Base::for_this_process(&cmd);
+    let settings =
+        Settings::from_env(|name| std::env::var_os(name)).map_err(|e| error_chain(&e))?;
     let binary = resolve::resolve(argv0).map_err(|e| error_chain(&e))?;
     let daemon = if cmd.has("daemonize") {
         let daemon = daemonize::daemonize().map_err(|e| error_chain(&e))?;
@@ -133,6 +136,7 @@ fn launch(
         binary,
         signals,
         daemon,
+        settings,
     };
     let result = Supervisor::start(config).and_then(Supervisor::run);
     if let Some(p) = pidfile {

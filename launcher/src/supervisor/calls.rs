@@ -29,6 +29,9 @@ pub enum CallError {
     /// The loop itself failed.
     #[error("event loop failed")]
     Poll(#[source] io::Error),
+    /// A signal that ends the VM came while waiting was interruptible.
+    #[error("the VM is ending ({0})")]
+    Ending(nix::sys::signal::Signal),
 }
 
 /// Which generation a command goes to, and which besides the current one the loop serves
@@ -73,8 +76,7 @@ impl Supervisor {
                 break;
             }
             check_alive(gen)?;
-            self.pump(beside(&mut to), remaining(deadline, "greeting")?)
-                .map_err(CallError::Poll)?;
+            self.serve(beside(&mut to), deadline, "greeting")?;
         }
         self.call(to.reborrow(), "qmp_capabilities", None, deadline)?;
         let version = self.call(to.reborrow(), "query-version", None, deadline)?;
@@ -104,9 +106,8 @@ impl Supervisor {
                 None if gen.exec.is_none() => return Ok(()),
                 None => {}
             }
-            let left = remaining(deadline, "starting QEMU").map_err(Awaited::Call)?;
-            self.pump(beside(&mut to), left)
-                .map_err(|e| Awaited::Call(CallError::Poll(e)))?;
+            self.serve(beside(&mut to), deadline, "starting QEMU")
+                .map_err(Awaited::Call)?;
         }
     }
 
@@ -140,8 +141,7 @@ impl Supervisor {
                 return result.map_err(|e| qmp::command_error(command, &e).into());
             }
             check_alive(gen)?;
-            self.pump(beside(&mut to), remaining(deadline, command)?)
-                .map_err(CallError::Poll)?;
+            self.serve(beside(&mut to), deadline, command)?;
         }
     }
 
@@ -154,10 +154,25 @@ impl Supervisor {
         mut done: impl FnMut(&mut Supervisor, Option<&mut Generation>) -> bool,
     ) -> Result<(), CallError> {
         while !done(self, beside.as_deref_mut()) {
-            self.pump(beside.as_deref_mut(), remaining(Some(deadline), what)?)
-                .map_err(CallError::Poll)?;
+            self.serve(beside.as_deref_mut(), Some(deadline), what)?;
         }
         Ok(())
+    }
+
+    /// One turn of a wait for `what`: the loop served once, `beside` too, until `deadline`
+    /// at most. A wait the upgrade made interruptible ends as soon as a signal to end the VM
+    /// is held back.
+    pub(crate) fn serve(
+        &mut self,
+        beside: Option<&mut Generation>,
+        deadline: Option<Instant>,
+        what: &str,
+    ) -> Result<(), CallError> {
+        if let Some(sig) = self.ending_signal().filter(|_| self.interruptible) {
+            return Err(CallError::Ending(sig));
+        }
+        let left = remaining(deadline, what)?;
+        self.pump(beside, left).map_err(CallError::Poll)
     }
 
     pub(super) fn target<'g>(&'g mut self, to: &'g mut To<'_>) -> &'g mut Generation {
@@ -195,10 +210,7 @@ pub(super) fn beside<'g>(to: &'g mut To<'_>) -> Option<&'g mut Generation> {
 }
 
 /// Time left until `deadline`, or a timeout error naming `what`.
-pub(crate) fn remaining(
-    deadline: Option<Instant>,
-    what: &str,
-) -> Result<Option<Duration>, CallError> {
+fn remaining(deadline: Option<Instant>, what: &str) -> Result<Option<Duration>, CallError> {
     match deadline {
         None => Ok(None),
         Some(d) => match d.checked_duration_since(Instant::now()) {

@@ -233,6 +233,7 @@ impl Probe {
             stdio: [Some(null.as_fd()), Some(help_w.as_fd()), Some(null.as_fd())],
             signals,
             seccomp: None,
+            before_exec: None,
         })
         .map_err(|e| ProbeError::Spawn(name.clone(), e))?;
         processes.push(Process {
@@ -264,6 +265,7 @@ impl Probe {
             stdio: [Some(in_r.as_fd()), Some(qmp_w.as_fd()), Some(null.as_fd())],
             signals,
             seccomp: None,
+            before_exec: None,
         });
         let spawned = match spawned {
             Ok(s) => s,

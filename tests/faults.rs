@@ -1,0 +1,343 @@
+//! Faults injected at every phase of an upgrade, and what each must leave.
+//!
+//! Each fault is a real signal to a real process: the new QEMU (7.2.22 -> 10.0.2), the old
+//! one, or the shim. Its moment is exact, not a delay: the shim sends it itself when it
+//! reaches the phase (`QEMU_LIVEUPGRADE_TEST_FAULT`, launcher/src/fault.rs), since phases
+//! last milliseconds and "between fork and exec" cannot be reached from outside at all.
+//!
+//! Where the upgrade can fail and the VM go on, the invariant afterwards is: exactly one QEMU,
+//! the same one, running the guest in its old state with its memory verified; the same QMP
+//! connection answering, having seen no STOP, RESUME or MIGRATION event and none of the
+//! shim's migration settings; a later clean upgrade working on that same connection; and
+//! `quit` ending the shim with status 0 and no process left. Where the fault must end the VM
+//! (the old QEMU or the shim killed), everything ends, and the shim ends as QEMU did.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use qemu_liveupgrade_tests::liveupgrade::{capabilities, version, UpgradeVm, UPGRADE_TIMEOUT};
+use qemu_liveupgrade_tests::shim::{children, cli_status, is_running, qemu_child, reports};
+use qemu_liveupgrade_tests::{guest_argv, wait_until, Qmp};
+use serde_json::{json, Value};
+
+/// Short deadlines, so a stopped QEMU costs seconds, not the defaults' tens of seconds.
+const START_TIMEOUT: &str = "3";
+const MIGRATION_TIMEOUT: &str = "2";
+
+/// A VM on 7.2.22 with 10.0.2 installed and `fault` armed, and a QMP client connected.
+fn armed(fault: &str) -> (UpgradeVm, Qmp, Pid) {
+    let env = [
+        ("QEMU_LIVEUPGRADE_TEST_FAULT", fault),
+        ("QEMU_LIVEUPGRADE_START_TIMEOUT", START_TIMEOUT),
+        ("QEMU_LIVEUPGRADE_MIGRATION_TIMEOUT", MIGRATION_TIMEOUT),
+    ];
+    let vm = UpgradeVm::start_with("7.2.22", guest_argv(128), &[], &env);
+    let mut qmp = vm.connect();
+    assert_eq!(qmp.execute("query-status", json!({}))["status"], "running");
+    let old = qemu_child(vm.vm.pid()).expect("one QEMU");
+    vm.install("10.0.2");
+    (vm, qmp, old)
+}
+
+/// The first upgrade fails with `reason` in its report and leaves the VM untouched; then a
+/// clean upgrade works and `quit` ends everything.
+fn survives(fault: &str, reason: &str) {
+    let (vm, mut qmp, old) = armed(fault);
+    let report = vm.upgrade();
+    eprintln!("{fault}: {report}");
+    assert_eq!(report["result"], "failed", "{report}");
+    let why = report["reason"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(reason),
+        "{fault}: reason {why:?} lacks {reason:?}"
+    );
+    assert!(report.get("rollback_problems").is_none(), "{report}");
+    assert_untouched(&vm, &mut qmp, old, "7.2.22");
+    upgrade_then_quit(vm, qmp);
+}
+
+/// Exactly one QEMU (`old`), running `version` with the guest running and healthy, and a QMP
+/// client that saw nothing of the attempt.
+fn assert_untouched(vm: &UpgradeVm, qmp: &mut Qmp, old: Pid, version_now: &str) {
+    assert_eq!(children(vm.vm.pid()), vec![old], "the same single QEMU");
+    assert_eq!(
+        version(&qmp.execute("query-version", json!({}))),
+        version_now
+    );
+    assert_eq!(qmp.execute("query-status", json!({}))["status"], "running");
+    let caps = capabilities(qmp);
+    assert_eq!(caps["x-ignore-shared"], false, "shim's capability left");
+    assert_eq!(caps["events"], false, "shim's capability left");
+    assert_no_swap_seen(qmp);
+    vm.assert_guest_healthy(300);
+}
+
+/// No event the swap causes reached the client.
+fn assert_no_swap_seen(qmp: &mut Qmp) {
+    let seen: Vec<Value> = qmp
+        .events()
+        .into_iter()
+        .filter(|e| {
+            let name = e["event"].as_str().unwrap_or_default();
+            ["STOP", "RESUME", "MIGRATION", "MIGRATION_PASS", "SHUTDOWN"].contains(&name)
+        })
+        .collect();
+    assert!(seen.is_empty(), "the client saw the swap: {seen:?}");
+}
+
+/// A clean upgrade on the same connection, then `quit`: status 0 and no process left.
+fn upgrade_then_quit(mut vm: UpgradeVm, mut qmp: Qmp) {
+    let report = vm.upgrade();
+    assert_eq!(report["result"], "ok", "the next upgrade: {report}");
+    assert_eq!(version(&qmp.execute("query-version", json!({}))), "10.0.2");
+    assert_no_swap_seen(&mut qmp);
+    vm.assert_guest_healthy(300);
+    quit(&mut vm, &mut qmp);
+}
+
+/// `quit` on the client's connection ends QEMU and the shim with status 0, nothing left.
+fn quit(vm: &mut UpgradeVm, qmp: &mut Qmp) {
+    let qemus = children(vm.vm.pid());
+    let _ = qmp.try_execute("quit", json!({}));
+    let status = vm.vm.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "the shim ends as QEMU did on quit");
+    for pid in qemus {
+        assert!(!is_running(pid), "QEMU {pid} outlived the shim");
+    }
+}
+
+/// The fault must end the VM: the shim ends as `expect` says, and within 1 s of its end no
+/// QEMU it ran is left.
+fn ends_the_vm(fault: &str, expect: impl Fn(std::process::ExitStatus) -> bool) {
+    use std::os::unix::process::ExitStatusExt;
+    let (mut vm, _qmp, _old) = armed(fault);
+    vm.vm.signal(Signal::SIGUSR2);
+    // Every process the shim runs until it ends, the new QEMU included.
+    let mut qemus: Vec<Pid> = Vec::new();
+    let deadline = Instant::now() + UPGRADE_TIMEOUT;
+    let status = loop {
+        for pid in children(vm.vm.pid()) {
+            if !qemus.contains(&pid) {
+                qemus.push(pid);
+            }
+        }
+        if let Some(status) = vm.vm.try_wait() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{fault}: the shim did not end");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let ended = Instant::now();
+    assert!(
+        expect(status),
+        "{fault}: shim ended with {status:?} (signal {:?}); stderr: {}",
+        status.signal(),
+        vm.vm.stderr_text()
+    );
+    // The old QEMU, the new one, and the processes asking the new binary what it accepts.
+    assert!(
+        qemus.len() >= 2,
+        "{fault}: the upgrade started no second QEMU"
+    );
+    wait_until(Duration::from_secs(1), "every QEMU gone within 1 s", || {
+        qemus.iter().all(|&p| !is_running(p))
+    });
+    eprintln!(
+        "{fault}: {status:?}, QEMUs gone {:?} later",
+        ended.elapsed()
+    );
+}
+
+#[test]
+fn new_child_killed_before_exec() {
+    survives("before-exec:new:SIGKILL", "new QEMU did not start");
+}
+
+#[test]
+fn new_child_stopped_before_exec() {
+    // The stall of old: the shim waited in a blocking read of the exec status, deaf to
+    // everything. Now the wait is a loop event with the start deadline.
+    let (vm, mut qmp, old) = armed("before-exec:new:SIGSTOP");
+    let before = reports(&vm.vm).len();
+    vm.vm.signal(Signal::SIGUSR2);
+    let new = wait_stopped_child(&vm, old);
+    // Meanwhile the shim serves everyone: the control socket, the QMP client, the console.
+    let status = cli_status(&vm.rundir(), vm.vm.pid());
+    assert_eq!(status["generation"], 1, "{status}");
+    assert_eq!(qmp.execute("query-status", json!({}))["status"], "running");
+    vm.assert_guest_healthy(200);
+    let report = vm.wait_report(before);
+    assert_eq!(report["result"], "failed", "{report}");
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("starting QEMU timed out"),
+        "{report}"
+    );
+    assert!(!is_running(new), "the stopped child was ended");
+    assert_untouched(&vm, &mut qmp, old, "7.2.22");
+    upgrade_then_quit(vm, qmp);
+}
+
+#[test]
+fn new_qemu_killed_at_exec() {
+    survives("exec:new:SIGKILL", "new QEMU did not start");
+}
+
+#[test]
+fn new_qemu_stopped_at_exec() {
+    survives("exec:new:SIGSTOP", "greeting timed out");
+}
+
+#[test]
+fn new_qemu_killed_holding_the_streams_read_end() {
+    survives("stream-in:new:SIGKILL", "migrate-incoming");
+}
+
+#[test]
+fn new_qemu_stopped_holding_the_streams_read_end() {
+    let (vm, mut qmp, old) = armed("stream-in:new:SIGSTOP");
+    let before = reports(&vm.vm).len();
+    vm.vm.signal(Signal::SIGUSR2);
+    wait_stopped_child(&vm, old);
+    // Clients are held from here until the upgrade gives up; the status and the console go on.
+    let status = cli_status(&vm.rundir(), vm.vm.pid());
+    assert_eq!(status["generation"], 1, "{status}");
+    vm.assert_guest_healthy(200);
+    let report = vm.wait_report(before);
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("migrate-incoming"),
+        "{report}"
+    );
+    assert_untouched(&vm, &mut qmp, old, "7.2.22");
+    upgrade_then_quit(vm, qmp);
+}
+
+#[test]
+fn new_qemu_killed_once_the_old_holds_the_write_end() {
+    survives("stream-out:new:SIGKILL", "");
+}
+
+#[test]
+fn new_qemu_stopped_once_the_old_holds_the_write_end() {
+    survives("stream-out:new:SIGSTOP", "");
+}
+
+#[test]
+fn new_qemu_killed_mid_migration() {
+    survives("migrating:new:SIGKILL", "");
+}
+
+#[test]
+fn new_qemu_stopped_mid_migration() {
+    // The guest is paused from the migration's start until the migration deadline passes and
+    // the old QEMU takes it back: seconds, not the thirty of a fixed timeout.
+    let (vm, mut qmp, old) = armed("migrating:new:SIGSTOP");
+    let start = Instant::now();
+    let report = vm.upgrade();
+    assert_eq!(report["result"], "failed", "{report}");
+    let gap = vm.vm.max_gap_between(start, Instant::now());
+    eprintln!("guest paused at most {gap:?}: {report}");
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("timed out"),
+        "{report}"
+    );
+    assert_untouched(&vm, &mut qmp, old, "7.2.22");
+    upgrade_then_quit(vm, qmp);
+}
+
+#[test]
+fn old_qemu_killed_mid_migration_ends_the_vm() {
+    use std::os::unix::process::ExitStatusExt;
+    // QEMU died of SIGKILL: so does the shim, as the VM's pid.
+    ends_the_vm("migrating:old:SIGKILL", |s| {
+        s.signal() == Some(libc::SIGKILL)
+    });
+}
+
+#[test]
+fn shim_killed_mid_migration_takes_both_qemus() {
+    use std::os::unix::process::ExitStatusExt;
+    ends_the_vm("migrating:launcher:SIGKILL", |s| {
+        s.signal() == Some(libc::SIGKILL)
+    });
+}
+
+#[test]
+fn sigterm_mid_migration_ends_the_vm_as_without_an_upgrade() {
+    // The SIGTERM waits for the migration to finish or be cancelled, then goes to the QEMU
+    // running the guest, which ends as QEMU does on SIGTERM: status 0.
+    ends_the_vm("migrating:launcher:SIGTERM", |s| s.code() == Some(0));
+}
+
+#[test]
+fn sigterm_before_the_migration_ends_the_upgrade_then_the_vm() {
+    ends_the_vm("exec:launcher:SIGTERM", |s| s.code() == Some(0));
+}
+
+#[test]
+fn a_hundred_sigusr2_in_a_tight_loop() {
+    many_requests(Duration::ZERO);
+}
+
+#[test]
+fn a_hundred_sigusr2_ten_ms_apart() {
+    many_requests(Duration::from_millis(10));
+}
+
+/// 100 upgrade requests `apart`: they coalesce into as many upgrades as finish meanwhile,
+/// every one of which succeeds, and the VM ends up on the new QEMU, intact.
+fn many_requests(apart: Duration) {
+    let (mut vm, mut qmp, _old) = armed("");
+    for _ in 0..100 {
+        vm.vm.signal(Signal::SIGUSR2);
+        std::thread::sleep(apart);
+    }
+    wait_until(UPGRADE_TIMEOUT, "the first report", || {
+        !reports(&vm.vm).is_empty()
+    });
+    // Settled once no QEMU is being started and no request is pending.
+    wait_until(UPGRADE_TIMEOUT, "the upgrades to settle", || {
+        let status = cli_status(&vm.rundir(), vm.vm.pid());
+        children(vm.vm.pid()).len() == 1
+            && status["last_upgrade"]["to"]["generation"] == status["generation"]
+    });
+    let all = reports(&vm.vm);
+    let coalesced: u64 = all
+        .iter()
+        .map(|r| r["coalesced_requests"].as_u64().unwrap_or(0))
+        .sum();
+    eprintln!("{} upgrades, {coalesced} requests coalesced", all.len());
+    for r in &all {
+        assert_eq!(r["result"], "ok", "{r}");
+    }
+    assert_eq!(version(&qmp.execute("query-version", json!({}))), "10.0.2");
+    assert_no_swap_seen(&mut qmp);
+    vm.assert_guest_healthy(300);
+    quit(&mut vm, &mut qmp);
+}
+
+/// Waits until the shim has a second child, stopped (`T` in proc(5) `stat`), and returns it.
+fn wait_stopped_child(vm: &UpgradeVm, old: Pid) -> Pid {
+    let mut found = None;
+    wait_until(UPGRADE_TIMEOUT, "a stopped second child", || {
+        found = children(vm.vm.pid())
+            .into_iter()
+            .find(|&p| p != old && state(p) == Some('T'));
+        found.is_some()
+    });
+    found.expect("checked by wait_until")
+}
+
+fn state(pid: Pid) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
