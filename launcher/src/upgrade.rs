@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 
 use crate::fault::Phase;
 use crate::generation::{GenArgs, Generation};
+use crate::proxy::ProxyError;
 use crate::resolve::{self, Binary, Source};
 use crate::supervisor::{CallError, Supervisor, To};
 use crate::threads;
@@ -390,12 +391,24 @@ impl Upgrade<'_> {
             s.proxy.drained()
         })
         .map_err(step("waiting for monitor replies"))?;
+        let monitors = |e: ProxyError| UpgradeError::Monitors(crate::error_chain(&e));
         let sup = &mut *self.sup;
         sup.proxy
-            .prepare(sup.poll.registry(), self.new.number, deadline)
-            .map_err(|e| UpgradeError::Monitors(crate::error_chain(&e)))
+            .prepare(sup.poll.registry(), self.new.number)
+            .map_err(monitors)?;
+        let mut failed = None;
+        self.wait("monitor clients to reconnect", deadline, |s, _| {
+            match s.proxy.prepared(s.poll.registry()) {
+                Ok(ready) => ready,
+                Err(e) => {
+                    failed = Some(e);
+                    true
+                }
+            }
+        })
+        .map_err(step("moving monitor clients"))?;
+        failed.map_or(Ok(()), |e| Err(monitors(e)))
     }
-
     /// Step 7: the hot-plug journal replayed into the new QEMU.
     fn replay_hotplug(&mut self) -> Result<(), UpgradeError> {
         self.sup.replay_hotplug(&mut self.new, self.held_until)

@@ -21,15 +21,13 @@ use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::Path;
-use std::time::Instant;
 
 use mio::net::UnixStream;
 use mio::Token;
-use nix::poll::PollFlags;
 use serde_json::Value;
 
 use super::framing::{Filter, Greeting, Inbound, Outbound, Request, Seen, Unit, CAP};
-use super::sockets::{recv_fds, send, send_fds, wait_fd};
+use super::sockets::{recv_fds, send, send_fds};
 use super::stream::Stream;
 use super::Mode;
 use crate::journal::{Journal, Outcome};
@@ -147,6 +145,12 @@ pub(super) struct Backend {
     shut: bool,
     /// The last read hit EAGAIN.
     dry: bool,
+    /// A new generation's connection is being made ready ([`Backend::start_handshake`]).
+    handshaking: bool,
+    /// The client's `qmp_capabilities`, to be replayed once the greeting has been read.
+    replay: Option<Vec<u8>>,
+    /// A replayed `qmp_capabilities` awaits its answer.
+    replayed: bool,
 }
 
 impl Backend {
@@ -174,6 +178,9 @@ impl Backend {
             eof: false,
             shut: false,
             dry: false,
+            handshaking: false,
+            replay: None,
+            replayed: false,
         })
     }
 
@@ -310,49 +317,49 @@ impl Backend {
         self.eof || (self.to_qemu.is_empty() && self.pending.is_empty())
     }
 
-    /// Blocks until the greeting (QMP) or banner (HMP) has been read, then replays the
-    /// client's `qmp_capabilities` and swallows its answer. Used on a new generation, which
-    /// is up and answers at once; whatever follows stays held for the client.
-    pub(super) fn handshake(
-        &mut self,
-        caps: Option<&[u8]>,
-        deadline: Instant,
-    ) -> Result<(), Handshake> {
-        self.wait(deadline, |b| b.out.greeting == Greeting::Done)?;
-        let Some(caps) = caps else { return Ok(()) };
-        self.out.swallow = true;
-        self.to_qemu.extend_from_slice(caps);
-        while !self.to_qemu.is_empty() {
-            self.push();
-            if self.eof {
-                return Err(Handshake::Io(io::ErrorKind::UnexpectedEof.into()));
-            }
-            if !self.to_qemu.is_empty() {
-                wait_fd(self.stream.as_fd(), PollFlags::POLLOUT, deadline)
-                    .map_err(Handshake::Io)?;
-            }
-        }
-        self.wait(deadline, |b| b.out.replayed.is_some())?;
-        match self.out.replayed.take() {
-            Some(Err(desc)) => Err(Handshake::Refused(desc)),
-            _ => Ok(()),
-        }
+    /// Starts making a new generation's connection ready for the client: once the greeting
+    /// (QMP) or banner (HMP) is read, `caps`, the client's `qmp_capabilities`, is replayed
+    /// and its answer swallowed. The loop moves it along ([`Backend::advance`]); whatever
+    /// follows stays held for the client.
+    pub(super) fn start_handshake(&mut self, caps: Option<Vec<u8>>) {
+        self.handshaking = true;
+        self.replay = caps;
     }
 
-    fn wait(
-        &mut self,
-        deadline: Instant,
-        done: impl Fn(&Backend) -> bool,
-    ) -> Result<(), Handshake> {
-        loop {
-            self.pull(None, false);
-            if done(self) {
-                return Ok(());
-            }
-            if self.eof {
-                return Err(Handshake::Io(io::ErrorKind::UnexpectedEof.into()));
-            }
-            wait_fd(self.stream.as_fd(), PollFlags::POLLIN, deadline).map_err(Handshake::Io)?;
+    /// Replays the client's capabilities once the greeting is in. Returns whether anything
+    /// was queued.
+    fn advance(&mut self) -> bool {
+        if !self.handshaking || self.out.greeting != Greeting::Done {
+            return false;
+        }
+        let Some(caps) = self.replay.take() else {
+            return false;
+        };
+        self.out.swallow = true;
+        self.replayed = true;
+        self.to_qemu.extend_from_slice(&caps);
+        true
+    }
+
+    /// Whether the handshake [`Backend::start_handshake`] began is done; `Err` if it cannot
+    /// be: the new generation went away, or refused the capabilities.
+    pub(super) fn handshake(&self) -> Result<bool, Handshake> {
+        if !self.handshaking {
+            return Ok(true);
+        }
+        if self.eof {
+            return Err(Handshake::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        if self.out.greeting != Greeting::Done || self.replay.is_some() {
+            return Ok(false);
+        }
+        if !self.replayed {
+            return Ok(true);
+        }
+        match &self.out.replayed {
+            None => Ok(false),
+            Some(Ok(())) => Ok(self.to_qemu.is_empty()),
+            Some(Err(desc)) => Err(Handshake::Refused(desc.clone())),
         }
     }
 }
@@ -421,6 +428,11 @@ impl Conn {
             if let Some(n) = self.next.as_mut().filter(|_| !next_dry) {
                 progress |= n.pull(None, true).0;
                 next_dry = n.dry;
+            }
+            // A new generation's handshake: the replayed capabilities go once it greeted.
+            if let Some(n) = self.next.as_mut() {
+                progress |= n.advance();
+                progress |= n.push();
             }
             match write_some(self.client.as_fd(), &mut self.to_client) {
                 Ok(moved) => progress |= moved,

@@ -21,9 +21,8 @@
 //! with. Every hot-plug command QEMU answers with success is recorded in the [`Journal`], with
 //! copies of those fds, for the next generation to be given before the guest moves into it.
 //!
-//! Everything runs from the supervisor's single `mio::Poll`. Only [`Proxy::prepare`] blocks,
-//! with a deadline, on a new QEMU that answers at once, and [`Proxy::flush`], which relays an
-//! exited QEMU's last words before the launcher exits.
+//! Everything runs from the supervisor's single `mio::Poll`. Only [`Proxy::flush`] blocks,
+//! with a deadline, to relay an exited QEMU's last words before the launcher exits.
 
 mod conn;
 mod framing;
@@ -82,16 +81,6 @@ pub enum ProxyError {
     NoBackends {
         /// The generation.
         gen: u32,
-    },
-    /// The old generation never sent a client its greeting, or never answered its
-    /// `qmp_capabilities`.
-    #[error("monitor {index}: greeting or capability negotiation unanswered")]
-    Negotiation {
-        /// The monitor, in `add` order.
-        index: usize,
-        /// Usually a timeout.
-        #[source]
-        source: io::Error,
     },
     /// Connecting to the new generation's backend failed.
     #[error("monitor {index}: cannot connect to generation {gen}")]
@@ -168,6 +157,8 @@ pub struct Proxy {
     /// A swap is under way (from `hold` to `commit` or `abort`).
     swapping: bool,
     swap_running: bool,
+    /// The generation [`Proxy::prepare`] moves clients to, and its backend sockets.
+    preparing: Option<(u32, Vec<PathBuf>)>,
     journal: Journal,
     /// Display listeners whose connections QEMU takes over itself.
     handoff: Handoff,
@@ -196,6 +187,7 @@ impl Proxy {
             live: None,
             swapping: false,
             swap_running: false,
+            preparing: None,
             journal: Journal::default(),
             handoff: Handoff::default(),
         }

@@ -147,7 +147,7 @@ impl Drop for BackendDir {
     }
 }
 
-pub(super) use crate::fdio::{send, wait_fd};
+pub(super) use crate::fdio::send;
 
 /// `recvmsg` taking the fds a client passed with SCM_RIGHTS (libvirt's `getfd` and `add-fd`).
 pub(super) fn recv_fds(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {

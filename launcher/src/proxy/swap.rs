@@ -1,16 +1,15 @@
 //! The swap, step by step: hold client input, prepare the new generation's connections,
-//! wait for the old generation's answers, then commit (or abort).
+//! wait for the old generation's answers, then commit (or abort). Nothing here blocks: the
+//! supervisor's loop moves every connection, and the upgrade asks [`Proxy::prepared`] and
+//! [`Proxy::drained`] after each turn.
 
-use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::time::Instant;
 
-use mio::{Interest, Registry, Token};
-use nix::poll::PollFlags;
+use mio::{Interest, Registry};
 
 use super::conn::{Backend, Conn, Handshake};
 use super::framing::{Filter, Greeting};
-use super::{sockets, unlink_all, Proxy, ProxyError, Route};
+use super::{unlink_all, Proxy, ProxyError, Route};
 
 impl Proxy {
     /// Says whether the guest was running when the swap began: then the new generation's
@@ -36,87 +35,117 @@ impl Proxy {
         }
     }
 
-    /// Opens each served client's connection to generation `gen`, reads and drops its
-    /// greeting (QMP) or banner (HMP), and replays the client's accepted `qmp_capabilities`
-    /// exactly, swallowing the answer. A greeting or negotiation the old generation still
-    /// owes is waited for first. Until commit, what the new generation says is held back, its
-    /// RESUME, MIGRATION and MIGRATION_PASS events dropped. Blocks until `deadline` at most.
-    /// Calls [`Proxy::hold`] if the caller did not. On error the caller aborts the swap with
-    /// [`Proxy::abort`]. Clients accepted during the swap are not prepared: they wait.
-    pub fn prepare(
-        &mut self,
-        registry: &Registry,
-        gen: u32,
-        deadline: Instant,
-    ) -> Result<(), ProxyError> {
+    /// Starts moving each served client to generation `gen`: a connection to `gen` is
+    /// opened for it, its greeting (QMP) or banner (HMP) read and dropped, and the client's
+    /// accepted `qmp_capabilities` replayed exactly, the answer swallowed. A greeting or
+    /// negotiation the old generation still owes is waited for first. Nothing here waits:
+    /// it all moves as the loop serves the connections, and [`Proxy::prepared`], called after
+    /// every turn, opens what can be opened and says when every client is ready. Until
+    /// commit, what the new generation says is held back, its RESUME, MIGRATION and
+    /// MIGRATION_PASS events dropped. Calls [`Proxy::hold`] if the caller did not. On error
+    /// the caller aborts the swap with [`Proxy::abort`]. Clients accepted during the swap
+    /// are not prepared: they wait.
+    pub fn prepare(&mut self, registry: &Registry, gen: u32) -> Result<(), ProxyError> {
         self.hold(registry);
         let paths = self
             .backends
             .get(&gen)
             .cloned()
             .ok_or(ProxyError::NoBackends { gen })?;
+        self.preparing = Some((gen, paths));
+        self.prepared(registry).map(|_| ())
+    }
+
+    /// Whether every client [`Proxy::prepare`] moves has its connection to the new
+    /// generation ready; opens those whose old generation has settled meanwhile. `Err` when
+    /// one cannot be made ready.
+    pub fn prepared(&mut self, registry: &Registry) -> Result<bool, ProxyError> {
+        let Some((gen, paths)) = self.preparing.clone() else {
+            return Ok(true);
+        };
         let ids: Vec<u64> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.back.is_some() && c.next.is_none() && !c.closing)
+            .filter(|(_, c)| c.back.is_some() && !c.closing)
             .map(|(&id, _)| id)
             .collect();
+        let mut ready = true;
         for id in ids {
-            let token = self.token(Route::Conn(id));
-            let interest = Interest::READABLE | Interest::WRITABLE;
-            let prepared = self
-                .prepare_one(id, &paths, gen, token, deadline)
-                .and_then(
-                    |mut b| match registry.register(&mut b.stream, token, interest) {
-                        Ok(()) => Ok(b),
-                        Err(e) => Err(ProxyError::Register(e)),
-                    },
-                );
-            match prepared {
-                Ok(b) => self.conns.get_mut(&id).expect("prepared conn exists").next = Some(b),
-                Err(e) => {
-                    self.routes.remove(&token.0);
-                    return Err(e);
+            let Some(conn) = self.conns.get(&id) else {
+                continue;
+            };
+            let index = conn.monitor;
+            if conn.next.is_none() {
+                // How to prepare depends on what the old generation has yet to say.
+                if conn.unsettled() {
+                    ready = false;
+                    continue;
+                }
+                self.open_next(registry, id, &paths, gen)?;
+            }
+            let Some(next) = self.conns.get(&id).and_then(|c| c.next.as_ref()) else {
+                continue;
+            };
+            match next.handshake() {
+                Ok(true) => {}
+                Ok(false) => ready = false,
+                Err(Handshake::Io(source)) => {
+                    return Err(ProxyError::Greeting { index, gen, source })
+                }
+                Err(Handshake::Refused(desc)) => {
+                    return Err(ProxyError::Capabilities { index, gen, desc })
                 }
             }
         }
-        Ok(())
+        Ok(ready)
     }
 
-    fn prepare_one(
+    /// Opens client `id`'s connection to generation `gen` and starts its handshake.
+    fn open_next(
         &mut self,
+        registry: &Registry,
         id: u64,
         paths: &[PathBuf],
         gen: u32,
-        token: Token,
-        deadline: Instant,
-    ) -> Result<Backend, ProxyError> {
-        let conn = self.conns.get_mut(&id).expect("prepared conn exists");
+    ) -> Result<(), ProxyError> {
+        let token = self.token(Route::Conn(id));
+        let Some(conn) = self.conns.get_mut(&id) else {
+            self.routes.remove(&token.0);
+            return Ok(());
+        };
         let index = conn.monitor;
-        // How to prepare depends on what the old generation has yet to say.
-        loop {
-            conn.pump(true, &mut self.journal);
-            let Some(back) = conn.back.as_ref().filter(|_| conn.unsettled()) else {
-                break;
-            };
-            sockets::wait_fd(back.stream.as_fd(), PollFlags::POLLIN, deadline)
-                .map_err(|source| ProxyError::Negotiation { index, source })?;
-        }
-        let mode = self.monitors[index].mode;
+        let mode = self
+            .monitors
+            .get(index)
+            .map_or(super::Mode::Raw, |m| m.mode);
         // A client the old generation never greeted (it died first) gets the new greeting.
         let greeting = if conn.greeted() {
             Greeting::Drop
         } else {
             Greeting::Pass
         };
-        let mut b = Backend::connect(&paths[index], mode, greeting, Filter::Arriving, token)
-            .map_err(|source| ProxyError::Connect { index, gen, source })?;
-        b.handshake(conn.caps.as_deref(), deadline)
-            .map_err(|e| match e {
-                Handshake::Io(source) => ProxyError::Greeting { index, gen, source },
-                Handshake::Refused(desc) => ProxyError::Capabilities { index, gen, desc },
-            })?;
-        Ok(b)
+        let path = paths.get(index).ok_or(ProxyError::NoBackends { gen })?;
+        let opened = Backend::connect(path, mode, greeting, Filter::Arriving, token)
+            .map_err(|source| ProxyError::Connect { index, gen, source })
+            .and_then(|mut b| {
+                let interest = Interest::READABLE | Interest::WRITABLE;
+                match registry.register(&mut b.stream, token, interest) {
+                    Ok(()) => Ok(b),
+                    Err(e) => Err(ProxyError::Register(e)),
+                }
+            });
+        let mut b = match opened {
+            Ok(b) => b,
+            Err(e) => {
+                self.routes.remove(&token.0);
+                return Err(e);
+            }
+        };
+        b.start_handshake(conn.caps.clone());
+        conn.next = Some(b);
+        // What the new generation has sent already is read now; later, its events.
+        conn.pump(true, &mut self.journal);
+        Ok(())
     }
 
     /// True once every command forwarded to the old generation has been written and
@@ -161,6 +190,7 @@ impl Proxy {
 
     fn end_swap(&mut self, registry: &Registry) {
         self.swapping = false;
+        self.preparing = None;
         let live = self.live;
         for by_gen in [&mut self.backends, &mut self.displays] {
             by_gen.retain(|&gen, paths| {

@@ -1,11 +1,10 @@
 //! Fds passed by clients, and the hot-plug journal, through the proxy and fake QEMU monitors.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::{send, send_fd, H, WAIT};
+use super::{send, send_fd, H};
 use crate::proxy::Mode;
 
 fn ino(fd: &impl AsRawFd) -> u64 {
@@ -195,9 +194,7 @@ fn commands_held_during_a_swap_are_journaled_from_the_new_generation() {
     let add = r#"{"execute":"netdev_add","arguments":{"type":"tap","id":"n","fd":"f"},"id":2}"#;
     send(&mut c[0], add);
     h.quiet(&mut c[0]);
-    h.proxy
-        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
-        .unwrap();
+    h.prepare(2).unwrap();
     assert!(h.proxy.journal().is_empty());
     h.proxy.commit(h.poll.registry(), 2);
     assert_eq!(h.msg(&mut c[0]), json!({"return": {}, "id": 1}));

@@ -204,13 +204,21 @@ impl H {
         );
     }
 
+    /// Prepares the swap to `gen` and turns the loop until every client is ready.
+    fn prepare(&mut self, gen: u32) -> Result<(), ProxyError> {
+        self.proxy.prepare(self.poll.registry(), gen)?;
+        let end = Instant::now() + WAIT;
+        while !self.proxy.prepared(self.poll.registry())? {
+            assert!(Instant::now() < end, "timed out preparing generation {gen}");
+            self.turn(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
     fn swap(&mut self, gen: u32) {
         self.spawn(gen, false);
         self.proxy.hold(self.poll.registry());
-        let deadline = Instant::now() + WAIT;
-        self.proxy
-            .prepare(self.poll.registry(), gen, deadline)
-            .unwrap();
+        self.prepare(gen).unwrap();
         self.until("drained", |h| h.proxy.drained());
         self.proxy.commit(self.poll.registry(), gen);
     }
@@ -273,8 +281,7 @@ fn commands_held_during_a_swap_reach_the_new_generation_in_order() {
     c[0].s.write_all(br#"{"execute":"query-"#).unwrap();
     h.quiet(&mut c[0]);
     assert_eq!(h.fake(1, 0).got().len(), 1);
-    let deadline = Instant::now() + WAIT;
-    h.proxy.prepare(h.poll.registry(), 2, deadline).unwrap();
+    h.prepare(2).unwrap();
     assert!(h.proxy.drained());
     h.proxy.commit(h.poll.registry(), 2);
     c[0].s.write_all(br#"version","id":13}"#).unwrap();
@@ -295,9 +302,7 @@ fn drained_waits_for_answers_owed_by_the_old_generation() {
     h.until("drained", |h| h.proxy.drained());
     assert_eq!(h.msg(&mut c[0]), json!({"return": {}, "id": "s"}));
     h.spawn(2, false);
-    h.proxy
-        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
-        .unwrap();
+    h.prepare(2).unwrap();
     h.proxy.commit(h.poll.registry(), 2);
     assert_eq!(
         version(&h.cmd(&mut c[0], r#"{"execute":"query-version"}"#)),
@@ -336,9 +341,7 @@ fn events_caused_by_the_swap_are_hidden() {
         names(&mut h, &mut c[0], "MARK1"),
         ["BLOCK_JOB_READY", "MARK1"]
     );
-    h.proxy
-        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
-        .unwrap();
+    h.prepare(2).unwrap();
     for ev in ["RESUME", "MIGRATION", "NIC_RX_FILTER_CHANGED"] {
         h.fake(2, 0).event(ev);
     }
@@ -364,9 +367,7 @@ fn client_arriving_during_a_swap_is_served_after_commit() {
     h.proxy.hold(h.poll.registry());
     let mut c = h.connect(0);
     h.quiet(&mut c);
-    h.proxy
-        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
-        .unwrap();
+    h.prepare(2).unwrap();
     h.proxy.commit(h.poll.registry(), 2);
     assert!(h.msg(&mut c).get("QMP").is_some());
     assert_eq!(h.cmd(&mut c, CAPS), json!({"return": {}, "id": "caps"}));
@@ -386,9 +387,7 @@ fn capabilities_still_unanswered_at_prepare_are_awaited_and_replayed() {
     h.spawn(2, false);
     h.proxy.hold(h.poll.registry());
     assert!(!h.proxy.drained());
-    h.proxy
-        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
-        .unwrap();
+    h.prepare(2).unwrap();
     assert!(h.proxy.drained());
     h.proxy.commit(h.poll.registry(), 2);
     assert_eq!(h.msg(&mut c), json!({"return": {}, "id": "caps"}));
@@ -427,9 +426,7 @@ fn abort_returns_every_client_to_the_old_generation() {
     h.spawn(2, false);
     h.proxy.hold(h.poll.registry());
     send(&mut c[0], r#"{"execute":"query-version","id":"held"}"#);
-    h.proxy
-        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
-        .unwrap();
+    h.prepare(2).unwrap();
     h.proxy.abort(h.poll.registry());
     let r = h.msg(&mut c[0]);
     assert_eq!((version(&r), &r["id"]), (1, &json!("held")));
@@ -446,10 +443,7 @@ fn refused_capabilities_fail_prepare() {
     let (mut h, mut c) = H::started(&[Mode::Qmp]);
     h.spawn(2, true);
     h.proxy.hold(h.poll.registry());
-    let err = h
-        .proxy
-        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
-        .unwrap_err();
+    let err = h.prepare(2).unwrap_err();
     assert!(
         matches!(
             err,
@@ -478,9 +472,7 @@ fn raw_bytes_cross_a_swap_both_ways() {
     send(&mut c[0], "during");
     h.fake(1, 0).emit(b"out1\n");
     assert_eq!(h.upto(&mut c[0], "\n"), "out1\n");
-    h.proxy
-        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
-        .unwrap();
+    h.prepare(2).unwrap();
     h.until("gen 2 connected", |h| h.fake(2, 0).connected());
     h.fake(2, 0).emit(b"out2\n");
     h.quiet(&mut c[0]);
@@ -505,9 +497,7 @@ fn hmp_banner_of_the_new_generation_is_swallowed() {
     h.spawn(2, false);
     h.proxy.hold(h.poll.registry());
     send(&mut c[0], "info version");
-    h.proxy
-        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
-        .unwrap();
+    h.prepare(2).unwrap();
     h.proxy.commit(h.poll.registry(), 2);
     assert_eq!(
         h.upto(&mut c[0], "(qemu) "),
@@ -644,9 +634,17 @@ fn tcp_clients_are_served_like_unix_ones() {
 
     let gen2 = Fake::spawn(proxy.backends_for(2).unwrap().remove(0), script(2));
     proxy.hold(poll.registry());
-    proxy
-        .prepare(poll.registry(), 2, Instant::now() + WAIT)
-        .unwrap();
+    proxy.prepare(poll.registry(), 2).unwrap();
+    let end = Instant::now() + WAIT;
+    let mut turn_events = Events::with_capacity(16);
+    while !proxy.prepared(poll.registry()).unwrap() {
+        assert!(Instant::now() < end, "timed out preparing");
+        poll.poll(&mut turn_events, Some(Duration::from_millis(5)))
+            .unwrap();
+        for ev in turn_events.iter() {
+            proxy.handle(poll.registry(), ev);
+        }
+    }
     assert!(proxy.drained());
     proxy.commit(poll.registry(), 2);
     client

@@ -4,12 +4,11 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Instant;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use serde_json::json;
 
-use super::{send, H, WAIT};
+use super::{send, H};
 use crate::proxy::Mode;
 
 /// A QEMU killed when the test ends, however it ends.
@@ -94,9 +93,7 @@ fn clients_move_between_real_qemus() {
     h.proxy.hold(h.poll.registry());
     send(&mut qmp, r#"{"execute":"query-name","id":2}"#);
     send(&mut hmp, "info name");
-    h.proxy
-        .prepare(h.poll.registry(), 2, Instant::now() + WAIT)
-        .unwrap();
+    h.prepare(2).unwrap();
     h.until("drained", |h| h.proxy.drained());
     h.proxy.commit(h.poll.registry(), 2);
     drop(q1);
