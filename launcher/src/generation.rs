@@ -15,6 +15,7 @@ use nix::unistd::Pid;
 
 use crate::child::{self, ChildError, ExecStatus, Exit, InheritedSignals};
 use crate::cmdline::CmdLine;
+use crate::installed::FileId;
 use crate::listeners::{graphics, hostfwd};
 use crate::memfd::{self, Region, Unshareable};
 use crate::monitors::{self, ListenOn, Proxied};
@@ -331,6 +332,8 @@ pub struct Generation {
     pub pid: Pid,
     /// The binary it runs.
     pub binary: Binary,
+    /// The file that binary's path named when it was started, to tell a replaced one.
+    pub started_from: Option<FileId>,
     /// The launcher's end of its private monitor.
     pub qmp: Qmp,
     /// When it was started.
@@ -382,6 +385,7 @@ impl Generation {
             seccomp: fds.tap_guard,
             before_exec: fds.before_exec,
         };
+        let started_from = FileId::of(&binary.path);
         let started = child::spawn(&spec)?;
         drop(theirs);
         // The child has its copies from the fork on.
@@ -392,6 +396,7 @@ impl Generation {
             number,
             pid: started.pid,
             binary,
+            started_from,
             qmp,
             started: Instant::now(),
             version: None,

@@ -7,7 +7,8 @@
 //! Modules, one concern each:
 //! - [`cmdline`]: QEMU's command-line grammar, parsed losslessly and printed back.
 //! - [`resources`]: what a command line refers to that must stay stable (fds, sockets, RAM).
-//! - [`resolve`]: finding the real QEMU binary.
+//! - [`resolve`]: finding the real QEMU binary; [`installed`]: whether a VM runs the one
+//!   installed now.
 //! - [`child`]: fork/exec of one QEMU generation with an explicit fd layout.
 //! - [`qmp`]: QMP framing over the launcher's private monitor.
 //! - [`relay`]: QEMU output copied through the launcher.
@@ -41,6 +42,7 @@ pub mod discover;
 pub mod fault;
 pub mod fdio;
 pub mod generation;
+pub mod installed;
 pub mod journal;
 pub mod listeners;
 pub mod memfd;

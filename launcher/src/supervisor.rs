@@ -709,7 +709,7 @@ impl Supervisor {
             .filter_map(|o| o.parse_arg())
             .filter_map(|a| a.get("guest"))
             .last();
-        json!({
+        let mut status = json!({
             "pid": std::process::id(),
             "name": name,
             "qemu_pid": self.current.pid.as_raw(),
@@ -721,7 +721,19 @@ impl Supervisor {
             "uptime_s": self.started.elapsed().as_secs(),
             "generation_uptime_s": self.current.started.elapsed().as_secs(),
             "last_upgrade": self.last_upgrade,
-        })
+        });
+        if let (Value::Object(status), Value::Object(installed)) = (
+            &mut status,
+            crate::installed::status(
+                &self.config.argv0,
+                &self.current.binary,
+                self.current.started_from,
+                self.current.pid,
+            ),
+        ) {
+            status.extend(installed);
+        }
+        status
     }
 }
 
