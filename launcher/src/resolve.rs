@@ -13,7 +13,8 @@
 //!    ```
 //!    `binaries` is keyed by the name the shim was invoked as and wins over `binary`;
 //! 3. `<path the shim was invoked as>.real`, which is where `dpkg-divert --rename` moves the
-//!    packaged binary when the shim is diverted over it.
+//!    packaged binary when the shim is diverted over it (or, for a symlink such as Debian's
+//!    `/usr/bin/kvm`, the `.real` beside each path the symlink leads through).
 //!
 //! Resolution runs again for every generation: a package upgrade replaces the file at the
 //! resolved path, and the next generation must run the new one.
@@ -61,6 +62,15 @@ pub enum ResolveError {
         from: String,
         /// Why it cannot be executed.
         reason: String,
+    },
+    /// Nothing resolves and the path the shim was started as holds another program now: the
+    /// shim was taken away (the package removed, the diversion undone) under a running VM.
+    #[error("{path} is no longer the qemu-liveupgrade shim (was qemu-liveupgrade removed?) and there is no {fallback}: this VM stays on its QEMU until it is restarted")]
+    ShimRemoved {
+        /// The path the shim was started as.
+        path: PathBuf,
+        /// The `.real` path it looked for.
+        fallback: PathBuf,
     },
     /// The resolved binary is the shim itself, which would recurse forever.
     #[error("{path} is the qemu-liveupgrade shim itself, not QEMU")]
@@ -146,23 +156,59 @@ pub fn resolve_with(
     }
 
     let invoked = invoked_path(argv0, path_var);
-    let mut sibling = invoked.clone().into_os_string();
-    sibling.push(".real");
-    let sibling = PathBuf::from(sibling);
-    match check_executable(&sibling) {
-        Ok(()) => not_self(Binary {
-            path: sibling,
-            source: Source::Sibling,
-        }),
-        Err(e) => {
-            tried.push(format!("{}: {e}", sibling.display()));
-            Err(ResolveError::NotFound {
-                tried: tried.join("; "),
-                config: config.display().to_string(),
-                fallback: sibling.display().to_string(),
-            })
+    let sibling = real_beside(&invoked);
+    for link in symlink_chain(&invoked) {
+        let candidate = real_beside(&link);
+        match check_executable(&candidate) {
+            Ok(()) => {
+                return not_self(Binary {
+                    path: candidate,
+                    source: Source::Sibling,
+                })
+            }
+            Err(e) => tried.push(format!("{}: {e}", candidate.display())),
         }
     }
+    if is_other_program(&invoked) {
+        return Err(ResolveError::ShimRemoved {
+            path: invoked,
+            fallback: sibling,
+        });
+    }
+    Err(ResolveError::NotFound {
+        tried: tried.join("; "),
+        config: config.display().to_string(),
+        fallback: sibling.display().to_string(),
+    })
+}
+
+/// `PATH.real`.
+fn real_beside(path: &Path) -> PathBuf {
+    let mut real = path.as_os_str().to_owned();
+    real.push(".real");
+    PathBuf::from(real)
+}
+
+/// `path`, then each symlink it leads through, relative targets taken from the link's
+/// directory: Debian's `/usr/bin/kvm` is a symlink to `qemu-system-x86_64`, whose `.real` is
+/// the QEMU to run. Stops after a few links (a loop, or a long chain, is not followed).
+fn symlink_chain(path: &Path) -> Vec<PathBuf> {
+    let mut chain = vec![path.to_owned()];
+    while chain.len() < 8 {
+        let last = &chain[chain.len() - 1];
+        let Ok(target) = fs::read_link(last) else {
+            break;
+        };
+        let next = match last.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+        if chain.contains(&next) {
+            break;
+        }
+        chain.push(next);
+    }
+    chain
 }
 
 /// The basename QEMU itself would use in its messages (`qemu-system-x86_64`).
@@ -242,6 +288,24 @@ fn short_io(e: &io::Error) -> String {
         Some(n) => nix::errno::Errno::from_raw(n).desc().to_string(),
         None => e.to_string(),
     }
+}
+
+/// Whether `path` is an executable that is not this process's own: what the package's removal
+/// leaves where the shim stood (the real QEMU renamed back). `/proc/self/exe` of a shim whose
+/// file was replaced or removed reads `PATH (deleted)` (proc(5)); the path still counts as
+/// the shim's, as after the package's own upgrade.
+fn is_other_program(path: &Path) -> bool {
+    if !path.is_absolute() || check_executable(path).is_err() {
+        return false;
+    }
+    let Ok(me) = fs::read_link("/proc/self/exe") else {
+        return false;
+    };
+    let me = me.as_os_str().as_bytes();
+    let me = Path::new(OsStr::from_bytes(
+        me.strip_suffix(b" (deleted)").unwrap_or(me),
+    ));
+    fs::canonicalize(path).is_ok_and(|it| it != me)
 }
 
 /// Refuses a binary that is this very executable: the config pointing back at the shim would
@@ -341,6 +405,31 @@ mod tests {
     }
 
     #[test]
+    fn a_symlink_to_a_diverted_emulator_finds_its_real_binary() {
+        // /usr/bin/kvm -> qemu-system-x86_64 -> (the shim); qemu-system-x86_64.real is QEMU.
+        let d = tmpdir("kvm");
+        let shim = d.join("shim");
+        exe(&shim);
+        std::os::unix::fs::symlink(&shim, d.join("qemu-system-x86_64")).unwrap();
+        exe(&d.join("qemu-system-x86_64.real"));
+        std::os::unix::fs::symlink("qemu-system-x86_64", d.join("kvm")).unwrap();
+        let got =
+            resolve_with(d.join("kvm").as_os_str(), None, &d.join("none.json"), None).unwrap();
+        assert_eq!(got.path, d.join("qemu-system-x86_64.real"));
+        // A link loop ends the walk instead of hanging it.
+        std::os::unix::fs::symlink("loop-b", d.join("loop-a")).unwrap();
+        std::os::unix::fs::symlink("loop-a", d.join("loop-b")).unwrap();
+        let err = resolve_with(
+            d.join("loop-a").as_os_str(),
+            None,
+            &d.join("none.json"),
+            None,
+        );
+        assert!(matches!(err, Err(ResolveError::NotFound { .. })), "{err:?}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn nothing_found_names_every_attempt() {
         let d = tmpdir("none");
         let err = resolve_with(
@@ -402,6 +491,26 @@ mod tests {
         fs::create_dir(&cfg).unwrap();
         let err = resolve_with(OsStr::new("/x/q"), None, &cfg, None).unwrap_err();
         assert!(matches!(err, ResolveError::Config { .. }), "{err}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn another_program_where_the_shim_stood_says_the_shim_was_removed() {
+        let d = tmpdir("removed");
+        let argv0 = d.join("qemu-system-x86_64");
+        // The real QEMU, renamed back over the shim's symlink by `dpkg-divert --remove`.
+        exe(&argv0);
+        let err = resolve_with(argv0.as_os_str(), None, &d.join("none.json"), None).unwrap_err();
+        assert!(
+            matches!(&err, ResolveError::ShimRemoved { path, .. } if *path == argv0),
+            "{err}"
+        );
+        assert!(err.to_string().contains("stays on its QEMU"), "{err}");
+        // This very executable there (the shim itself) is the ordinary "nothing found".
+        fs::remove_file(&argv0).unwrap();
+        std::os::unix::fs::symlink(fs::read_link("/proc/self/exe").unwrap(), &argv0).unwrap();
+        let err = resolve_with(argv0.as_os_str(), None, &d.join("none.json"), None).unwrap_err();
+        assert!(matches!(err, ResolveError::NotFound { .. }), "{err}");
         fs::remove_dir_all(&d).unwrap();
     }
 
