@@ -5,7 +5,7 @@
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::rc::Rc;
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
@@ -15,7 +15,7 @@ use crate::rundir::{self, RunDir};
 /// One VM's control socket.
 #[derive(Debug, Clone)]
 pub struct Vm {
-    dir: Rc<RunDir>,
+    dir: Arc<RunDir>,
     /// Its launcher's pid: the pid libvirt or the script tracks.
     pub pid: u32,
 }
@@ -64,7 +64,7 @@ pub fn scan() -> Scan {
         ..Scan::default()
     };
     for dir in dirs {
-        let dir = Rc::new(dir);
+        let dir = Arc::new(dir);
         let names = match dir.names() {
             Ok(n) => n,
             Err(e) => {
@@ -78,7 +78,7 @@ pub fn scan() -> Scan {
                 .iter()
                 .filter_map(|n| n.strip_suffix(".sock")?.parse().ok())
                 .map(|pid| Vm {
-                    dir: Rc::clone(&dir),
+                    dir: Arc::clone(&dir),
                     pid,
                 }),
         );
