@@ -125,10 +125,7 @@ fn root_lists_shows_and_upgrades_a_vm_of_another_user() {
 
     let listed = cli(&["list", "--json"]);
     assert!(listed.status.success(), "{listed:?}");
-    let statuses: Vec<Value> = String::from_utf8_lossy(&listed.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let statuses: Vec<Value> = serde_json::from_slice(&listed.stdout).expect("a JSON array");
     assert!(
         statuses.iter().any(|s| s["pid"] == pid),
         "root's list does not show pid {pid}: {statuses:?}"

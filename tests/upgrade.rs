@@ -251,7 +251,8 @@ fn cli_upgrade_waits_and_reports() {
     cmd.args(["list", "--json"])
         .env("QEMU_LIVEUPGRADE_RUNDIR", vm.rundir());
     let out = output_within(cmd, Duration::from_secs(10));
-    let listed: Value = serde_json::from_slice(&out.stdout).expect("one VM listed");
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("JSON list");
+    let listed = &listed[0];
     assert_eq!(listed["pid"], vm.vm.pid().as_raw());
     assert_eq!(listed["name"], "cli-vm");
     assert_eq!(listed["generation"], 3);

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cli::rollout;
 use launcher::cmdline::CmdLine;
 use launcher::discover;
 use launcher::plan::Plan;
@@ -36,11 +37,24 @@ enum Command {
         #[arg(last = true, required = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Move a running VM onto the QEMU binary now installed (or --to PATH). Exits 0 only once
-    /// the guest runs on the new QEMU.
+    /// Move a running VM (or --all of them) onto the QEMU binary now installed (or --to PATH).
+    /// Exits 0 only once the guest runs on the new QEMU; with --all, only if no VM failed.
     Upgrade {
         /// The VM: the pid libvirt or the script tracks, or its -name.
-        vm: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        vm: Option<String>,
+        /// Every VM on this host, at most --max-parallel at a time: a line per VM as it ends,
+        /// then a table (VM, from, to, pause, result, reason). VMs that fail stay on their QEMU.
+        #[arg(long, conflicts_with_all = ["to", "no_wait"])]
+        all: bool,
+        /// With --all: only the VMs whose QEMU is not the installed binary (replaced or removed
+        /// since they started, or another one).
+        #[arg(long, requires = "all")]
+        outdated: bool,
+        /// With --all: upgrades running at once [default: the config's rollout.max_parallel,
+        /// else 2].
+        #[arg(long, requires = "all", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        max_parallel: Option<u32>,
         /// The new QEMU binary; by default the shim resolves it as at start.
         #[arg(long)]
         to: Option<PathBuf>,
@@ -50,7 +64,7 @@ enum Command {
         /// Return once the launcher has taken the request.
         #[arg(long)]
         no_wait: bool,
-        /// Print the report as JSON.
+        /// Print the report as JSON (with --all: one document for the whole rollout).
         #[arg(long)]
         json: bool,
     },
@@ -80,11 +94,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the VMs running under the shim.
+    /// List the VMs running under the shim, and whether each runs the installed QEMU.
     List {
-        /// Print JSON, one object per VM.
+        /// Print JSON: an array with each VM's status.
         #[arg(long)]
         json: bool,
+    },
+    /// What the package's dpkg trigger runs after a QEMU package changed: apply the config's
+    /// rollout policy (log the outdated VMs, or upgrade them all) and log what happened.
+    ApplyPolicy {
+        /// Wait until dpkg and apt are done first (they hold their locks until then).
+        #[arg(long)]
+        wait_for_dpkg: bool,
+        /// The log file.
+        #[arg(long, default_value = cli::log::DEFAULT_LOG)]
+        log: PathBuf,
     },
 }
 
@@ -119,12 +143,21 @@ fn run(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Upgrade {
+            all: true,
+            outdated,
+            max_parallel,
+            json,
+            ..
+        } => upgrade_all(outdated, max_parallel, json),
+        Command::Upgrade {
             vm,
             to,
             wait: _,
             no_wait,
             json,
+            ..
         } => {
+            let vm = vm.ok_or("name a VM, or --all")?;
             let target = discover::scan().find(&vm)?;
             let to = to.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
             let req =
@@ -214,31 +247,133 @@ fn run(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::List { json } => {
-            let vms = live(&discover::scan());
+            let vms = with_installed_versions(live(&discover::scan()));
             if json {
-                for (_, s) in &vms {
-                    println!("{s}");
-                }
+                let all: Vec<&Value> = vms.iter().map(|(_, s)| s).collect();
+                println!("{}", pretty(&json!(all)));
             } else {
-                println!(
-                    "{:>8} {:<16} {:<10} {:>4} {:>8}  BINARY",
-                    "PID", "NAME", "VERSION", "GEN", "UPTIME"
-                );
-                for (_, s) in &vms {
-                    println!(
-                        "{:>8} {:<16} {:<10} {:>4} {:>7}s  {}",
-                        s["pid"],
-                        s["name"].as_str().unwrap_or("-"),
-                        s["version"].as_str().unwrap_or("?"),
-                        s["generation"],
-                        s["uptime_s"],
-                        s["binary"].as_str().unwrap_or("?"),
-                    );
-                }
+                print!("{}", list_text(&vms));
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::ApplyPolicy { wait_for_dpkg, log } => {
+            let opts = cli::apply_policy::Options {
+                wait_for_dpkg,
+                log: &log,
+            };
+            let ok = cli::apply_policy::run(&opts, rollout_vms)?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
     }
+}
+
+/// `upgrade --all`: progress lines on stderr, the table (or JSON) on stdout.
+fn upgrade_all(outdated: bool, max_parallel: Option<u32>, json: bool) -> Result<ExitCode, String> {
+    let max_parallel = match max_parallel {
+        Some(n) => n as usize,
+        None => cli::policy::read(&cli::policy::config_path())?.max_parallel,
+    };
+    let (vms, left) = rollout::select(rollout_vms(), outdated);
+    let total = vms.len();
+    let outcomes = rollout::run(&vms, max_parallel, |o, done| {
+        eprintln!("{}", o.progress_line(done, total));
+    });
+    if json {
+        println!(
+            "{}",
+            pretty(&rollout::to_json(&outcomes, &left, max_parallel))
+        );
+    } else {
+        print!("{}", rollout::table(&outcomes, &left));
+    }
+    Ok(if rollout::succeeded(&outcomes) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Every VM, as the rollout takes them.
+fn rollout_vms() -> Vec<rollout::Vm> {
+    live(&discover::scan())
+        .into_iter()
+        .map(|(vm, status)| rollout::Vm {
+            reach: Box::new(vm),
+            status,
+        })
+        .collect()
+}
+
+/// Each VM's status with `installed_version`: what its installed binary says it is.
+fn with_installed_versions(vms: Vec<(discover::Vm, Value)>) -> Vec<(discover::Vm, Value)> {
+    let mut versions = cli::versions::Versions::default();
+    vms.into_iter()
+        .map(|(vm, mut s)| {
+            let v = s["installed_binary"]
+                .as_str()
+                .and_then(|b| versions.of(std::path::Path::new(b)));
+            s["installed_version"] = json!(v);
+            (vm, s)
+        })
+        .collect()
+}
+
+/// The `list` table, and a closing line on the VMs that need an upgrade.
+fn list_text(vms: &[(discover::Vm, Value)]) -> String {
+    let mut text = format!(
+        "{:>8} {:<16} {:<8} {:>4} {:>8}  {:<10} BINARY\n",
+        "PID", "NAME", "QEMU", "GEN", "UPTIME", "INSTALLED"
+    );
+    for (_, s) in vms {
+        let installed = match s["runs_installed"].as_bool() {
+            Some(true) => "yes".to_owned(),
+            Some(false) => format!("no: {}", s["installed_version"].as_str().unwrap_or("?")),
+            None => "unknown".to_owned(),
+        };
+        let deleted = if s["binary_deleted"] == true {
+            " (deleted)"
+        } else {
+            ""
+        };
+        text.push_str(&format!(
+            "{:>8} {:<16} {:<8} {:>4} {:>7}s  {:<10} {}{deleted}\n",
+            s["pid"],
+            s["name"].as_str().unwrap_or("-"),
+            s["version"].as_str().unwrap_or("?"),
+            s["generation"],
+            s["uptime_s"],
+            installed,
+            s["binary"].as_str().unwrap_or("?"),
+        ));
+    }
+    let outdated = vms
+        .iter()
+        .filter(|(_, s)| s["runs_installed"] == false)
+        .count();
+    let deleted = vms
+        .iter()
+        .filter(|(_, s)| s["binary_deleted"] == true)
+        .count();
+    if outdated > 0 {
+        text.push_str(&format!(
+            "{outdated} of {} VMs run an outdated QEMU ({deleted} a binary no longer on disk): qemu-liveupgrade upgrade --all --outdated\n",
+            vms.len()
+        ));
+    }
+    for (_, s) in vms.iter().filter(|(_, s)| s["runs_installed"].is_null()) {
+        text.push_str(&format!(
+            "{}: {}\n",
+            rollout::label(s),
+            s["installed_error"]
+                .as_str()
+                .unwrap_or("its launcher cannot tell which QEMU is installed")
+        ));
+    }
+    text
 }
 
 /// Every VM whose launcher answers, with its status; directories the scan did not trust are
