@@ -341,3 +341,54 @@ fn state(pid: Pid) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit_once(") ")?.1.chars().next()
 }
+
+#[test]
+fn upgrade_reports_to_a_stderr_nobody_reads() {
+    // The report goes to stderr, which libvirt points at a log pipe: a reader that went away
+    // must cost the line, not the VM (eprintln! panics on EPIPE).
+    use std::os::fd::OwnedFd;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let dir = qemu_liveupgrade_tests::tempdir();
+    let qemu = dir.join("qemu");
+    std::os::unix::fs::symlink(qemu_liveupgrade_tests::qemu_build("7.2.22"), &qemu).unwrap();
+    std::fs::create_dir_all(dir.join("run")).unwrap();
+    let (r, w) = nix::unistd::pipe().unwrap();
+    drop(r);
+    let qmp_path = dir.join("qmp.sock");
+    let mut cmd = qemu_liveupgrade_tests::shim::shim_command(&qemu, &dir.join("run"));
+    cmd.args(guest_argv(64))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(OwnedFd::from(w)));
+    let mut shim = Group(cmd.process_group(0).spawn().expect("shim"));
+    let mut qmp = Qmp::connect_unix(&qmp_path, Duration::from_secs(30));
+    let tmp = dir.join("qemu.new");
+    std::os::unix::fs::symlink(qemu_liveupgrade_tests::qemu_build("10.0.2"), &tmp).unwrap();
+    std::fs::rename(&tmp, &qemu).unwrap();
+    let mut cli = Command::new(qemu_liveupgrade_tests::cli_bin());
+    cli.args(["upgrade", "--json", &shim.0.id().to_string()])
+        .env("QEMU_LIVEUPGRADE_RUNDIR", dir.join("run"));
+    let report = qemu_liveupgrade_tests::shim::cli_json(cli, "upgrade");
+    assert_eq!(report["result"], "ok", "{report}");
+    assert_eq!(version(&qmp.execute("query-version", json!({}))), "10.0.2");
+    assert_eq!(qmp.execute("query-status", json!({}))["status"], "running");
+    assert!(shim.0.try_wait().unwrap().is_none(), "the shim survived its report");
+    let _ = qmp.try_execute("quit", json!({}));
+    wait_until(Duration::from_secs(10), "the shim to end", || {
+        shim.0.try_wait().unwrap().is_some()
+    });
+    assert_eq!(shim.0.wait().unwrap().code(), Some(0));
+}
+
+/// A child in its own process group, killed with it when dropped.
+struct Group(std::process::Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(self.0.id() as i32), Signal::SIGKILL);
+        let _ = self.0.wait();
+    }
+}

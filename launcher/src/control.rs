@@ -9,7 +9,7 @@
 //! the upgrade report.
 
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -118,17 +118,18 @@ impl Client {
         }
     }
 
-    /// Sends one JSON line. Blocking with a short timeout: the CLI reads as it goes, and a
-    /// client that stops reading must not stall the VM's supervisor for long.
+    /// Sends one JSON line without waiting: the CLI reads as it goes, and a few lines fit
+    /// in the socket's buffer many times over. A client whose buffer is full stopped
+    /// reading: `Err`, and the caller drops it rather than let it stall the VM's supervisor.
     pub fn send(&mut self, value: &Value) -> io::Result<()> {
         let mut line = serde_json::to_vec(value)?;
         line.push(b'\n');
-        self.stream.set_nonblocking(false)?;
-        self.stream
-            .set_write_timeout(Some(std::time::Duration::from_millis(200)))?;
-        let res = self.stream.write_all(&line);
-        self.stream.set_nonblocking(true)?;
-        res
+        let mut rest = line.as_slice();
+        while !rest.is_empty() {
+            let n = crate::fdio::retry_io(|| crate::fdio::send(self.stream.as_fd(), rest))?;
+            rest = rest.get(n..).unwrap_or_default();
+        }
+        Ok(())
     }
 
     /// The client's fd, for registration.
@@ -188,7 +189,29 @@ impl Control {
                 Interest::READABLE,
             )
             .map_err(fail)?;
+        control.sweep();
         Ok(control)
+    }
+
+    /// Removes the sockets of launchers that are gone (killed, so they could not remove
+    /// their own): a socket nothing listens on refuses connections (ECONNREFUSED).
+    fn sweep(&self) {
+        let Ok(names) = self.dir.names() else {
+            return;
+        };
+        for name in names {
+            let is_socket = name
+                .strip_suffix(".sock")
+                .is_some_and(|pid| pid.parse::<u32>().is_ok());
+            if !is_socket || name == self.name {
+                continue;
+            }
+            let refused = std::os::unix::net::UnixStream::connect(self.dir.reach(&name))
+                .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused);
+            if refused {
+                let _ = self.dir.unlink(&name);
+            }
+        }
     }
 
     /// The socket's path, for messages.
@@ -351,5 +374,44 @@ mod tests {
         drop(control);
         assert!(!path.exists(), "socket removed on drop");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sockets_of_dead_launchers_are_swept_live_ones_kept() {
+        let dir = std::env::temp_dir().join(format!("qlu-sweep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let run = rundir::at(&dir, true).unwrap();
+        // A launcher killed before it could remove its socket leaves the file behind.
+        let dead = UnixListener::bind(dir.join("999999.sock")).unwrap();
+        drop(dead);
+        let alive = UnixListener::bind(dir.join("999998.sock")).unwrap();
+        std::fs::write(dir.join("notes.txt"), "not a socket").unwrap();
+        let poll = mio::Poll::new().unwrap();
+        let control = Control::bind(run, std::process::id(), poll.registry()).unwrap();
+        let mut names = rundir::at(&dir, false).unwrap().names().unwrap();
+        names.sort();
+        let mut want = vec![
+            "999998.sock".to_owned(),
+            socket_name(std::process::id()),
+            "notes.txt".into(),
+        ];
+        want.sort();
+        assert_eq!(names, want);
+        drop((control, alive));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_is_refused_not_waited_for() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut client = Client {
+            stream: ours,
+            buf: Vec::new(),
+        };
+        let line = json!({"progress": "x".repeat(4096)});
+        let refused = (0..10_000).map(|_| client.send(&line)).find(Result::is_err);
+        let err = refused.expect("a full buffer refuses").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
     }
 }

@@ -246,11 +246,13 @@ impl Supervisor {
         match Control::open(sup.poll.registry()) {
             Ok(c) => sup.control = Some(c),
             // The VM runs regardless; SIGUSR2 still upgrades it.
-            Err(e) => eprintln!(
-                "{}: qemu-liveupgrade: no control socket: {}",
-                crate::resolve::invoked_name(&sup.config.argv0).to_string_lossy(),
-                crate::error_chain(&e)
-            ),
+            Err(e) => {
+                crate::stderr_line(&format!(
+                    "{}: qemu-liveupgrade: no control socket: {}",
+                    crate::resolve::invoked_name(&sup.config.argv0).to_string_lossy(),
+                    crate::error_chain(&e)
+                ));
+            }
         }
         Ok(sup)
     }
@@ -686,7 +688,7 @@ impl Supervisor {
     /// Prints an upgrade report as one JSON line on stderr, which libvirt keeps in the
     /// domain's log, and keeps it for `status`.
     pub(crate) fn report(&mut self, report: Value) {
-        eprintln!("{report}");
+        crate::stderr_line(&report.to_string());
         for mut w in std::mem::take(&mut self.waiters) {
             let _ = w.send(&report);
         }

@@ -36,7 +36,8 @@ fn main() -> ExitCode {
     match launch(&argv0, rest, signals, &mut foreground) {
         Ok(exit) => end_like(exit),
         Err(message) => {
-            eprintln!("{prog}: {message}");
+            // A stderr that is gone is no reason to panic on the way out.
+            let _ = writeln!(std::io::stderr(), "{prog}: {message}");
             drop(foreground);
             ExitCode::from(1)
         }
