@@ -84,6 +84,9 @@ struct Upgrade {
     status: Result<Value, String>,
     /// The pid libvirt tracks.
     pid: Pid,
+    /// Whether the new vCPU 0 thread is in libvirt's `vcpu0` cgroup, and its cgroups.
+    vcpu0_placed: bool,
+    vcpu0_cgroups: Vec<String>,
 }
 
 impl Upgrade {
@@ -146,6 +149,8 @@ fn upgrade(dom: &Domain, real: &Path, to: &str) -> Upgrade {
         .map(str::to_owned)
         .collect();
     let status = cli_status(dom.name());
+    let vcpu0_placed = dom.vcpu_in_libvirt_cgroup(0);
+    let vcpu0_cgroups = dom.vcpu_cgroups(0);
     assert_eq!(dom.pid(), pid, "libvirt's pid changed across the upgrade");
     assert!(is_running(pid), "the shim (pid {pid}) is gone");
     step(&format!(
@@ -161,6 +166,8 @@ fn upgrade(dom: &Domain, real: &Path, to: &str) -> Upgrade {
         qemu_messages,
         status,
         pid,
+        vcpu0_placed,
+        vcpu0_cgroups,
     }
 }
 
@@ -214,6 +221,7 @@ fn assert_upgrade_ok(up: &Upgrade, from: &str, to: &str) {
     assert_eq!(up.report["to"]["version"], to, "{}", up.report);
     assert_domstate_running(up);
     assert_eq!(up.version, to, "version through libvirt's monitor");
+    assert_threads_placed(up);
     let status = up
         .status
         .as_ref()
@@ -225,6 +233,19 @@ fn assert_upgrade_ok(up: &Upgrade, from: &str, to: &str) {
         "status: {status}"
     );
     assert_eq!(status["last_upgrade"]["result"], "ok", "status: {status}");
+}
+
+/// The new vCPU thread is where libvirt put the old one: its `vcpu0` cgroup, moved there by
+/// the placer (the launcher runs as libvirt-qemu and may not write root's cgroup files).
+fn assert_threads_placed(up: &Upgrade) {
+    let threads = &up.report["threads"];
+    assert_eq!(threads["problems"], serde_json::json!([]), "{}", up.report);
+    assert_eq!(threads["by"], "placer", "{}", up.report);
+    assert!(
+        up.vcpu0_placed,
+        "the new vCPU 0 thread is not in libvirt's vcpu0 cgroup: {:?}",
+        up.vcpu0_cgroups
+    );
 }
 
 fn assert_domstate_running(up: &Upgrade) {
@@ -331,6 +352,11 @@ fn libvirt_domain_survives_live_upgrades() {
     wait_until(BOOT_TIMEOUT, "the guest's READY line", || {
         dom.serial().boot_contains("READY mem=")
     });
+    assert!(
+        dom.vcpu_in_libvirt_cgroup(0),
+        "libvirt did not put vCPU 0 in a vcpu0 cgroup: {:?}",
+        dom.vcpu_cgroups(0)
+    );
     assert_eq!(
         version(&dom.qmp_ok("query-version", Value::Null)),
         OLD,

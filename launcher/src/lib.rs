@@ -26,7 +26,8 @@
 //! - [`fdio`]: fd plumbing written once: SCM_RIGHTS, EINTR retries, waiting with a deadline.
 //! - [`signals`]: what the launcher does with each signal, as QEMU does.
 //! - [`daemonize`]: `-daemonize` and `-pidfile` done by the launcher itself.
-//! - [`upgrade`]: the live upgrade, step by step; [`threads`]: vCPU placement carried over;
+//! - [`upgrade`]: the live upgrade, step by step; [`threads`]: vCPU placement carried over,
+//!   by the [`placer`] service where the launcher is not root;
 //!   [`translate`]: a later generation's argv for another QEMU version.
 //! - [`control`]: the per-VM control socket behind `qemu-liveupgrade upgrade|status|list`;
 //!   [`rundir`]: the directory it lives in, checked before use; [`discover`]: the VMs a
@@ -47,6 +48,7 @@ pub mod journal;
 pub mod listeners;
 pub mod memfd;
 pub mod monitors;
+pub mod placer;
 pub mod plan;
 pub mod preflight;
 pub mod proxy;

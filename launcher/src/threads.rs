@@ -2,20 +2,31 @@
 //!
 //! libvirt pins each vCPU thread and iothread (`<vcpupin>`, `<iothreadpin>`) and moves it into
 //! its own cgroup (`.../vcpu0`, `.../iothread1`), by thread id, right after QEMU starts. A new
-//! generation's threads are new threads: they start with the process's affinity and cgroup.
-//! After a swap the launcher gives each new thread the CPU affinity of the old thread with the
-//! same index, and moves it into the same cgroup where the launcher may write there, and says
-//! what it could not copy.
+//! generation's threads are new threads: they start with the process's affinity and cgroups.
+//! After a swap each new thread gets the cgroups and then the CPU affinity of the old thread
+//! with the same name (cgroups first: joining a cpuset resets a thread's affinity to the
+//! cpuset's CPUs), and the report says what could not be copied.
+//!
+//! Moving a thread means writing its id into root's cgroup files. A launcher that runs as
+//! root does it itself. One that does not (libvirt's packaged configuration runs QEMU, and so
+//! the launcher, as `libvirt-qemu`) asks the placer service (see [`crate::placer`]), which
+//! runs as root and reads the old threads' placement itself before the swap: it takes the
+//! launcher's word for nothing but which of its own children's threads are which. Affinity
+//! the launcher may set itself (same uid), and does, so that it carries over even without the
+//! placer.
 //!
 //! libvirt's own record of the thread ids goes stale: a later `virsh vcpupin` or `emulatorpin`
 //! acts on ids that no longer exist (it fails, or on cgroup v2 moves nothing) until the domain
-//! restarts. The pinning done before the upgrade carries over; changes made after it do not.
+//! restarts. The placement made before the upgrade carries over; changes made after it do not.
 
 use std::fs;
+use std::path::PathBuf;
 
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
+
+use crate::placer;
 
 /// The threads of one generation that placement is copied for: `(name, thread id)`, named
 /// `vcpu<index>` and `iothread:<id>` so that old and new threads pair up.
@@ -34,109 +45,277 @@ pub fn threads(cpus: &Value, iothreads: &Value) -> Vec<(String, i32)> {
     out
 }
 
-/// Where one old thread ran: taken before the old QEMU goes, applied to the new threads after.
+/// Where one thread ran: its affinity and its cgroups, read while it existed.
 #[derive(Debug, Clone)]
 pub struct Placement {
-    name: String,
+    /// `vcpu0`, `iothread:iothread1`.
+    pub name: String,
     affinity: Result<CpuSet, String>,
-    cgroups: Result<String, String>,
+    cgroups: Result<Vec<Membership>, String>,
 }
 
-/// Reads the placement of the old generation's threads.
-pub fn snapshot(old: &[(String, i32)]) -> Vec<Placement> {
-    old.iter()
-        .map(|(name, tid)| {
-            let tid = Pid::from_raw(*tid);
-            Placement {
-                name: name.clone(),
-                affinity: sched_getaffinity(tid).map_err(|e| e.desc().to_owned()),
-                cgroups: read_cgroups(tid),
+impl Placement {
+    /// Reads thread `tid`'s placement.
+    pub fn read(name: &str, tid: Pid) -> Placement {
+        Placement {
+            name: name.to_owned(),
+            affinity: sched_getaffinity(tid).map_err(|e| e.desc().to_owned()),
+            cgroups: memberships(tid),
+        }
+    }
+
+    /// Gives thread `tid` this placement: cgroups first, then affinity. Returns what failed,
+    /// one line each, prefixed with the thread's name.
+    pub fn apply(&self, tid: Pid) -> Vec<String> {
+        let mut problems = self.apply_cgroups(tid);
+        if let Err(e) = self.apply_affinity(tid) {
+            problems.push(format!("{}: affinity: {e}", self.name));
+        }
+        problems
+    }
+
+    /// Moves `tid` into every cgroup this placement has that it is not in yet.
+    pub fn apply_cgroups(&self, tid: Pid) -> Vec<String> {
+        let fail = |why: String| vec![format!("{}: cgroup: {why}", self.name)];
+        let from = match &self.cgroups {
+            Ok(m) => m,
+            Err(e) => return fail(e.clone()),
+        };
+        let now = match memberships(tid) {
+            Ok(m) => m,
+            Err(e) => return fail(e),
+        };
+        let mounts = cgroup_mounts();
+        from.iter()
+            .filter(|m| !now.contains(m))
+            .filter_map(|m| {
+                let file = m.file(&mounts)?;
+                fs::write(&file, tid.to_string())
+                    .err()
+                    .map(|e| format!("{}: cgroup: {}: {e}", self.name, file.display()))
+            })
+            .collect()
+    }
+
+    /// Whether `tid` is in every cgroup this placement has.
+    pub fn cgroups_match(&self, tid: Pid) -> bool {
+        match (&self.cgroups, memberships(tid)) {
+            (Ok(from), Ok(now)) => from.iter().all(|m| now.contains(m)),
+            _ => false,
+        }
+    }
+
+    fn apply_affinity(&self, tid: Pid) -> Result<(), String> {
+        let set = self.affinity.as_ref().map_err(String::clone)?;
+        sched_setaffinity(tid, set).map_err(|e| e.desc().to_owned())
+    }
+}
+
+/// The old generation's threads' placement, taken before the swap; for a launcher that is not
+/// root, also what the placer said when asked to take its own copy.
+#[derive(Debug)]
+pub struct Snapshot {
+    threads: Vec<Placement>,
+    /// `None` for a root launcher, which moves threads itself.
+    placer: Option<Result<(), String>>,
+}
+
+/// Reads the placement of the old generation's threads (`old`, from [`threads`]); a launcher
+/// that is not root also has the placer read it.
+pub fn snapshot(old: &[(String, i32)]) -> Snapshot {
+    let threads = old
+        .iter()
+        .map(|(name, tid)| Placement::read(name, Pid::from_raw(*tid)))
+        .collect();
+    let placer = (!nix::unistd::geteuid().is_root()).then(|| placer::snapshot(old));
+    Snapshot { threads, placer }
+}
+
+/// Gives each new thread the placement of the old thread of the same name. Returns the
+/// report: how many threads were placed with nothing amiss, what could not be copied, and who
+/// moved them between cgroups (`launcher` or `placer`).
+pub fn apply(old: &Snapshot, new: &[(String, i32)]) -> Value {
+    let mut problems = Vec::new();
+    let mut amiss = std::collections::BTreeSet::new();
+    for (name, tid) in new {
+        match old.threads.iter().find(|p| &p.name == name) {
+            None => problems.push(format!("{name}: no such thread in the old QEMU")),
+            Some(p) => {
+                // Affinity first here: the placer, if it moves the thread into a cpuset,
+                // sets it again after.
+                if let Err(e) = p.apply_affinity(Pid::from_raw(*tid)) {
+                    problems.push(format!("{name}: affinity: {e}"));
+                }
+                if old.placer.is_none() {
+                    problems.extend(p.apply_cgroups(Pid::from_raw(*tid)));
+                }
             }
+        }
+    }
+    let by = match &old.placer {
+        None => "launcher",
+        Some(asked) => {
+            // Only threads whose cgroups differ need the placer; a VM nobody placed (a
+            // script's) needs nothing from it.
+            let moving: Vec<(String, i32)> = new
+                .iter()
+                .filter(|(name, tid)| {
+                    old.threads
+                        .iter()
+                        .find(|p| &p.name == name)
+                        .is_some_and(|p| !p.cgroups_match(Pid::from_raw(*tid)))
+                })
+                .cloned()
+                .collect();
+            match asked {
+                _ if moving.is_empty() => {}
+                Err(why) => problems.extend(
+                    moving
+                        .iter()
+                        .map(|(name, _)| format!("{name}: cgroup: not moved: {why}")),
+                ),
+                Ok(()) => match placer::apply(&moving) {
+                    Ok(theirs) => problems.extend(theirs),
+                    Err(why) => problems.extend(
+                        moving
+                            .iter()
+                            .map(|(name, _)| format!("{name}: cgroup: not moved: {why}")),
+                    ),
+                },
+            }
+            "placer"
+        }
+    };
+    for p in &problems {
+        // "NAME: what": names have colons of their own (`iothread:io1`), never ": ".
+        amiss.insert(p.split_once(": ").map_or(p.as_str(), |(n, _)| n).to_owned());
+    }
+    let placed = new.iter().filter(|(n, _)| !amiss.contains(n)).count();
+    json!({ "placed": placed, "problems": problems, "by": by })
+}
+
+/// One line of `/proc/TID/cgroup` (cgroups(7)): `hierarchy-id:controllers:path`; cgroup v2
+/// is hierarchy 0 with no controllers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    hierarchy: u32,
+    controllers: String,
+    path: String,
+}
+
+impl Membership {
+    /// The file that moves one thread into this cgroup: `tasks` on v1, `cgroup.threads` on
+    /// v2 (a thread moves on its own only within a threaded subtree, which is how libvirt
+    /// lays out `.../libvirt/vcpuN` on v2). `None` if the hierarchy is not mounted here.
+    fn file(&self, mounts: &[CgroupMount]) -> Option<PathBuf> {
+        let v2 = self.hierarchy == 0;
+        let mount = mounts.iter().find(|m| {
+            m.v2 == v2
+                && (v2
+                    || self
+                        .controllers
+                        .split(',')
+                        .all(|c| m.options.iter().any(|o| o == c)))
+        })?;
+        let below = self
+            .path
+            .strip_prefix(mount.root.trim_end_matches('/'))
+            .unwrap_or(&self.path)
+            .trim_matches('/');
+        let dir = if below.is_empty() {
+            mount.point.clone()
+        } else {
+            mount.point.join(below)
+        };
+        Some(dir.join(if v2 { "cgroup.threads" } else { "tasks" }))
+    }
+}
+
+/// Thread `tid`'s cgroups, one per hierarchy.
+pub fn memberships(tid: Pid) -> Result<Vec<Membership>, String> {
+    let text = fs::read_to_string(format!("/proc/{tid}/cgroup"))
+        .map_err(|e| format!("/proc/{tid}/cgroup: {e}"))?;
+    Ok(parse_memberships(&text))
+}
+
+fn parse_memberships(text: &str) -> Vec<Membership> {
+    text.lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            Some(Membership {
+                hierarchy: parts.next()?.parse().ok()?,
+                controllers: parts.next()?.to_owned(),
+                path: parts.next()?.to_owned(),
+            })
         })
         .collect()
 }
 
-/// Gives each new thread the placement of the old thread of the same name. Returns a report:
-/// how many threads were placed and what could not be copied.
-pub fn apply(old: &[Placement], new: &[(String, i32)]) -> Value {
-    let mut copied = 0;
-    let mut problems = Vec::new();
-    for (name, new_tid) in new {
-        let Some(p) = old.iter().find(|p| &p.name == name) else {
-            problems.push(format!("{name}: no such thread in the old QEMU"));
-            continue;
-        };
-        let new_tid = Pid::from_raw(*new_tid);
-        match p
-            .affinity
-            .as_ref()
-            .map_err(String::clone)
-            .and_then(|set| sched_setaffinity(new_tid, set).map_err(|e| e.desc().to_owned()))
-        {
-            Ok(()) => copied += 1,
-            Err(e) => problems.push(format!("{name}: affinity: {e}")),
-        }
-        let moved = p
-            .cgroups
-            .as_ref()
-            .map_err(String::clone)
-            .and_then(|from| copy_cgroup(from, new_tid));
-        if let Err(why) = moved {
-            problems.push(format!("{name}: cgroup: {why}"));
-        }
-    }
-    json!({ "placed": copied, "problems": problems })
+/// A mounted cgroup hierarchy: v2, or v1 with its options (controllers, `name=`).
+#[derive(Debug)]
+struct CgroupMount {
+    v2: bool,
+    options: Vec<String>,
+    /// The cgroup the mount shows as its root (`/` unless a container mounted a subtree).
+    root: String,
+    point: PathBuf,
 }
 
-fn read_cgroups(tid: Pid) -> Result<String, String> {
-    fs::read_to_string(format!("/proc/self/task/{tid}/cgroup"))
-        .or_else(|_| fs::read_to_string(format!("/proc/{tid}/cgroup")))
-        .map_err(|e| e.to_string())
+fn cgroup_mounts() -> Vec<CgroupMount> {
+    parse_mountinfo(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
 }
 
-/// Moves `new` into every cgroup listed in `from` (an old thread's /proc/TID/cgroup) where it
-/// is not already: on cgroup v2 through the group's `cgroup.threads`, on v1 through each
-/// controller hierarchy's `tasks` (libvirt 9 on a v1 host keeps `machine/<vm>/vcpuN` under
-/// cpu, cpuacct and cpuset).
-fn copy_cgroup(from: &str, new: Pid) -> Result<(), String> {
-    let to = read_cgroups(new)?;
-    let mut problems = Vec::new();
-    for line in from.lines().filter(|l| !to.lines().any(|t| t == *l)) {
-        // "hierarchy-id:controllers:path"
-        let mut parts = line.splitn(3, ':');
-        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let path = path.trim_end_matches('/');
-        let file = if controllers.is_empty() {
-            format!("/sys/fs/cgroup{path}/cgroup.threads")
-        } else {
-            let mount = controllers.strip_prefix("name=").unwrap_or(controllers);
-            format!("/sys/fs/cgroup/{mount}{path}/tasks")
-        };
-        // A hierarchy that is not mounted where libvirt looks has nothing to copy.
-        if controllers.is_empty()
-            && !std::path::Path::new(&file).exists()
-            && from.lines().count() > 1
-        {
-            continue;
-        }
-        if let Err(e) = fs::write(&file, new.to_string()) {
-            problems.push(format!("{file}: {e}"));
+/// The cgroup mounts of a `/proc/PID/mountinfo` text (proc(5)): `id parent dev root point
+/// options [optional...] - fstype source super-options`.
+fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let left: Vec<&str> = left.split(' ').collect();
+            let right: Vec<&str> = right.split(' ').collect();
+            let v2 = match *right.first()? {
+                "cgroup2" => true,
+                "cgroup" => false,
+                _ => return None,
+            };
+            Some(CgroupMount {
+                v2,
+                options: right.get(2)?.split(',').map(str::to_owned).collect(),
+                root: unescape(left.get(3)?),
+                point: PathBuf::from(unescape(left.get(4)?)),
+            })
+        })
+        .collect()
+}
+
+/// mountinfo's octal escapes (`\040` for a space) undone.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            std::str::from_utf8(d)
+                .ok()
+                .and_then(|s| u8::from_str_radix(s, 8).ok())
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
         }
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("; "))
-    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::sched::CpuSet;
 
     #[test]
     fn pairs_threads_by_index_and_id() {
@@ -148,6 +327,37 @@ mod tests {
                 ("vcpu0".to_owned(), 11),
                 ("vcpu1".to_owned(), 12),
                 ("iothread:iothread1".to_owned(), 13)
+            ]
+        );
+    }
+
+    #[test]
+    fn finds_the_file_that_moves_a_thread_on_v1_and_v2() {
+        let mounts = parse_mountinfo(
+            "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct\n\
+             40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd\n\
+             41 31 0:38 /lxc/c1 /sys/fs/cgroup/uni\\040fied rw,relatime - cgroup2 cgroup2 rw\n\
+             23 1 0:21 / /sys rw - sysfs sysfs rw\n",
+        );
+        assert_eq!(mounts.len(), 3);
+        let lines = parse_memberships(
+            "3:cpu,cpuacct:/machine/qemu-1-vm.libvirt-qemu/vcpu0\n\
+             1:name=systemd:/\n\
+             0::/lxc/c1/machine.slice/libvirt/vcpu0\n\
+             5:blkio:/machine\n",
+        );
+        let files: Vec<Option<PathBuf>> = lines.iter().map(|m| m.file(&mounts)).collect();
+        assert_eq!(
+            files,
+            [
+                Some(PathBuf::from(
+                    "/sys/fs/cgroup/cpu,cpuacct/machine/qemu-1-vm.libvirt-qemu/vcpu0/tasks"
+                )),
+                Some(PathBuf::from("/sys/fs/cgroup/systemd/tasks")),
+                Some(PathBuf::from(
+                    "/sys/fs/cgroup/uni fied/machine.slice/libvirt/vcpu0/cgroup.threads"
+                )),
+                None,
             ]
         );
     }
@@ -169,13 +379,15 @@ mod tests {
             done_rx.recv().unwrap();
         });
         let old_tid = rx.recv().unwrap();
-        let report = apply(
-            &snapshot(&[("vcpu0".into(), old_tid.as_raw())]),
-            &[("vcpu0".into(), me.as_raw())],
-        );
+        let snap = Snapshot {
+            threads: vec![Placement::read("vcpu0", old_tid)],
+            placer: None,
+        };
+        let report = apply(&snap, &[("vcpu0".into(), me.as_raw())]);
         assert_eq!(report["placed"], 1, "{report}");
         assert_eq!(sched_getaffinity(me).unwrap(), one);
-        let missing = apply(&[], &[("vcpu1".into(), me.as_raw())]);
+        let missing = apply(&snap, &[("vcpu1".into(), me.as_raw())]);
+        assert_eq!(missing["placed"], 0, "{missing}");
         assert_eq!(
             missing["problems"][0],
             "vcpu1: no such thread in the old QEMU"

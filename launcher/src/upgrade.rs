@@ -130,7 +130,7 @@ struct Capabilities {
 struct Moved {
     capabilities: Capabilities,
     /// Where the old vCPU threads and iothreads ran.
-    placement: Vec<threads::Placement>,
+    placement: threads::Snapshot,
 }
 
 /// An upgrade whose new QEMU is up: the generation it started (the upgrade owns it until it
@@ -295,7 +295,8 @@ impl Upgrade<'_> {
         //    them now, in the order they came, before any device state arrives for them.
         self.replay_hotplug()?;
 
-        // Where libvirt placed the old vCPU threads, read while they are certainly there.
+        // Where libvirt placed the old vCPU threads, read while they are certainly there
+        // (and recorded by the root placer too, when the launcher may not move threads).
         let old_threads = To::Current {
             beside: Some(&mut self.new),
         };

@@ -89,6 +89,19 @@ pub fn ensure_libvirtd() {
             "qemu-liveupgrade list failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // The placer, which moves new vCPU threads into libvirt's cgroups for launchers that
+        // run as libvirt-qemu (the package runs it as a service).
+        let script = repo_root().join("scripts/placer");
+        let mut placer = Command::new(&script);
+        placer.arg("start").arg(cli_bin());
+        let out = output_within(placer, Duration::from_secs(30));
+        assert!(
+            out.status.success(),
+            "{} failed ({}): {}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     });
 }
 
@@ -376,6 +389,38 @@ impl Domain {
             return Ok(ret.take());
         }
         Err(reply.get_mut("error").map(Value::take).unwrap_or(reply))
+    }
+
+    /// The thread id of vCPU `index` in the running QEMU, as `query-cpus-fast` through
+    /// libvirt's monitor connection says.
+    pub fn vcpu_tid(&self, index: u64) -> Pid {
+        let cpus = self.qmp_ok("query-cpus-fast", Value::Null);
+        let tid = cpus
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["cpu-index"].as_u64() == Some(index))
+            .and_then(|c| c["thread-id"].as_i64())
+            .unwrap_or_else(|| panic!("query-cpus-fast has no vCPU {index}: {cpus}"));
+        Pid::from_raw(tid as i32)
+    }
+
+    /// The cgroups (`/proc/TID/cgroup` lines) of vCPU `index`'s thread.
+    pub fn vcpu_cgroups(&self, index: u64) -> Vec<String> {
+        let tid = self.vcpu_tid(index);
+        let path = format!("/proc/{tid}/cgroup");
+        fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Whether vCPU `index`'s thread is in libvirt's own cgroup for it (`.../vcpu<index>`,
+    /// cgroup v1 or v2).
+    pub fn vcpu_in_libvirt_cgroup(&self, index: u64) -> bool {
+        let leaf = format!("/vcpu{index}");
+        self.vcpu_cgroups(index).iter().any(|l| l.ends_with(&leaf))
     }
 
     /// [`Domain::qmp`] that must succeed.

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use cli::rollout;
 use launcher::cmdline::CmdLine;
 use launcher::discover;
+use launcher::placer;
 use launcher::plan::Plan;
 use serde_json::{json, Value};
 
@@ -94,6 +95,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the placer service (as root): after an upgrade, moves the new vCPU threads and
+    /// iothreads of VMs whose launcher is not root into the cgroups the old ones were in.
+    /// Listens on /run/qemu-liveupgrade/placer.sock until killed.
+    Placer,
     /// List the VMs running under the shim, and whether each runs the installed QEMU.
     List {
         /// Print JSON: an array with each VM's status.
@@ -245,6 +250,16 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 print_status(&status);
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Placer => {
+            let listener = placer::bind().map_err(|e| launcher::error_chain(&e))?;
+            eprintln!(
+                "qemu-liveupgrade placer: listening on {}/{}",
+                launcher::rundir::BASE,
+                placer::SOCKET
+            );
+            let err = placer::serve(listener, Default::default());
+            Err(format!("placer: accept: {err}"))
         }
         Command::List { json } => {
             let vms = with_installed_versions(live(&discover::scan()));
