@@ -5,6 +5,10 @@
 //! without a control socket and says so in one line, and the CLI skips the directory. The CLI
 //! takes a socket for a VM only when the launcher it is named for answers on it.
 //!
+//! Root's CLI upgrade of such a VM also carries a vCPU thread's cgroup over: root moved the
+//! old thread into a cgroup of its own (as libvirt does with `.../vcpu0`), the launcher may
+//! not write that cgroup's files, and the placer service moves the new thread there.
+//!
 //! Each test runs its VM as a uid of its own that no account has (the kernel needs none), so
 //! tests running at once, and the real `libvirt-qemu` directory, are never touched.
 
@@ -15,9 +19,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use nix::unistd::{chown, Gid, Uid};
-use qemu_liveupgrade_tests::libvirt::{domain_dir, install_emulator, reachable_copy};
-use qemu_liveupgrade_tests::shim::{cli_json, output_within};
+use nix::unistd::{chown, Gid, Pid, Uid};
+use qemu_liveupgrade_tests::libvirt::{
+    domain_dir, ensure_placer, install_emulator, reachable_copy,
+};
+use qemu_liveupgrade_tests::shim::{cli_json, output_within, wait_qemu_child};
 use qemu_liveupgrade_tests::{cli_bin, guest_argv, guest_elf, qemu_build, wait_until, TempDir, Vm};
 use serde_json::Value;
 
@@ -58,6 +64,8 @@ fn start_as(uid: Uid) -> (TempDir, Vm) {
     let shim = install_emulator(dir.path(), None);
     let kernel = reachable_copy(dir.path(), &guest_elf());
     let mut argv = guest_argv(64);
+    // Thread names, so that the test finds the vCPU thread as libvirt does not need to.
+    argv.extend(["-name".into(), "guest=qlu-rundir,debug-threads=on".into()]);
     let at = argv.iter().position(|a| a == "-kernel").expect("-kernel") + 1;
     argv[at] = kernel.display().to_string();
     let mut cmd = Command::new(&shim);
@@ -88,6 +96,77 @@ fn cli_ok(args: &[&str]) -> Value {
     cli_json(cmd, &args.join(" "))
 }
 
+/// A cgroup of the v1 `cpu` hierarchy made for one test, removed once empty.
+struct Cgroup(PathBuf);
+
+impl Cgroup {
+    fn new() -> Cgroup {
+        let path = PathBuf::from(format!(
+            "/sys/fs/cgroup/cpu/qlu-rundir-{}",
+            std::process::id()
+        ));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Cgroup(path)
+    }
+
+    /// The path in `/proc/TID/cgroup` terms.
+    fn name(&self) -> String {
+        format!("/{}", self.0.file_name().unwrap().to_string_lossy())
+    }
+
+    fn add(&self, tid: Pid) {
+        fs::write(self.0.join("tasks"), tid.to_string())
+            .unwrap_or_else(|e| panic!("moving thread {tid} into {}: {e}", self.0.display()));
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // The VM's processes are killed by now; rmdir(2) fails while they are still exiting.
+        for _ in 0..100 {
+            if fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The thread of vCPU 0 of the QEMU the shim `shim` runs (named by `debug-threads=on`).
+fn vcpu0(shim: Pid) -> Pid {
+    let qemu = wait_qemu_child(shim, Duration::from_secs(10));
+    let mut found = None;
+    wait_until(Duration::from_secs(10), "QEMU's CPU 0/TCG thread", || {
+        found = fs::read_dir(format!("/proc/{qemu}/task"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .find(|t| {
+                fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "CPU 0/TCG")
+            })
+            .and_then(|t| t.file_name().to_str()?.parse().ok())
+            .map(Pid::from_raw);
+        found.is_some()
+    });
+    found.expect("checked by wait_until")
+}
+
+/// Thread `tid`'s cgroup in the v1 `cpu` hierarchy.
+fn cpu_cgroup(tid: Pid) -> String {
+    fs::read_to_string(format!("/proc/{tid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == "cpu")
+                .then(|| path.to_owned())
+        })
+        .unwrap_or_default()
+}
+
 fn mode(path: &Path) -> u32 {
     fs::symlink_metadata(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -98,8 +177,10 @@ fn mode(path: &Path) -> u32 {
 
 #[test]
 fn root_lists_shows_and_upgrades_a_vm_of_another_user() {
+    ensure_placer();
     let uid = test_uid(0);
     let uid_dir = UidDir::new(uid);
+    let cgroup = Cgroup::new();
     let (_dir, vm) = start_as(uid);
     let pid = vm.pid().as_raw() as u32;
     let socket = uid_dir.0.join(format!("{pid}.sock"));
@@ -134,6 +215,11 @@ fn root_lists_shows_and_upgrades_a_vm_of_another_user() {
     assert_eq!(status["pid"], pid);
     assert_eq!(status["version"], OLD);
 
+    // Root places the vCPU thread, as libvirt does right after QEMU starts.
+    let old_vcpu = vcpu0(vm.pid());
+    cgroup.add(old_vcpu);
+    assert_eq!(cpu_cgroup(old_vcpu), cgroup.name());
+
     let to = qemu_build(NEW).display().to_string();
     let upgraded = cli(&["upgrade", "--json", &pid.to_string(), "--to", &to]);
     let report: Value = serde_json::from_slice(&upgraded.stdout).unwrap_or_else(|e| {
@@ -144,6 +230,19 @@ fn root_lists_shows_and_upgrades_a_vm_of_another_user() {
     });
     assert_eq!(report["result"], "ok", "{report}");
     assert_eq!(report["to"]["version"], NEW, "{report}");
+    assert_eq!(report["threads"]["by"], "placer", "{report}");
+    assert_eq!(
+        report["threads"]["problems"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    let new_vcpu = vcpu0(vm.pid());
+    assert_ne!(new_vcpu, old_vcpu, "a new QEMU has new threads");
+    assert_eq!(
+        cpu_cgroup(new_vcpu),
+        cgroup.name(),
+        "the new vCPU thread is not in the old one's cgroup"
+    );
     vm.wait_heartbeats_after(std::time::Instant::now(), 200, Duration::from_secs(30));
     assert!(vm.errors().is_clean(), "{:?}", vm.errors());
 

@@ -89,8 +89,16 @@ pub fn ensure_libvirtd() {
             "qemu-liveupgrade list failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        // The placer, which moves new vCPU threads into libvirt's cgroups for launchers that
-        // run as libvirt-qemu (the package runs it as a service).
+        ensure_placer();
+    });
+}
+
+/// Makes sure the placer service runs (`scripts/placer start`, with this build's CLI): it
+/// moves the new vCPU threads of launchers that are not root, libvirt's among them, into the
+/// cgroups the old ones were in. The package runs it as a service.
+pub fn ensure_placer() {
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| {
         let script = repo_root().join("scripts/placer");
         let mut placer = Command::new(&script);
         placer.arg("start").arg(cli_bin());
