@@ -1,8 +1,16 @@
 //! One client connection, and its connections to the QEMU generations behind it.
 //!
-//! All sockets are non-blocking and registered edge-triggered: every side is read until it
-//! would block, and a side left unread because a buffer was full is read again as soon as the
-//! buffer drains, since no new edge would come for bytes already waiting.
+//! All sockets are non-blocking and registered edge-triggered, for reading only. Each side
+//! keeps whether it may have input: set by its readiness event, cleared by a read that finds
+//! it empty (EAGAIN, or a read that did not fill the buffer: a stream socket's read returns
+//! less only when nothing more is queued, unix(7) but for a message that brought fds). So a
+//! round trip costs one read a side, and no read that only learns "nothing". A socket whose
+//! peer closed is read to its end whatever a read returned: the end of input may wait behind
+//! the last bytes, under the event that brought both. A side left unread because a buffer
+//! was full is read again as soon as the buffer drains, since no new edge would come for
+//! bytes already waiting. Writability is watched only while output waits on a full socket:
+//! with it always on, every read the peer makes of what the proxy sent would wake the loop
+//! once more (unix and TCP sockets wake their writer as their queue drains).
 //!
 //! Fds a client passes with SCM_RIGHTS (libvirt's `getfd` and `add-fd`) go to QEMU in a
 //! message that starts with a unit of the client's input. QEMU keeps the fds of the last
@@ -23,7 +31,7 @@ use std::os::unix::net::UnixStream as StdStream;
 use std::path::Path;
 
 use mio::net::UnixStream;
-use mio::Token;
+use mio::{Interest, Registry, Token};
 use serde_json::Value;
 
 use super::framing::{Filter, Greeting, Inbound, Outbound, Request, Seen, Unit, CAP};
@@ -36,7 +44,11 @@ const CHUNK: usize = 64 * 1024;
 
 /// What one read gave.
 enum Got {
-    Data,
+    /// Bytes; `more` when the socket may hold more: the read filled the buffer, or stopped
+    /// after a message that carried fds (a unix stream read ends there).
+    Data {
+        more: bool,
+    },
     Blocked,
     /// End of stream, or the peer reset it: either way nothing more comes.
     End,
@@ -55,9 +67,11 @@ fn read_chunk(
     mut fds: Option<&mut Vec<OwnedFd>>,
 ) -> Got {
     SCRATCH.with_borrow_mut(|scratch| {
+        let mut passed = false;
         let got = loop {
             let got = match fds.as_deref_mut() {
                 Some(fds) => recv_fds(stream, scratch).map(|(n, got)| {
+                    passed = !got.is_empty();
                     fds.extend(got);
                     n
                 }),
@@ -72,7 +86,9 @@ fn read_chunk(
             Ok(0) => Got::End,
             Ok(n) => {
                 buf.extend_from_slice(&scratch[..n]);
-                Got::Data
+                Got::Data {
+                    more: passed || n == scratch.len(),
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Got::Blocked,
             Err(_) => Got::End,
@@ -143,8 +159,12 @@ pub(super) struct Backend {
     held: Vec<u8>,
     pub eof: bool,
     shut: bool,
-    /// The last read hit EAGAIN.
-    dry: bool,
+    /// QEMU may have sent something not read yet.
+    pub readable: bool,
+    /// Read until EAGAIN or EOF, not trusting a short read.
+    drain: bool,
+    /// Writability is registered: forwarded input waits on a full socket.
+    watch_out: bool,
     /// A new generation's connection is being made ready ([`Backend::start_handshake`]).
     handshaking: bool,
     /// The client's `qmp_capabilities`, to be replayed once the greeting has been read.
@@ -177,7 +197,9 @@ impl Backend {
             held: Vec::new(),
             eof: false,
             shut: false,
-            dry: false,
+            readable: true,
+            drain: false,
+            watch_out: false,
             handshaking: false,
             replay: None,
             replayed: false,
@@ -188,16 +210,19 @@ impl Backend {
     /// With `bounded`, stops once the destination holds [`CAP`] bytes. Returns whether
     /// anything happened, and the answers and events seen.
     fn pull(&mut self, out: Option<&mut Vec<u8>>, bounded: bool) -> (bool, Vec<Seen>) {
-        self.dry = false;
         let mut held = std::mem::take(&mut self.held);
         let out = out.unwrap_or(&mut held);
         let mut progress = false;
         let mut answers = Vec::new();
-        while !self.eof && (!bounded || out.len() < CAP) {
+        while self.readable && !self.eof && (!bounded || out.len() < CAP) {
             match read_chunk(self.stream.as_fd(), &mut self.rx, None) {
-                Got::Data => answers.extend(self.out.process(&mut self.rx, out)),
+                Got::Data { more } => {
+                    answers.extend(self.out.process(&mut self.rx, out));
+                    self.readable = more || self.drain;
+                }
                 Got::Blocked => {
-                    self.dry = true;
+                    self.readable = false;
+                    self.drain = false;
                     break;
                 }
                 Got::End => self.eof = true,
@@ -376,6 +401,12 @@ pub(super) struct Conn {
     fds_in: VecDeque<Batch>,
     inbound: Inbound,
     client_eof: bool,
+    /// The client may have sent something not read yet.
+    client_readable: bool,
+    /// The client closed its end: read it until EOF, not trusting a short read.
+    client_drain: bool,
+    /// Writability of the client is registered: output waits on a full socket.
+    client_watch_out: bool,
     /// The client is gone: nothing more can be delivered.
     pub dead: bool,
     /// QEMU is gone: the client is closed once it has everything QEMU said.
@@ -399,6 +430,9 @@ impl Conn {
             fds_in: VecDeque::new(),
             inbound: Inbound::new(mode),
             client_eof: false,
+            client_readable: true,
+            client_drain: false,
+            client_watch_out: false,
             dead: false,
             closing: false,
             back: None,
@@ -411,23 +445,17 @@ impl Conn {
     /// answered. With `hold`, client input is left unread and unforwarded; QEMU's output and
     /// input forwarded earlier still flow.
     pub(super) fn pump(&mut self, hold: bool, journal: &mut Journal) {
-        // A socket read to EAGAIN is not read again in this call: under edge-triggered
-        // readiness (epoll(7)) anything arriving later comes with an event of its own, and
-        // each probe read is a system call on the path of every monitor round trip.
-        let (mut back_dry, mut next_dry, mut client_dry) = (false, false, false);
         loop {
             let mut progress = false;
-            if let Some(b) = self.back.as_mut().filter(|_| !back_dry) {
+            if let Some(b) = self.back.as_mut() {
                 let (moved, seen) = b.pull(Some(&mut self.to_client), true);
                 b.settle(seen, &mut self.caps, self.monitor, journal);
                 progress |= moved;
-                back_dry = b.dry;
             }
             // What a generation not yet committed says changes nothing: until the switch, the
             // old generation is the VM's state.
-            if let Some(n) = self.next.as_mut().filter(|_| !next_dry) {
+            if let Some(n) = self.next.as_mut() {
                 progress |= n.pull(None, true).0;
-                next_dry = n.dry;
             }
             // A new generation's handshake: the replayed capabilities go once it greeted.
             if let Some(n) = self.next.as_mut() {
@@ -439,11 +467,7 @@ impl Conn {
                 Err(()) => self.dead = true,
             }
             if !hold && !self.closing && self.back.is_some() {
-                if !client_dry {
-                    let (moved, dry) = self.read_client();
-                    progress |= moved;
-                    client_dry = dry;
-                }
+                progress |= self.read_client();
                 progress |= self.forward();
             }
             if let Some(b) = &mut self.back {
@@ -463,18 +487,18 @@ impl Conn {
         }
     }
 
-    /// Reads what the client sent; returns whether anything moved and whether the socket
-    /// was read to EAGAIN.
-    fn read_client(&mut self) -> (bool, bool) {
+    /// Reads what the client sent; returns whether anything moved.
+    fn read_client(&mut self) -> bool {
         let mut progress = false;
-        let mut dry = false;
-        while !self.client_eof && !self.dead && self.from_client.len() < CAP {
+        while self.client_readable && !self.client_eof && !self.dead && self.from_client.len() < CAP
+        {
             let at = self.from_client.len();
             let mut fds = Vec::new();
             match read_chunk(self.client.as_fd(), &mut self.from_client, Some(&mut fds)) {
-                Got::Data => {}
+                Got::Data { more } => self.client_readable = more || self.client_drain,
                 Got::Blocked => {
-                    dry = true;
+                    self.client_readable = false;
+                    self.client_drain = false;
                     break;
                 }
                 Got::End => self.client_eof = true,
@@ -484,7 +508,56 @@ impl Conn {
             }
             progress = true;
         }
-        (progress, dry)
+        progress
+    }
+
+    /// Takes note of a readiness event for one of this client's sockets, by its token:
+    /// `readable` when it has input, `closed` when its peer closed (or it failed).
+    pub(super) fn ready(&mut self, token: Token, readable: bool, closed: bool) {
+        if !readable && !closed {
+            return;
+        }
+        if token == self.token {
+            self.client_readable = true;
+            self.client_drain |= closed;
+        }
+        for b in [&mut self.back, &mut self.next].into_iter().flatten() {
+            if b.token == token {
+                b.readable = true;
+                b.drain |= closed;
+            }
+        }
+    }
+
+    /// Every QEMU connection may have input, its end of input too: it was waited on with
+    /// poll(2), outside the loop's events.
+    pub(super) fn assume_readable(&mut self) {
+        for b in [&mut self.back, &mut self.next].into_iter().flatten() {
+            b.readable = true;
+            b.drain = true;
+        }
+    }
+
+    /// Registers interest in writability exactly for the sockets whose output waits (and
+    /// drops it again once it went), so that the usual round trip makes no `epoll_ctl`.
+    pub(super) fn watch_writes(&mut self, registry: &Registry) -> io::Result<()> {
+        let interest = |out: bool| match out {
+            true => Interest::READABLE | Interest::WRITABLE,
+            false => Interest::READABLE,
+        };
+        let want = !self.to_client.is_empty();
+        if want != self.client_watch_out {
+            registry.reregister(&mut self.client, self.token, interest(want))?;
+            self.client_watch_out = want;
+        }
+        for b in [&mut self.back, &mut self.next].into_iter().flatten() {
+            let want = !b.to_qemu.is_empty();
+            if want != b.watch_out {
+                registry.reregister(&mut b.stream, b.token, interest(want))?;
+                b.watch_out = want;
+            }
+        }
+        Ok(())
     }
 
     /// Moves complete units of client input to QEMU, with the fds that came with them,
@@ -596,6 +669,9 @@ impl Conn {
     ) -> Option<Backend> {
         let mut old = self.back.take();
         if let Some(o) = &mut old {
+            // All of it, even what came after the last event this loop has handled.
+            o.readable = true;
+            o.drain = true;
             let (_, seen) = o.pull(Some(&mut self.to_client), false);
             o.settle(seen, &mut self.caps, self.monitor, journal);
         }

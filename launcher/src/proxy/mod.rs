@@ -311,7 +311,13 @@ impl Proxy {
     pub fn handle(&mut self, registry: &Registry, event: &mio::event::Event) {
         match self.routes.get(&event.token().0).copied() {
             Some(Route::Listener(m)) => self.accept(registry, m),
-            Some(Route::Conn(id)) => self.service(registry, id),
+            Some(Route::Conn(id)) => {
+                if let Some(conn) = self.conns.get_mut(&id) {
+                    let closed = event.is_read_closed() || event.is_error();
+                    conn.ready(event.token(), event.is_readable(), closed);
+                }
+                self.service(registry, id)
+            }
             Some(Route::Handoff(d, l)) => self.handoff.accept(d, l),
             // A socket closed earlier in the same batch of events.
             None => {}
@@ -325,6 +331,7 @@ impl Proxy {
     pub fn flush(&mut self, deadline: Instant) {
         loop {
             for conn in self.conns.values_mut() {
+                conn.assume_readable();
                 conn.pump(true, &mut self.journal);
             }
             let mut fds = Vec::new();
@@ -362,8 +369,10 @@ impl Proxy {
                     let id = self.next_conn;
                     self.next_conn += 1;
                     let token = self.token(Route::Conn(id));
-                    let interest = Interest::READABLE | Interest::WRITABLE;
-                    if registry.register(&mut stream, token, interest).is_err() {
+                    if registry
+                        .register(&mut stream, token, Interest::READABLE)
+                        .is_err()
+                    {
                         self.routes.remove(&token.0);
                         continue;
                     }
@@ -411,7 +420,12 @@ impl Proxy {
             conn.closing = true;
         }
         if !conn.done() {
-            return false;
+            // A socket that cannot be watched for room would stall its output for good.
+            if conn.watch_writes(registry).is_err() {
+                conn.dead = true;
+            } else {
+                return false;
+            }
         }
         self.remove(registry, id);
         true
@@ -436,10 +450,9 @@ impl Proxy {
                 Some(p) => Backend::connect(p, mode, Greeting::Pass, Filter::Live, token),
                 None => Err(io::ErrorKind::NotFound.into()),
             };
-            let interest = Interest::READABLE | Interest::WRITABLE;
             match backend.and_then(|mut b| {
                 registry
-                    .register(&mut b.stream, token, interest)
+                    .register(&mut b.stream, token, Interest::READABLE)
                     .map(|()| b)
             }) {
                 Ok(b) => {

@@ -128,8 +128,7 @@ impl Proxy {
         let opened = Backend::connect(path, mode, greeting, Filter::Arriving, token)
             .map_err(|source| ProxyError::Connect { index, gen, source })
             .and_then(|mut b| {
-                let interest = Interest::READABLE | Interest::WRITABLE;
-                match registry.register(&mut b.stream, token, interest) {
+                match registry.register(&mut b.stream, token, Interest::READABLE) {
                     Ok(()) => Ok(b),
                     Err(e) => Err(ProxyError::Register(e)),
                 }
@@ -145,6 +144,9 @@ impl Proxy {
         conn.next = Some(b);
         // What the new generation has sent already is read now; later, its events.
         conn.pump(true, &mut self.journal);
+        if conn.watch_writes(registry).is_err() {
+            conn.dead = true;
+        }
         Ok(())
     }
 

@@ -24,6 +24,8 @@ struct Shared {
     /// Fds `getfd` and `add-fd` took: the command, and the fd's inode.
     fds: Mutex<Vec<(String, u64)>>,
     accepted: AtomicUsize,
+    /// Reading stops while set, as a busy QEMU's would.
+    paused: AtomicBool,
 }
 
 /// One generation's fake monitor.
@@ -76,6 +78,23 @@ impl Fake {
             .expect("fake has a connection")
             .write_all(bytes)
             .unwrap();
+    }
+
+    /// Writes `bytes` on the current connection from a thread of its own, for output larger
+    /// than the sockets hold: it returns once the proxy took all of it.
+    pub(super) fn emit_in_background(&self, bytes: Vec<u8>) -> JoinHandle<()> {
+        let w = self.shared.writer.lock().unwrap();
+        let mut conn = w
+            .as_ref()
+            .expect("fake has a connection")
+            .try_clone()
+            .unwrap();
+        std::thread::spawn(move || conn.write_all(&bytes).unwrap())
+    }
+
+    /// Stops reading its connection, or reads again.
+    pub(super) fn pause(&self, paused: bool) {
+        self.shared.paused.store(paused, Ordering::SeqCst);
     }
 
     /// Emits a QMP event.
@@ -140,7 +159,13 @@ fn serve(s: &Shared, conn: UnixStream, script: Script) {
     let mut held: Option<OwnedFd> = None;
     // A reply held back until the next command's.
     let mut deferred: Option<Value> = None;
+    // Where in `buf` the search for a line end goes on.
+    let mut scanned = 0;
     while !s.stop.load(Ordering::SeqCst) {
+        if s.paused.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
         match recv_fds(conn.as_fd(), &mut chunk) {
             Ok((0, _)) => break,
             Ok((n, fds)) => {
@@ -183,7 +208,9 @@ fn serve(s: &Shared, conn: UnixStream, script: Script) {
                 buf.drain(..used);
             }
             Mode::Hmp | Mode::Raw => {
-                while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                while let Some(end) = buf[scanned..].iter().position(|&b| b == b'\n') {
+                    let end = scanned + end;
+                    scanned = 0;
                     let line = String::from_utf8_lossy(&buf[..end]).trim_end().to_owned();
                     buf.drain(..=end);
                     s.got.lock().unwrap().push(line.clone());
@@ -202,6 +229,7 @@ fn serve(s: &Shared, conn: UnixStream, script: Script) {
                         say(format!("{line}\r\n{out}(qemu) "));
                     }
                 }
+                scanned = buf.len();
             }
         }
     }

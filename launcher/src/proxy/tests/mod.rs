@@ -485,6 +485,54 @@ fn raw_bytes_cross_a_swap_both_ways() {
 }
 
 #[test]
+fn output_a_client_is_slow_to_take_reaches_it_whole() {
+    let (mut h, mut c) = H::started(&[Mode::Raw]);
+    h.until("gen 1 connected", |h| h.fake(1, 0).connected());
+    // More than the proxy keeps for a client and both sockets' buffers hold, so that the
+    // proxy must wait for room to write and stop reading QEMU meanwhile.
+    let big: Vec<u8> = (0..4usize << 20).map(|i| b'a' + (i % 26) as u8).collect();
+    let writer = h.fake(1, 0).emit_in_background(big.clone());
+    h.idle(Duration::from_millis(200));
+    h.until("all of it", |h| {
+        h.fill(&mut c[0]);
+        c[0].buf.len() >= big.len()
+    });
+    assert!(c[0].buf == big, "output reordered or changed");
+    writer.join().unwrap();
+}
+
+#[test]
+fn input_qemu_is_slow_to_take_reaches_it_whole() {
+    let (mut h, mut c) = H::started(&[Mode::Raw]);
+    h.until("gen 1 connected", |h| h.fake(1, 0).connected());
+    // More than the sockets hold, sent while QEMU does not read: the proxy must wait for
+    // room to forward it, with no other event to wake it once the client is done.
+    h.fake(1, 0).pause(true);
+    let mut line: Vec<u8> = (0..3usize << 19).map(|i| b'a' + (i % 26) as u8).collect();
+    line.push(b'\n');
+    let sent = line.len();
+    let mut s = c[0].s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut at = 0;
+        while at < line.len() {
+            match s.write(&line[at..]) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("client write: {e}"),
+            }
+        }
+    });
+    h.idle(Duration::from_millis(300));
+    h.fake(1, 0).pause(false);
+    let echo = h.upto(&mut c[0], "\n");
+    assert_eq!(echo.len(), "g1:".len() + sent);
+    assert!(echo.starts_with("g1:abc"), "{}", &echo[..16]);
+    writer.join().unwrap();
+}
+
+#[test]
 fn hmp_banner_of_the_new_generation_is_swallowed() {
     let (mut h, mut c) = H::started(&[Mode::Hmp]);
     let banner = h.upto(&mut c[0], "(qemu) ");
