@@ -339,32 +339,44 @@ fn with_installed_versions(vms: Vec<(discover::Vm, Value)>) -> Vec<(discover::Vm
 
 /// The `list` table, and a closing line on the VMs that need an upgrade.
 fn list_text(vms: &[(discover::Vm, Value)]) -> String {
-    let mut text = format!(
-        "{:>8} {:<16} {:<8} {:>4} {:>8}  {:<10} BINARY\n",
-        "PID", "NAME", "QEMU", "GEN", "UPTIME", "INSTALLED"
+    use cli::table::cell;
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|(_, s)| {
+            let installed = match s["runs_installed"].as_bool() {
+                Some(true) => "yes".to_owned(),
+                Some(false) => format!("no: {}", cell(&s["installed_version"])),
+                None => "unknown".to_owned(),
+            };
+            let deleted = if s["binary_deleted"] == true {
+                " (deleted)"
+            } else {
+                ""
+            };
+            vec![
+                cell(&s["pid"]),
+                cell(&s["name"]),
+                cell(&s["version"]),
+                cell(&s["generation"]),
+                format!("{}s", cell(&s["uptime_s"])),
+                installed,
+                format!("{}{deleted}", cell(&s["binary"])),
+            ]
+        })
+        .collect();
+    let mut text = cli::table::render(
+        &[
+            "PID",
+            "NAME",
+            "QEMU",
+            "GEN",
+            "UPTIME",
+            "INSTALLED",
+            "BINARY",
+        ],
+        &rows,
+        &["PID", "GEN", "UPTIME"],
     );
-    for (_, s) in vms {
-        let installed = match s["runs_installed"].as_bool() {
-            Some(true) => "yes".to_owned(),
-            Some(false) => format!("no: {}", s["installed_version"].as_str().unwrap_or("?")),
-            None => "unknown".to_owned(),
-        };
-        let deleted = if s["binary_deleted"] == true {
-            " (deleted)"
-        } else {
-            ""
-        };
-        text.push_str(&format!(
-            "{:>8} {:<16} {:<8} {:>4} {:>7}s  {:<10} {}{deleted}\n",
-            s["pid"],
-            s["name"].as_str().unwrap_or("-"),
-            s["version"].as_str().unwrap_or("?"),
-            s["generation"],
-            s["uptime_s"],
-            installed,
-            s["binary"].as_str().unwrap_or("?"),
-        ));
-    }
     let outdated = vms
         .iter()
         .filter(|(_, s)| s["runs_installed"] == false)

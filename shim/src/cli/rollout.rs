@@ -301,10 +301,10 @@ fn upgrade_one(vm: &Vm, start: Instant) -> Outcome {
 /// The summary table: one row per VM upgraded, then the VMs left out for another reason than
 /// running the installed QEMU already, and the totals.
 pub fn table(outcomes: &[Outcome], left: &[(Vm, String)]) -> String {
-    let rows: Vec<[String; 6]> = outcomes
+    let rows: Vec<Vec<String>> = outcomes
         .iter()
         .map(|o| {
-            [
+            vec![
                 o.vm.clone(),
                 o.from.clone().unwrap_or_else(|| "?".into()),
                 o.to.clone().unwrap_or_else(|| "?".into()),
@@ -315,30 +315,11 @@ pub fn table(outcomes: &[Outcome], left: &[(Vm, String)]) -> String {
             ]
         })
         .collect();
-    let header = ["VM", "FROM", "TO", "PAUSE", "RESULT", "REASON"];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut text = String::new();
-    let mut line = |cells: [&str; 6]| {
-        let mut l = String::new();
-        for (i, cell) in cells.iter().enumerate() {
-            if i == 5 {
-                l.push_str(cell);
-            } else {
-                let _ = write!(l, "{cell:<w$}  ", w = widths[i]);
-            }
-        }
-        text.push_str(l.trim_end());
-        text.push('\n');
-    };
-    line(header);
-    for row in &rows {
-        line(row.each_ref().map(String::as_str));
-    }
+    let mut text = crate::table::render(
+        &["VM", "FROM", "TO", "PAUSE", "RESULT", "REASON"],
+        &rows,
+        &[],
+    );
     for (vm, why) in left.iter().filter(|(_, why)| why != CURRENT) {
         let _ = writeln!(text, "not upgraded: {}: {why}", vm.label());
     }
