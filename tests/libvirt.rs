@@ -16,29 +16,25 @@
 
 use std::fs;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use qemu_liveupgrade_tests::libvirt::{
-    cli_status, credentials, domain_dir, ensure_libvirtd, install_emulator, libvirtd_errors,
-    libvirtd_log_between, libvirtd_log_mark, qemu_user, reachable_copy, repoint, try_virsh,
-    unique_name, virsh_ok, Domain, HeartbeatDomain, SerialLog, QEMU_USER,
+    domain_dir, ensure_libvirtd, install_emulator, libvirtd_errors, libvirtd_log_between,
+    reachable_copy, repoint, try_virsh, unique_name, virsh_ok, Domain, HeartbeatDomain, SerialLog,
 };
-use qemu_liveupgrade_tests::liveupgrade::{version, UPGRADE_TIMEOUT};
-use qemu_liveupgrade_tests::shim::{is_running, wait_qemu_child};
-use qemu_liveupgrade_tests::{guest_elf, qemu_build, shim_bin, wait_until};
+use qemu_liveupgrade_tests::libvirt_upgrade::{
+    assert_is_shim, assert_packaged_setup, upgrade_by_signal, Upgrade,
+};
+use qemu_liveupgrade_tests::liveupgrade::version;
+use qemu_liveupgrade_tests::shim::is_running;
+use qemu_liveupgrade_tests::{guest_elf, qemu_build, wait_until};
 use serde_json::Value;
 
 const OLD: &str = "7.2.22";
 const NEW: &str = "10.0.2";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const BEAT_TIMEOUT: Duration = Duration::from_secs(30);
-/// `virsh domstate` during an upgrade: about every 20 ms, as the brief of this test says.
-const POLL: Duration = Duration::from_millis(20);
 
 /// Checks whose failure does not end the test; reported together at the end.
 #[derive(Default)]
@@ -69,197 +65,17 @@ fn step(what: &str) {
     eprintln!("libvirt test: {what}");
 }
 
-/// What one upgrade looked like from libvirt's side.
-struct Upgrade {
-    report: Value,
-    /// Every `virsh domstate` answer from just before SIGUSR2 until after the report.
-    states: Vec<String>,
-    /// `query-version` through libvirt afterwards.
-    version: String,
-    /// libvirtd's log while it ran: (from, to) byte marks.
-    log_window: (u64, u64),
-    /// QEMU's own messages in the domain log while it ran (a failed upgrade's details).
-    qemu_messages: Vec<String>,
-    /// `qemu-liveupgrade status --json NAME` as root afterwards.
-    status: Result<Value, String>,
-    /// The pid libvirt tracks.
-    pid: Pid,
-    /// Whether the new vCPU 0 thread is in libvirt's `vcpu0` cgroup, and its cgroups.
-    vcpu0_placed: bool,
-    vcpu0_cgroups: Vec<String>,
-}
-
-impl Upgrade {
-    fn ok(&self) -> bool {
-        self.report["result"] == "ok"
-    }
-}
-
-/// Repoints the `.real` link at `to`, sends SIGUSR2 to the pid libvirt tracks, polls
-/// `virsh domstate` until the report is in the domain log, and asks libvirt's monitor
-/// connection for the version.
+/// SIGUSR2 to the pid libvirt tracks, after pointing the `.real` link at `to`.
 fn upgrade(dom: &Domain, real: &Path, to: &str) -> Upgrade {
-    repoint(real, &qemu_build(to));
-    let pid = dom.pid();
-    assert_is_shim(pid);
-    let before = dom.reports().len();
-    let from_mark = libvirtd_log_mark();
-    let domain_log_mark = dom.log_mark();
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let poller = {
-        let stop = Arc::clone(&stop);
-        let name = dom.name().to_owned();
-        thread::spawn(move || {
-            let mut states = Vec::new();
-            loop {
-                let state = match try_virsh(&["domstate", &name]) {
-                    Ok(s) => s.trim().to_owned(),
-                    Err(e) => format!("virsh error: {e}"),
-                };
-                states.push(state);
-                if states.len() == 1 {
-                    let _ = tx.send(());
-                }
-                if stop.load(Ordering::Relaxed) {
-                    return states;
-                }
-                thread::sleep(POLL);
-            }
-        })
-    };
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("first virsh domstate");
-    let started = Instant::now();
-    kill(pid, Signal::SIGUSR2).unwrap_or_else(|e| panic!("kill -USR2 {pid}: {e}"));
-    let report = dom.wait_report(before, UPGRADE_TIMEOUT);
-    let took = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let states = poller.join().expect("domstate poller");
-    let version = dom
-        .qmp("query-version", Value::Null)
-        .map(|v| version(&v))
-        .unwrap_or_else(|e| format!("query-version failed: {e}"));
-    let to_mark = libvirtd_log_mark();
-    let qemu_messages = dom
-        .log_since(domain_log_mark)
-        .lines()
-        .filter(|l| !l.starts_with('{') && l.contains("qemu-system-x86_64:"))
-        .map(str::to_owned)
-        .collect();
-    let status = cli_status(dom.name());
-    let vcpu0_placed = dom.vcpu_in_libvirt_cgroup(0);
-    let vcpu0_cgroups = dom.vcpu_cgroups(0);
-    assert_eq!(dom.pid(), pid, "libvirt's pid changed across the upgrade");
-    assert!(is_running(pid), "the shim (pid {pid}) is gone");
+    let up = upgrade_by_signal(dom, real, &qemu_build(to));
     step(&format!(
-        "upgrade to {to}: {} in {took:?}, {} domstate polls, now {version}",
-        report["result"],
-        states.len()
+        "upgrade to {to}: {} in {:?}, {} domstate polls, now {}",
+        up.report["result"],
+        up.took,
+        up.states.len(),
+        up.version
     ));
-    Upgrade {
-        report,
-        states,
-        version,
-        log_window: (from_mark, to_mark),
-        qemu_messages,
-        status,
-        pid,
-        vcpu0_placed,
-        vcpu0_cgroups,
-    }
-}
-
-/// `pid` runs the shim. By name: a rebuild replaces the file under a running shim, and then
-/// `/proc/PID/exe` names a deleted file.
-fn assert_is_shim(pid: Pid) {
-    let exe = fs::read_link(format!("/proc/{pid}/exe"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/exe: {e} (is the VM gone?)"));
-    let shim = shim_bin();
-    let name = shim.file_name().unwrap().to_string_lossy();
-    assert!(
-        exe.file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with(&*name)),
-        "the pid libvirt tracks ({pid}) runs {}, not the shim",
-        exe.display()
-    );
-}
-
-/// The shim `pid` and its QEMU run as libvirt's packaged configuration runs emulators: as
-/// `libvirt-qemu`, with stderr a pipe to virtlogd (not the log file itself, as with
-/// `stdio_handler = "file"`).
-fn assert_packaged_setup(pid: Pid) {
-    let user = qemu_user();
-    assert_eq!(
-        credentials(pid),
-        user,
-        "the shim (pid {pid}) does not run as {QEMU_USER}: is qemu.conf the packaged one?"
-    );
-    let qemu = wait_qemu_child(pid, Duration::from_secs(10));
-    assert_eq!(
-        credentials(qemu),
-        user,
-        "QEMU (pid {qemu}) runs as another user than the shim"
-    );
-    let stderr = fs::read_link(format!("/proc/{pid}/fd/2")).expect("the shim's stderr");
-    assert!(
-        stderr.to_string_lossy().starts_with("pipe:"),
-        "the shim's stderr is {} rather than virtlogd's pipe",
-        stderr.display()
-    );
-}
-
-/// The upgrade went through and libvirt saw a running domain all along.
-fn assert_upgrade_ok(up: &Upgrade, from: &str, to: &str) {
-    assert_eq!(
-        up.report["result"], "ok",
-        "upgrade failed: {}\nQEMU said: {:?}",
-        up.report, up.qemu_messages
-    );
-    assert_eq!(up.report["from"]["version"], from, "{}", up.report);
-    assert_eq!(up.report["to"]["version"], to, "{}", up.report);
-    assert_domstate_running(up);
-    assert_eq!(up.version, to, "version through libvirt's monitor");
-    assert_threads_placed(up);
-    let status = up
-        .status
-        .as_ref()
-        .unwrap_or_else(|e| panic!("qemu-liveupgrade status (as root) failed: {e}"));
-    assert_eq!(status["pid"], up.pid.as_raw(), "status: {status}");
-    assert_eq!(status["version"], to, "status: {status}");
-    assert_eq!(
-        status["generation"], up.report["to"]["generation"],
-        "status: {status}"
-    );
-    assert_eq!(status["last_upgrade"]["result"], "ok", "status: {status}");
-}
-
-/// The new vCPU thread is where libvirt put the old one: its `vcpu0` cgroup, moved there by
-/// the placer (the launcher runs as libvirt-qemu and may not write root's cgroup files).
-fn assert_threads_placed(up: &Upgrade) {
-    let threads = &up.report["threads"];
-    assert_eq!(threads["problems"], serde_json::json!([]), "{}", up.report);
-    assert_eq!(threads["by"], "placer", "{}", up.report);
-    assert!(
-        up.vcpu0_placed,
-        "the new vCPU 0 thread is not in libvirt's vcpu0 cgroup: {:?}",
-        up.vcpu0_cgroups
-    );
-}
-
-fn assert_domstate_running(up: &Upgrade) {
-    assert!(
-        up.states.len() >= 2,
-        "domstate polled only {} time(s) during the upgrade",
-        up.states.len()
-    );
-    let odd: Vec<&String> = up.states.iter().filter(|s| *s != "running").collect();
-    assert!(
-        odd.is_empty(),
-        "virsh domstate during the upgrade: {odd:?} (of {} polls)",
-        up.states.len()
-    );
+    up
 }
 
 /// Waits for `n` more heartbeats and checks the current boot's beats: consecutive, err=0.
@@ -366,7 +182,7 @@ fn libvirt_domain_survives_live_upgrades() {
 
     step("first upgrade");
     let up1 = upgrade(&dom, &real, NEW);
-    assert_upgrade_ok(&up1, OLD, NEW);
+    up1.assert_ok(OLD, NEW);
     assert_beating(&dom, &serial, 500, "after the first upgrade");
 
     step("suspend, resume, dominfo");
@@ -431,7 +247,7 @@ fn libvirt_domain_survives_live_upgrades() {
 
     step("second upgrade, with the hot-plugged devices");
     let up2 = upgrade(&dom, &real, OLD);
-    assert_domstate_running(&up2);
+    up2.assert_domstate_running();
     let up2_ok = failures.check(up2.ok(), || {
         format!(
             "upgrade {NEW} -> {OLD} with a hot-plugged {} failed: {}",
@@ -506,7 +322,7 @@ fn libvirt_domain_survives_live_upgrades() {
     if current != OLD {
         step("second upgrade again, without hot-plugged devices");
         let again = upgrade(&dom, &real, OLD);
-        assert_upgrade_ok(&again, &current, OLD);
+        again.assert_ok(&current, OLD);
         current = again.version.clone();
         ups.push(again);
         assert_beating(&dom, &serial, 500, "after the second upgrade, retried");
@@ -514,7 +330,7 @@ fn libvirt_domain_survives_live_upgrades() {
 
     step("third upgrade");
     let up3 = upgrade(&dom, &real, NEW);
-    assert_upgrade_ok(&up3, &current, NEW);
+    up3.assert_ok(&current, NEW);
     ups.push(up3);
     assert_beating(&dom, &serial, 500, "after the third upgrade");
 

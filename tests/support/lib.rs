@@ -12,6 +12,7 @@
 
 pub mod des;
 pub mod libvirt;
+pub mod libvirt_upgrade;
 pub mod lifecycle;
 pub mod linux;
 pub mod liveupgrade;
@@ -21,6 +22,7 @@ pub mod shim;
 pub mod tempdir;
 pub mod vhost_user;
 pub mod viewers;
+pub mod virt_install;
 pub mod vm;
 
 use std::thread;

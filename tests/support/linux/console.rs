@@ -67,6 +67,31 @@ impl Console {
                 Err(_) => thread::sleep(Duration::from_millis(2)),
             }
         };
+        Console::reading(name, path, stream)
+    }
+
+    /// Opens the pty `path` (`/dev/pts/N`, as libvirt's `<console type='pty'>` names it) in
+    /// raw mode and reads it like a console socket: the guest's serial output arrives there
+    /// byte for byte. Holds it for the VM's life, as `virsh console` would; a pty nobody reads
+    /// stalls the guest's output once its buffer is full.
+    pub fn open_pty(name: &str, path: &Path) -> Console {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(path)
+            .unwrap_or_else(|e| panic!("{name}: open {}: {e}", path.display()));
+        let mut termios = tcgetattr(&file)
+            .unwrap_or_else(|e| panic!("{name}: tcgetattr {}: {e}", path.display()));
+        cfmakeraw(&mut termios);
+        tcsetattr(&file, SetArg::TCSANOW, &termios)
+            .unwrap_or_else(|e| panic!("{name}: tcsetattr {}: {e}", path.display()));
+        Console::reading(name, path, file)
+    }
+
+    fn reading(name: &str, path: &Path, from: impl Read + Send + 'static) -> Console {
         let md = std::fs::metadata(path)
             .unwrap_or_else(|e| panic!("{name}: stat {}: {e}", path.display()));
         let shared = Arc::new(Shared {
@@ -74,7 +99,7 @@ impl Console {
             changed: Condvar::new(),
         });
         let s = Arc::clone(&shared);
-        thread::spawn(move || read_console(stream, &s));
+        thread::spawn(move || read_console(from, &s));
         Console {
             name: name.to_owned(),
             path: path.to_owned(),
@@ -154,7 +179,7 @@ impl Console {
     }
 }
 
-fn read_console(mut stream: UnixStream, shared: &Shared) {
+fn read_console(mut stream: impl Read, shared: &Shared) {
     let mut chunk = [0u8; 4096];
     let why = loop {
         match stream.read(&mut chunk) {
