@@ -435,7 +435,7 @@ fn print_status(s: &Value) {
 
 fn describe_upgrade(r: &Value) -> String {
     if r["result"] == "ok" {
-        format!(
+        let mut line = format!(
             "upgraded {} -> {} (generation {}): guest paused {} ms, {} bytes sent, {} ms in all",
             r["from"]["version"].as_str().unwrap_or("?"),
             r["to"]["version"].as_str().unwrap_or("?"),
@@ -443,7 +443,18 @@ fn describe_upgrade(r: &Value) -> String {
             r["downtime_ms"],
             r["ram_bytes"],
             r["total_ms"],
-        )
+        );
+        // What vCPU placement could not carry over (a cgroup with no placer to move into it).
+        let unplaced: Vec<&str> = r["threads"]["problems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if !unplaced.is_empty() {
+            line.push_str(&format!("; not placed: {}", unplaced.join("; ")));
+        }
+        line
     } else {
         format!(
             "upgrade failed, guest still on {} (generation {}): {}",
