@@ -14,7 +14,11 @@ use serde_json::{json, Value};
 
 /// Live-upgrade QEMU under running VMs.
 #[derive(Debug, Parser)]
-#[command(name = "qemu-liveupgrade", version, about)]
+#[command(
+    name = "qemu-liveupgrade",
+    version,
+    after_help = "The config file, the package's diversions and trigger, and the rollout policy: man 8 qemu-liveupgrade."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
