@@ -30,9 +30,11 @@ use crate::threads;
 
 mod migration;
 mod report;
+mod undo;
 
 use migration::{capabilities, caps_arg, is_active, migration_status, ms, ram_size, SOURCE_FAILED};
 use report::{Failure, Stats};
+use undo::Undo;
 
 /// How often a long migration reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -90,23 +92,6 @@ pub enum UpgradeError {
     /// A signal that ends the VM came before the migration started.
     #[error("the VM is ending ({0})")]
     Ending(nix::sys::signal::Signal),
-}
-
-/// What one step changed on the old QEMU or in the proxy, for a failure later to put back.
-/// A failed upgrade kills the new QEMU first, then undoes these in reverse order.
-#[derive(Debug)]
-enum Undo {
-    /// Migration capabilities turned on on the old QEMU: off again.
-    Capabilities(Vec<String>),
-    /// Migration parameters changed on the old QEMU: their values before.
-    Parameters(Value),
-    /// Monitor clients' input held and their connections to the new QEMU prepared: back to
-    /// the old one, with what they sent meanwhile.
-    Monitors,
-    /// The stream's write end handed to the old QEMU (`getfd`) and not taken by `migrate`.
-    OutFd,
-    /// `migrate` issued: cancelled, and the guest running again if it ran before.
-    Migration,
 }
 
 /// The guest as the upgrade found it.
@@ -734,73 +719,6 @@ impl Supervisor {
         }
         Ok(())
     }
-
-    /// Undoes one step on the old QEMU; `Err` says what could not be put back. Nothing is
-    /// sent to an old QEMU that has exited.
-    fn undo(&mut self, step: Undo, guest: &Guest) -> Result<(), String> {
-        if let Undo::Monitors = step {
-            self.proxy.abort(self.poll.registry());
-            return Ok(());
-        }
-        if self.has_exited() {
-            return Ok(());
-        }
-        match step {
-            Undo::Monitors => {}
-            Undo::Migration => {
-                let cancelled =
-                    self.call(To::CURRENT, "migrate_cancel", None, self.step_deadline());
-                let settle = Instant::now() + self.config.settings.timeouts.step;
-                while Instant::now() < settle {
-                    match self.call(To::CURRENT, "query-migrate", None, self.step_deadline()) {
-                        Ok(info) if info["status"].as_str().is_some_and(is_active) => {
-                            let pause = Instant::now() + Duration::from_millis(2);
-                            let _ = self.wait_until(None, "cancel", pause, |_, _| false);
-                        }
-                        _ => break,
-                    }
-                }
-                // QEMU resumes a source whose migration failed by itself, but not one that
-                // finished sending and then lost its destination: `cont` takes its disks
-                // back and runs it.
-                if guest.status == "running" {
-                    let now = self.call(To::CURRENT, "query-status", None, self.step_deadline());
-                    if now.is_ok_and(|s| s["status"] != "running") {
-                        self.call(To::CURRENT, "cont", None, self.step_deadline())
-                            .map_err(note("cont"))?;
-                    }
-                }
-                cancelled.map_err(note("migrate_cancel"))?;
-            }
-            Undo::OutFd => {
-                let args = json!({"fdname": FD_OUT});
-                self.call(To::CURRENT, "closefd", Some(args), self.step_deadline())
-                    .map_err(note("closefd"))?;
-            }
-            Undo::Capabilities(names) => {
-                if !names.is_empty() {
-                    let args = caps_arg(&names, false);
-                    self.call(
-                        To::CURRENT,
-                        "migrate-set-capabilities",
-                        Some(args),
-                        self.step_deadline(),
-                    )
-                    .map_err(note("migrate-set-capabilities"))?;
-                }
-            }
-            Undo::Parameters(params) => {
-                self.call(
-                    To::CURRENT,
-                    "migrate-set-parameters",
-                    Some(params),
-                    self.step_deadline(),
-                )
-                .map_err(note("migrate-set-parameters"))?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// A generation's vCPU and iothread ids, for [`threads::snapshot`] and [`threads::apply`].
@@ -817,9 +735,4 @@ fn thread_list(sup: &mut Supervisor, mut to: To<'_>) -> Vec<(String, i32)> {
 /// The error for a monitor command of step `step` that failed.
 fn step(step: &'static str) -> impl Fn(CallError) -> UpgradeError {
     move |source| UpgradeError::Step { step, source }
-}
-
-/// What could not be put back, for the report.
-fn note(what: &'static str) -> impl Fn(CallError) -> String {
-    move |e| format!("{what}: {}", crate::error_chain(&e))
 }
