@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use qemu_liveupgrade_tests::liveupgrade::UpgradeVm;
+use qemu_liveupgrade_tests::liveupgrade::{assert_pause_in_order, UpgradeVm};
 use qemu_liveupgrade_tests::{guest_elf, wait_until, Qmp};
 use serde_json::{json, Value};
 
@@ -139,6 +139,8 @@ fn serial_pty_keeps_its_path_and_every_line_across_upgrades() {
         let report = vm.upgrade();
         assert_eq!(report["result"], "ok", "upgrade failed: {report}");
         assert_eq!(report["to"]["version"], version, "{report}");
+        // Started with -S: the new QEMU stays paused after the migration and gets `cont`.
+        assert_pause_in_order(&report, true);
         reader.wait_counter(before + 500);
         assert_eq!(
             announced(&vm),

@@ -6,7 +6,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use qemu_liveupgrade_tests::liveupgrade::{capabilities, version, UpgradeVm, UPGRADE_TIMEOUT};
+use qemu_liveupgrade_tests::liveupgrade::{
+    assert_pause_in_order, capabilities, version, UpgradeVm, UPGRADE_TIMEOUT,
+};
 use qemu_liveupgrade_tests::shim::{output_within, qemu_child, reports};
 use qemu_liveupgrade_tests::{cli_bin, guest_argv, tempdir, wait_until};
 use serde_json::{json, Value};
@@ -47,6 +49,7 @@ fn upgrade_chain(versions: &[&str], mem_mib: u64) {
         vm.install(pair[1]);
         let report = vm.upgrade();
         assert_ok(&report, pair[0], pair[1]);
+        assert_pause_in_order(&report, false);
         assert_eq!(report["to"]["generation"], i as u64 + 2);
         assert_eq!(
             report["machine"], "pc-i440fx-7.2",

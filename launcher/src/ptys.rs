@@ -344,6 +344,9 @@ pub struct PtyRelay {
     live: Option<u32>,
     /// An upgrade has started a new generation: input waits here.
     held: bool,
+    /// When output of the generation last committed was first read, for the upgrade's
+    /// report; `None` until it said something.
+    first_output: Option<Instant>,
 }
 
 impl PtyRelay {
@@ -369,6 +372,7 @@ impl PtyRelay {
             ptys: kept,
             live: None,
             held: false,
+            first_output: None,
         })
     }
 
@@ -421,7 +425,13 @@ impl PtyRelay {
         }
         self.live = Some(gen);
         self.held = false;
+        self.first_output = None;
         self.pump_all();
+    }
+
+    /// When the generation last committed first had output relayed, if it has yet.
+    pub fn first_output(&self) -> Option<Instant> {
+        self.first_output
     }
 
     /// The upgrade failed: the new generation's sockets go, and input, what was taken back
@@ -438,7 +448,9 @@ impl PtyRelay {
     /// Moves what can move for pty `index` after an event under its token.
     pub fn handle(&mut self, index: usize) {
         if let Some(k) = self.ptys.get_mut(index) {
-            k.pump(self.live, self.held);
+            if k.pump(self.live, self.held) && self.first_output.is_none() {
+                self.first_output = Some(Instant::now());
+            }
         }
     }
 
@@ -461,7 +473,9 @@ impl PtyRelay {
 
     fn pump_all(&mut self) {
         for k in &mut self.ptys {
-            k.pump(self.live, self.held);
+            if k.pump(self.live, self.held) && self.first_output.is_none() {
+                self.first_output = Some(Instant::now());
+            }
         }
     }
 }
@@ -469,12 +483,14 @@ impl PtyRelay {
 impl Kept {
     /// Moves bytes every way they may go. Sockets and the master are registered
     /// edge-triggered, so each side is read until it would block or its buffer is full; a side
-    /// left unread for a full buffer is read again once the buffer drains.
-    fn pump(&mut self, live: Option<u32>, held: bool) {
+    /// left unread for a full buffer is read again once the buffer drains. Returns whether the
+    /// live generation had output.
+    fn pump(&mut self, live: Option<u32>, held: bool) -> bool {
+        let mut output = false;
         loop {
             let reader = self.read_in();
             if let Some(end) = self.ends.iter_mut().find(|e| Some(e.gen) == live) {
-                recv_into(end, &mut self.to_pty, CAP);
+                output |= recv_into(end, &mut self.to_pty, CAP) > 0;
             }
             let full = (self.to_pty.len() >= CAP, self.to_guest.len() >= CAP);
             if let Some(end) = self.ends.iter_mut().find(|e| Some(e.gen) == live) {
@@ -486,7 +502,7 @@ impl Kept {
             let drained =
                 (full.0 && self.to_pty.len() < CAP) || (full.1 && self.to_guest.len() < CAP);
             if !drained {
-                return;
+                return output;
             }
         }
     }
@@ -564,18 +580,24 @@ impl Kept {
     }
 }
 
-/// Reads QEMU's output from `end` into `buf` while `buf` holds less than `cap`.
-fn recv_into(end: &mut End, buf: &mut Vec<u8>, cap: usize) {
+/// Reads QEMU's output from `end` into `buf` while `buf` holds less than `cap`; returns how
+/// many bytes came.
+fn recv_into(end: &mut End, buf: &mut Vec<u8>, cap: usize) -> usize {
     let mut chunk = [0u8; 16 << 10];
+    let mut got = 0;
     while !end.closed && buf.len() < cap {
         match socket::recv(end.ours.as_raw_fd(), &mut chunk, MsgFlags::MSG_DONTWAIT) {
             Ok(0) => end.closed = true,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                got += n;
+            }
             Err(Errno::EINTR) => {}
             Err(Errno::EAGAIN) => break,
             Err(_) => end.closed = true,
         }
     }
+    got
 }
 
 /// Sends input to QEMU through `end`, as much as its socket takes.

@@ -442,18 +442,25 @@ impl Supervisor {
         said
     }
 
-    /// Makes `new` the current generation. The old one is killed at once (its guest runs
-    /// elsewhere now, and anything it still does can only take from the new one) and reaped
-    /// by the loop; from here on its exit no longer ends the VM.
-    pub(crate) fn promote(&mut self, new: Generation) {
+    /// Makes `new` the current generation, its consoles live, and returns the old one, still
+    /// there to be asked (as the generation beside the current one) until
+    /// [`Supervisor::retire`]; from here on its exit no longer ends the VM.
+    pub(crate) fn promote(&mut self, new: Generation) -> Generation {
         self.ptys.commit(self.poll.registry(), new.number);
-        let old = std::mem::replace(&mut self.current, new);
+        std::mem::replace(&mut self.current, new)
+    }
+
+    /// Ends a generation whose guest runs elsewhere now, at once, by SIGKILL: anything it still
+    /// does can only take from the new one. The loop reaps it.
+    pub(crate) fn retire(&mut self, old: Generation) {
         let _ = self
             .poll
             .registry()
             .deregister(&mut SourceFd(&old.qmp.raw_fd()));
-        let _ = nix::sys::signal::kill(old.pid, Signal::SIGKILL);
-        self.ending.push(old);
+        if old.exit.is_none() {
+            let _ = nix::sys::signal::kill(old.pid, Signal::SIGKILL);
+            self.ending.push(old);
+        }
     }
 
     /// Serves the loop until every generation killed so far is reaped, or `deadline`.

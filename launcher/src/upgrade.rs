@@ -11,9 +11,13 @@
 //! Until the new QEMU runs the guest, every step can be undone: a step that changes the old
 //! QEMU or the proxy pushes its [`Undo`] as it does so, and a failure kills the new QEMU, then
 //! undoes those in reverse order (the migration cancelled, the old QEMU's settings put back,
-//! the guest resumed only if it was running). After that point the old QEMU is killed. The guest is never on two QEMUs,
-//! because the old one is paused (by migration) before the new one starts running, and never
-//! on none, because the old one is killed only once the new one runs.
+//! the guest resumed only if it was running). From that point on, what the guest's users see
+//! moves first (consoles and monitor clients switch to the new QEMU at once), then the old
+//! QEMU is killed, and whatever can wait (capabilities, thread placement, the report) comes
+//! last. The guest is never on two QEMUs, because the old one is paused (by migration) before
+//! the new one starts running, and never on none, because the old one is killed only once
+//! the new one runs. The report's `pause` ([`timeline`]) says when each part of the guest's
+//! pause happened.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -30,10 +34,12 @@ use crate::threads;
 
 mod migration;
 mod report;
+mod timeline;
 mod undo;
 
 use migration::{capabilities, caps_arg, is_active, migration_status, ms, ram_size, SOURCE_FAILED};
 use report::{Failure, Stats};
+use timeline::{Mark, Timeline};
 use undo::Undo;
 
 /// How often a long migration reports its progress.
@@ -130,6 +136,8 @@ struct Upgrade<'s> {
     /// Once monitor clients are held: when the new QEMU must run the guest, or the upgrade
     /// gives up. It bounds how long clients wait and how long the guest may stay paused.
     held_until: Option<Instant>,
+    /// When each part of the guest's pause happened, for the report.
+    timeline: Timeline,
 }
 
 impl Supervisor {
@@ -189,6 +197,7 @@ impl Supervisor {
             translations,
             undo: Vec::new(),
             held_until: None,
+            timeline: Timeline::default(),
         };
         match upgrade.move_guest() {
             Ok(moved) => Ok(upgrade.finish(moved)),
@@ -440,6 +449,7 @@ impl Upgrade<'_> {
         if let Some(guard) = self.new.tap_guard.as_mut() {
             guard.live = true;
         }
+        self.timeline.mark(Mark::Migrate);
         self.ask_old("migrate", Some(json!({"uri": format!("fd:{FD_OUT}")})))
             .map_err(step("migrate"))?;
         // `migrate` took the fd.
@@ -453,10 +463,12 @@ impl Upgrade<'_> {
     fn await_migration(&mut self) -> Result<(), UpgradeError> {
         let mut outcome: Option<Result<(), String>> = None;
         let until = self.deadline();
+        let mut timeline = std::mem::take(&mut self.timeline);
         loop {
             let tick = until.min(Instant::now() + PROGRESS_EVERY);
             let waited = self.wait("migration", tick, |s, new| {
                 for e in new.qmp.take_events() {
+                    timeline.new_event(&e);
                     match migration_status(&e) {
                         Some("completed") => outcome = Some(Ok(())),
                         Some(st) if SOURCE_FAILED.contains(&st) => {
@@ -466,6 +478,7 @@ impl Upgrade<'_> {
                     }
                 }
                 for e in s.current.qmp.take_events() {
+                    timeline.old_event(&e);
                     if let Some(st) = migration_status(&e).filter(|st| SOURCE_FAILED.contains(st)) {
                         outcome = Some(Err(format!("old QEMU reports {st}")));
                     }
@@ -478,9 +491,14 @@ impl Upgrade<'_> {
             match waited {
                 Ok(()) => break,
                 Err(CallError::Timeout(_)) if Instant::now() < until => self.report_progress(),
-                Err(e) => return Err(step("waiting for the migration")(e)),
+                Err(e) => {
+                    self.timeline = timeline;
+                    return Err(step("waiting for the migration")(e));
+                }
             }
         }
+        timeline.mark(Mark::Seen);
+        self.timeline = timeline;
         if let Some(Err(reason)) = outcome {
             return Err(UpgradeError::Migration(reason));
         }
@@ -490,57 +508,65 @@ impl Upgrade<'_> {
         Ok(())
     }
 
-    /// Step 10: the new QEMU in the run state the guest had. A destination started with -S
-    /// (libvirt's way) stays paused after migration even when the source ran; QEMU autostarts
-    /// it otherwise, a few moments after reporting completion.
+    /// Step 10: the new QEMU in the run state the guest had. QEMU sets an incoming guest's run
+    /// state before it reports completion (`process_incoming_migration_bh`, 7.2 and 10.0:
+    /// `vm_start` and its RESUME, or the source's state, then MIGRATION `completed`), so the
+    /// events read by then tell: a destination started with -S (libvirt's way) stays paused
+    /// even when the source ran, and gets `cont` at once.
     fn restore_run_state(&mut self) -> Result<(), UpgradeError> {
-        let mut status = String::from("inmigrate");
-        let settle = self.deadline();
-        while status == "inmigrate" {
-            let st = self
-                .sup
-                .call(
-                    To::Beside(&mut self.new),
-                    "query-status",
-                    None,
-                    Some(settle),
-                )
-                .map_err(step("query-status on the new QEMU"))?;
-            status = st["status"].as_str().unwrap_or("unknown").to_owned();
-            if status == "inmigrate" {
-                let pause = Instant::now() + Duration::from_millis(1);
-                let _ = self.wait("settle", pause, |_, _| false);
-            }
+        if self.guest.status != "running" || self.timeline.resumed() {
+            return Ok(());
         }
-        if self.guest.status == "running" && status != "running" {
-            self.ask_new("cont", None)
-                .map_err(step("cont on the new QEMU"))?;
+        self.timeline.mark(Mark::Cont);
+        self.ask_new("cont", None)
+            .map_err(step("cont on the new QEMU"))?;
+        // Its RESUME came before the answer.
+        for e in self.new.qmp.take_events() {
+            self.timeline.new_event(&e);
         }
         Ok(())
     }
 
-    /// Step 11, once the new QEMU runs the guest: there is no way back. The old QEMU's
-    /// figures, then it goes at once, by SIGKILL: its guest runs elsewhere now, and anything
-    /// it still does (it keeps polling the taps it shares with the new QEMU, and a packet it
-    /// reads is lost) can only take from the new one. A `quit` would let it run its main loop
-    /// a few milliseconds more. Then monitor clients move over with their held commands, the
-    /// new QEMU's capabilities go back to what the VM's users had, and its threads get the
-    /// old ones' placement.
-    fn finish(mut self, moved: Moved) -> Stats {
-        self.sup.progress("quitting the old QEMU");
+    /// Steps 11 to 13, once the new QEMU runs the guest: there is no way back, and what the
+    /// guest's users see goes first.
+    fn finish(self, moved: Moved) -> Stats {
+        let Upgrade {
+            sup,
+            new,
+            translations,
+            mut timeline,
+            ..
+        } = self;
+        // 11. Consoles and monitor clients continue on the new QEMU, their held input first.
+        let number = new.number;
+        let mut old = sup.promote(new);
+        sup.proxy.commit(sup.poll.registry(), number);
+        timeline.mark(Mark::Switched);
+
+        sup.progress("quitting the old QEMU");
+        // 12. The old QEMU's figures, then it goes, by SIGKILL: a `quit` would let it run its
+        //     main loop a few milliseconds more, polling the taps it shares with the new one.
         let mut stats = Stats {
             shared: moved.capabilities.shared,
-            translations: std::mem::take(&mut self.translations),
+            translations,
             ..Stats::default()
         };
-        if let Ok(info) = self.ask_old("query-migrate", None) {
+        let info = sup.call(
+            To::Beside(&mut old),
+            "query-migrate",
+            None,
+            sup.step_deadline(),
+        );
+        if let Ok(info) = info {
             stats.downtime_ms = info["downtime"].as_u64();
             stats.ram_bytes = info["ram"]["transferred"].as_u64();
         }
-        let Upgrade { sup, new, .. } = self;
-        let number = new.number;
-        sup.promote(new);
-        sup.proxy.commit(sup.poll.registry(), number);
+        sup.retire(old);
+        timeline.mark(Mark::OldKilled);
+
+        // 13. The new QEMU's capabilities back to what the VM's users had, its threads where
+        //     libvirt placed the old ones, and the host forwards the old QEMU held, free once
+        //     it is reaped.
         let caps = Some(caps_arg(&moved.capabilities.added, false));
         let _ = sup.call(
             To::CURRENT,
@@ -553,8 +579,14 @@ impl Upgrade<'_> {
         stats.threads = threads::apply(&moved.placement, &new_threads);
         let step = sup.config.settings.timeouts.step;
         sup.reap_ended(Instant::now() + step);
-        // The host forwards the old QEMU held are free now: the new one takes them.
         stats.hostfwd = sup.restore_forwards();
+        let (console, monitor) = sup.proxy.first_relayed();
+        let console = [console, sup.ptys.first_output()]
+            .into_iter()
+            .flatten()
+            .min();
+        timeline.relayed(console, monitor);
+        stats.pause = timeline.to_json();
         stats
     }
 

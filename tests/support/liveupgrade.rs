@@ -143,3 +143,44 @@ pub fn version(reply: &Value) -> String {
     let q = &reply["qemu"];
     format!("{}.{}.{}", q["major"], q["minor"], q["micro"])
 }
+
+/// Checks the report's `pause` timeline against the order a swap goes through: the old QEMU
+/// stops the guest after `migrate`, the new one runs it (by itself, or after the `cont` a
+/// destination started with -S needs, `cont` true), the launcher learns of it, and only then
+/// are consoles and monitor clients switched over and the old QEMU killed. QEMU's moments come
+/// from its events' wall-clock stamps, so those are compared with a margin for reading the
+/// two clocks at slightly different moments.
+pub fn assert_pause_in_order(report: &Value, cont: bool) {
+    let p = &report["pause"];
+    let at = |k: &str| {
+        p[format!("{k}_us")]
+            .as_i64()
+            .unwrap_or_else(|| panic!("pause has no {k}_us: {p}"))
+    };
+    const MARGIN: i64 = 1000;
+    assert!(p["migrate_monotonic_us"].as_i64().is_some(), "{p}");
+    let (stop, resume, seen) = (at("old_stop"), at("resume"), at("seen"));
+    assert!(stop > -MARGIN, "STOP before migrate: {p}");
+    assert!(resume > stop, "RESUME before STOP: {p}");
+    assert!(at("stream_end") >= stop, "stream ended before STOP: {p}");
+    assert_eq!(p["cont_us"].is_i64(), cont, "cont: {p}");
+    if cont {
+        assert!(at("cont") >= seen && resume > at("cont") - MARGIN, "{p}");
+    } else {
+        assert!(seen > resume - MARGIN, "completion seen before RESUME: {p}");
+    }
+    let switched = at("switched");
+    assert!(
+        switched >= seen.max(p["cont_us"].as_i64().unwrap_or(seen)),
+        "{p}"
+    );
+    assert!(
+        at("old_killed") >= switched,
+        "old QEMU killed before the switch: {p}"
+    );
+    assert_eq!(
+        p["guest_stopped_us"].as_i64(),
+        Some(resume - stop),
+        "guest_stopped_us: {p}"
+    );
+}

@@ -29,6 +29,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::Path;
+use std::time::Instant;
 
 use mio::net::UnixStream;
 use mio::{Interest, Registry, Token};
@@ -165,6 +166,9 @@ pub(super) struct Backend {
     drain: bool,
     /// Writability is registered: forwarded input waits on a full socket.
     watch_out: bool,
+    /// When this connection, serving the client, first relayed an answer (QMP, HMP) or a
+    /// byte (any other chardev), for the upgrade's report.
+    pub first_out: Option<Instant>,
     /// A new generation's connection is being made ready ([`Backend::start_handshake`]).
     handshaking: bool,
     /// The client's `qmp_capabilities`, to be replayed once the greeting has been read.
@@ -200,6 +204,7 @@ impl Backend {
             readable: true,
             drain: false,
             watch_out: false,
+            first_out: None,
             handshaking: false,
             replay: None,
             replayed: false,
@@ -231,6 +236,20 @@ impl Backend {
         }
         self.held.append(&mut held);
         (progress, answers)
+    }
+
+    /// Notes when the first answer (or byte, on a chardev) went the client's way.
+    fn note_output(&mut self, bytes: bool, seen: &[Seen]) {
+        if self.first_out.is_some() || self.out.filter != Filter::Live {
+            return;
+        }
+        let relayed = match self.out.mode() {
+            Mode::Raw => bytes,
+            Mode::Qmp | Mode::Hmp => seen.iter().any(|s| matches!(s, Seen::Answer { .. })),
+        };
+        if relayed {
+            self.first_out = Some(Instant::now());
+        }
     }
 
     /// Queues `fds` to go to QEMU with the next byte forwarded.
@@ -448,7 +467,9 @@ impl Conn {
         loop {
             let mut progress = false;
             if let Some(b) = self.back.as_mut() {
+                let before = self.to_client.len();
                 let (moved, seen) = b.pull(Some(&mut self.to_client), true);
+                b.note_output(self.to_client.len() > before, &seen);
                 b.settle(seen, &mut self.caps, self.monitor, journal);
                 progress |= moved;
             }
@@ -677,6 +698,9 @@ impl Conn {
         }
         match self.next.take() {
             Some(mut new) => {
+                if new.out.mode() == Mode::Raw && !new.held.is_empty() {
+                    new.first_out = Some(Instant::now());
+                }
                 self.to_client.append(&mut new.held);
                 new.out.filter = Filter::Live;
                 new.out.drop_resume = resumed_by_swap;

@@ -319,6 +319,11 @@ impl Outbound {
         }
     }
 
+    /// What the stream carries.
+    pub(super) fn mode(&self) -> Mode {
+        self.mode
+    }
+
     /// Moves every complete message from `rx` to `out` (or drops it), and returns the answers
     /// and followed events seen, in order.
     pub(super) fn process(&mut self, rx: &mut Vec<u8>, out: &mut Vec<u8>) -> Vec<Seen> {

@@ -302,6 +302,24 @@ impl Proxy {
         self.journal.event(event);
     }
 
+    /// When the connections serving clients now first relayed something: a byte of a
+    /// chardev (console), and an answer on a monitor. After a swap's commit, what the new
+    /// generation relayed; `None` while nothing was.
+    pub fn first_relayed(&self) -> (Option<Instant>, Option<Instant>) {
+        let (mut console, mut monitor) = (None::<Instant>, None::<Instant>);
+        for conn in self.conns.values() {
+            let Some(at) = conn.back.as_ref().and_then(|b| b.first_out) else {
+                continue;
+            };
+            let slot = match self.monitors.get(conn.monitor).map(|m| m.mode) {
+                Some(Mode::Raw) => &mut console,
+                _ => &mut monitor,
+            };
+            *slot = Some(slot.map_or(at, |s| s.min(at)));
+        }
+        (console, monitor)
+    }
+
     /// Whether `token` is one of the proxy's.
     pub fn owns(&self, token: Token) -> bool {
         token.0 >= self.token_base

@@ -127,12 +127,12 @@ impl Proxy {
         let path = paths.get(index).ok_or(ProxyError::NoBackends { gen })?;
         let opened = Backend::connect(path, mode, greeting, Filter::Arriving, token)
             .map_err(|source| ProxyError::Connect { index, gen, source })
-            .and_then(|mut b| {
-                match registry.register(&mut b.stream, token, Interest::READABLE) {
+            .and_then(
+                |mut b| match registry.register(&mut b.stream, token, Interest::READABLE) {
                     Ok(()) => Ok(b),
                     Err(e) => Err(ProxyError::Register(e)),
-                }
-            });
+                },
+            );
         let mut b = match opened {
             Ok(b) => b,
             Err(e) => {

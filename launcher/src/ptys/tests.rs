@@ -204,3 +204,37 @@ fn the_pty_follows_the_guest_from_one_generation_to_the_next() {
     relay.handle(0);
     assert_eq!(read_slave(&mut slave, 5), b"seen\n");
 }
+
+#[test]
+fn the_first_output_of_the_generation_committed_is_timed() {
+    let poll = mio::Poll::new().unwrap();
+    let registry = poll.registry();
+    let spec = KeptPty {
+        item: 0,
+        kind: Kind::Chardev,
+        label: "c0".into(),
+        link: None,
+    };
+    let pty = open(&spec).unwrap();
+    let _slave = open_slave(&pty.path);
+    let mut relay = PtyRelay::new(registry, vec![pty], Token).unwrap();
+    let _gen1 = relay.ends_for(registry, 1).unwrap().remove(0);
+    let gen2 = relay.ends_for(registry, 2).unwrap().remove(0);
+    // QEMU 2 says nothing before it runs the guest: nothing to time yet.
+    let committed = Instant::now();
+    relay.commit(registry, 2);
+    assert_eq!(relay.first_output(), None);
+    socket::send(gen2.as_raw_fd(), b"HB 1\n", MsgFlags::empty()).unwrap();
+    wait_in(relay.ptys[0].ends[0].ours.as_fd());
+    relay.handle(0);
+    let first = relay.first_output().expect("QEMU 2's first output timed");
+    assert!(first >= committed);
+    socket::send(gen2.as_raw_fd(), b"HB 2\n", MsgFlags::empty()).unwrap();
+    wait_in(relay.ptys[0].ends[0].ours.as_fd());
+    relay.handle(0);
+    assert_eq!(
+        relay.first_output(),
+        Some(first),
+        "the first stays the first"
+    );
+}

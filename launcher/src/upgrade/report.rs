@@ -18,6 +18,8 @@ pub(super) struct Stats {
     pub(super) translations: Vec<Value>,
     /// The host forwards given back to the new QEMU, and any it refused; null without any.
     pub(super) hostfwd: Value,
+    /// When each part of the guest's pause happened ([`super::timeline`]).
+    pub(super) pause: Value,
 }
 
 /// How an upgrade failed.
@@ -65,6 +67,7 @@ pub(super) fn complete(
             report["threads"] = stats.threads;
             report["tap_ioctls_held"] = json!(stats.tap_ioctls_held);
             report["translations"] = json!(stats.translations);
+            report["pause"] = stats.pause;
             if !stats.hostfwd.is_null() {
                 report["hostfwd"] = stats.hostfwd;
             }

@@ -94,7 +94,6 @@ impl Supervisor {
     }
 }
 
-
 /// What could not be put back, for the report.
 fn note(what: &'static str) -> impl Fn(CallError) -> String {
     move |e| format!("{what}: {}", crate::error_chain(&e))

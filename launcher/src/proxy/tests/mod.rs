@@ -244,6 +244,26 @@ fn version(reply: &Value) -> u64 {
 const CAPS: &str = r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":"caps"}"#;
 
 #[test]
+fn the_first_reply_and_chardev_byte_after_a_swap_are_timed() {
+    let (mut h, mut c) = H::started(&[Mode::Qmp, Mode::Raw]);
+    h.cmd(&mut c[0], r#"{"execute":"query-version","id":1}"#);
+    let before = Instant::now();
+    h.swap(2);
+    // The replayed negotiation's answer is the proxy's own, not relayed.
+    assert_eq!(h.proxy.first_relayed(), (None, None));
+    let r = h.cmd(&mut c[0], r#"{"execute":"query-version","id":2}"#);
+    assert_eq!(version(&r), 2);
+    let (console, monitor) = h.proxy.first_relayed();
+    let monitor = monitor.expect("the new generation's first reply timed");
+    assert!(monitor >= before && console.is_none());
+    send(&mut c[1], "x");
+    assert_eq!(h.upto(&mut c[1], "\n"), "g2:x\n");
+    let (console, again) = h.proxy.first_relayed();
+    assert!(console.expect("the chardev's first byte timed") >= monitor);
+    assert_eq!(again, Some(monitor), "the first stays the first");
+}
+
+#[test]
 fn qmp_client_continues_on_the_new_generation() {
     let (mut h, mut c) = H::started(&[Mode::Qmp]);
     let r = h.cmd(&mut c[0], r#"{"execute":"query-version","id":1}"#);
