@@ -33,6 +33,9 @@ def guest_result(run, times, t_trigger, t_done, max_err, err_lines, hb_after, fi
     idle, _ = max_gap(times, t_trigger - IDLE_BEFORE, t_trigger)
     run["pause_ms"] = round(pause * 1000, 2)
     run["pause_at_ms"] = round((at - t_trigger) * 1000, 1)
+    # The gap's ends on CLOCK_MONOTONIC, for the timeline (benchlib/timeline.py).
+    run["pause_from_s"] = at
+    run["pause_to_s"] = at + pause
     run["idle_max_gap_ms"] = round(idle * 1000, 2)
     run["gaps_over_10ms"] = gaps_over(times, t_trigger, end, 0.010)
     run["guest_max_err"] = max_err

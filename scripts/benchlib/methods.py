@@ -15,6 +15,7 @@ from .heartbeats import guest_result, splice
 from .memory import MemSampler, memory_result, pss_result, tree_memory_kib, tree_pss_kib
 from .procs import kill_tree, make_tempdir, remove_tempdir
 from .qmp import Qmp, QmpClosed, QmpError
+from . import timeline
 
 
 class Ctx:
@@ -192,6 +193,7 @@ def run_ours(ctx, mib, from_ver, to_ver):
             max((h[2] for h in hbs), default=0), err_lines, len(after),
             round((after[0][0] - t_done) * 1000, 2) if after else None,
         )
+        timeline.from_report(run, report.get("pause"))
         end_status = status() or {}
         run["status_after"] = {k: end_status.get(k) for k in ("version", "generation", "qemu_pid")}
         run["ok"] = True
@@ -277,6 +279,9 @@ def run_migration(ctx, mib, mode):
         src = Guest("source", [QEMU_NAME] + ctx.guest_args(mib, src_sock) + extra, executable=qemu)
         boot(src, mib)
         src_qmp = Qmp(src_sock, alive=src.alive)
+        # MIGRATION events, for the timeline: the shim turns them on for its swaps too.
+        src_qmp.cmd("migrate-set-capabilities",
+                    {"capabilities": [{"capability": "events", "state": True}]})
         params = src_qmp.cmd("query-migrate-parameters")
         run["defaults"] = {k: params.get(k) for k in ("max-bandwidth", "downtime-limit", "mode")}
         pss_before = tree_pss_kib([src.pid])
@@ -293,6 +298,8 @@ def run_migration(ctx, mib, mode):
 
         if mode == "plain":
             dst_qmp = Qmp(dst_sock, alive=dst.alive)
+            dst_qmp.cmd("migrate-set-capabilities",
+                        {"capabilities": [{"capability": "events", "state": True}]})
             src_qmp.cmd("migrate-set-parameters", {"max-bandwidth": PLAIN_MAX_BANDWIDTH})
             wait_path(mig, 30, dst)
             t_migrate = time.monotonic()
@@ -368,6 +375,7 @@ def run_migration(ctx, mib, mode):
             max((h[2] for h in s_hbs + d_hbs), default=0), s_err + d_err, len(after),
             round((after[0][0] - t_done) * 1000, 2) if after else None,
         )
+        timeline.from_events(run, t_migrate, src_qmp, dst_qmp)
         run["ok"] = True
     except Exception as e:  # noqa: BLE001 -- one failed run must not end the benchmark
         run["ok"] = False
