@@ -346,7 +346,6 @@ fn state(pid: Pid) -> Option<char> {
 fn upgrade_reports_to_a_stderr_nobody_reads() {
     // The report goes to stderr, which libvirt points at a log pipe: a reader that went away
     // must cost the line, not the VM (eprintln! panics on EPIPE).
-    use std::os::fd::OwnedFd;
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
     let dir = qemu_liveupgrade_tests::tempdir();
@@ -362,7 +361,7 @@ fn upgrade_reports_to_a_stderr_nobody_reads() {
         .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::from(OwnedFd::from(w)));
+        .stderr(Stdio::from(w));
     let mut shim = Group(cmd.process_group(0).spawn().expect("shim"));
     let mut qmp = Qmp::connect_unix(&qmp_path, Duration::from_secs(30));
     let tmp = dir.join("qemu.new");

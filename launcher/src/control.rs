@@ -73,6 +73,31 @@ pub enum Request {
     Check(Option<PathBuf>),
 }
 
+impl Request {
+    /// The request line a client sends for it (without the line end).
+    pub fn to_json(&self) -> Value {
+        let to = |p: &Option<PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+        match self {
+            Request::Status => json!({"execute": "status"}),
+            Request::Upgrade(p) => json!({"execute": "upgrade", "to": to(p)}),
+            Request::Check(p) => json!({"execute": "check", "to": to(p)}),
+        }
+    }
+}
+
+/// Reads one request line (without its line end): `InvalidData` for anything but a request.
+pub fn parse_request(line: &[u8]) -> io::Result<Request> {
+    let invalid = |e| io::Error::new(io::ErrorKind::InvalidData, e);
+    let req: Value = serde_json::from_slice(line).map_err(invalid)?;
+    let to = || req.get("to").and_then(Value::as_str).map(PathBuf::from);
+    match req.get("execute").and_then(Value::as_str) {
+        Some("status") => Ok(Request::Status),
+        Some("upgrade") => Ok(Request::Upgrade(to())),
+        Some("check") => Ok(Request::Check(to())),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidData, "unknown request")),
+    }
+}
+
 /// One connected control client.
 #[derive(Debug)]
 pub struct Client {
@@ -103,19 +128,7 @@ impl Client {
         let Some(end) = self.buf.iter().position(|&b| b == b'\n') else {
             return Ok(None);
         };
-        let req: Value = serde_json::from_slice(&self.buf[..end])
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        match req["execute"].as_str() {
-            Some("status") => Ok(Some(Request::Status)),
-            Some("upgrade") => Ok(Some(Request::Upgrade(
-                req["to"].as_str().map(PathBuf::from),
-            ))),
-            Some("check") => Ok(Some(Request::Check(req["to"].as_str().map(PathBuf::from)))),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "unknown request",
-            )),
-        }
+        parse_request(self.buf.get(..end).unwrap_or_default()).map(Some)
     }
 
     /// Sends one JSON line without waiting: the CLI reads as it goes, and a few lines fit

@@ -32,6 +32,8 @@
 //! - [`control`]: the per-VM control socket behind `qemu-liveupgrade upgrade|status|list`;
 //!   [`rundir`]: the directory it lives in, checked before use; [`discover`]: the VMs a
 //!   command can reach.
+//! - `props`: the properties every parser of outside input keeps, for fuzzing and property
+//!   tests.
 //! - [`plan`]: the `plan` report; [`verdict`]: whether a VM can be upgraded, and why not.
 
 pub mod child;
@@ -43,6 +45,7 @@ pub mod discover;
 pub mod fault;
 pub mod fdio;
 pub mod generation;
+pub mod heap;
 pub mod installed;
 pub mod journal;
 pub mod listeners;
@@ -51,6 +54,8 @@ pub mod monitors;
 pub mod placer;
 pub mod plan;
 pub mod preflight;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod props;
 pub mod proxy;
 pub mod ptys;
 pub mod qmp;

@@ -21,6 +21,10 @@ use launcher::memfd;
 use launcher::resolve::{self, Binary};
 use launcher::supervisor::{Config, Exit, Supervisor};
 
+/// Counts the bytes the launcher holds, for `qemu-liveupgrade status` and `scripts/soak`.
+#[global_allocator]
+static ALLOC: launcher::heap::Counting = launcher::heap::Counting;
+
 fn main() -> ExitCode {
     // Before anything changes them: every QEMU gets the signal state this process was given.
     let signals = InheritedSignals::capture();
