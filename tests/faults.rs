@@ -374,7 +374,10 @@ fn upgrade_reports_to_a_stderr_nobody_reads() {
     assert_eq!(report["result"], "ok", "{report}");
     assert_eq!(version(&qmp.execute("query-version", json!({}))), "10.0.2");
     assert_eq!(qmp.execute("query-status", json!({}))["status"], "running");
-    assert!(shim.0.try_wait().unwrap().is_none(), "the shim survived its report");
+    assert!(
+        shim.0.try_wait().unwrap().is_none(),
+        "the shim survived its report"
+    );
     let _ = qmp.try_execute("quit", json!({}));
     wait_until(Duration::from_secs(10), "the shim to end", || {
         shim.0.try_wait().unwrap().is_some()

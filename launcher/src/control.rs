@@ -94,7 +94,10 @@ pub fn parse_request(line: &[u8]) -> io::Result<Request> {
         Some("status") => Ok(Request::Status),
         Some("upgrade") => Ok(Request::Upgrade(to())),
         Some("check") => Ok(Request::Check(to())),
-        _ => Err(io::Error::new(io::ErrorKind::InvalidData, "unknown request")),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "unknown request",
+        )),
     }
 }
 

@@ -40,7 +40,11 @@ pub fn keyval(data: &[u8]) {
         let kv = KeyVal::parse(&text, implied);
         let printed = kv.to_string();
         assert_eq!(printed, text, "keyval printed back differs");
-        assert_eq!(KeyVal::parse(&printed, implied), kv, "keyval parsed twice differs");
+        assert_eq!(
+            KeyVal::parse(&printed, implied),
+            kv,
+            "keyval parsed twice differs"
+        );
         for key in kv.keys() {
             let _ = kv.get(&key);
         }

@@ -432,11 +432,28 @@ fn display_passwords_keep_the_latest_per_protocol_and_display() {
     let mut j = Journal::default();
     let vnc = json!({"protocol": "vnc", "password": "one", "connected": "keep"});
     ok(&mut j, "set_password", vnc);
-    ok(&mut j, "expire_password", json!({"protocol": "vnc", "time": "never"}));
-    ok(&mut j, "set_password", json!({"protocol": "spice", "password": "s"}));
-    ok(&mut j, "set_password", json!({"protocol": "vnc", "password": "two"}));
+    ok(
+        &mut j,
+        "expire_password",
+        json!({"protocol": "vnc", "time": "never"}),
+    );
+    ok(
+        &mut j,
+        "set_password",
+        json!({"protocol": "spice", "password": "s"}),
+    );
+    ok(
+        &mut j,
+        "set_password",
+        json!({"protocol": "vnc", "password": "two"}),
+    );
     hmp(&mut j, "set_password spice s2 keep", "", None);
-    hmp(&mut j, "set_password spice", "Error: missing argument", None);
+    hmp(
+        &mut j,
+        "set_password spice",
+        "Error: missing argument",
+        None,
+    );
     assert_eq!(
         commands(&j),
         [

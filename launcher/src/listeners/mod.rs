@@ -148,7 +148,10 @@ fn socket_blockers(cmd: &CmdLine) -> Vec<Blocker> {
                  clients would lose their session to the next QEMU"
             }
         };
-        let id = s.id.as_ref().map(|i| format!(" id={i}")).unwrap_or_default();
+        let id =
+            s.id.as_ref()
+                .map(|i| format!(" id={i}"))
+                .unwrap_or_default();
         out.push(Blocker::new(
             format!("-{}{id} ({})", s.option, s.address),
             reason,

@@ -520,7 +520,11 @@ impl Outbound {
 /// input makes it panic or loop. `split` chooses where `data` is cut.
 #[cfg(any(test, feature = "fuzzing"))]
 pub fn check_split_invariance(mode: Mode, data: &[u8], split: usize) {
-    let cut = if data.is_empty() { 0 } else { split % (data.len() + 1) };
+    let cut = if data.is_empty() {
+        0
+    } else {
+        split % (data.len() + 1)
+    };
     let (head, tail) = data.split_at(cut);
     let outbound = |chunks: &[&[u8]]| {
         let mut out = Outbound::new(mode, Greeting::Pass, Filter::Live);
@@ -531,14 +535,22 @@ pub fn check_split_invariance(mode: Mode, data: &[u8], split: usize) {
         }
         (sent, answers, rx)
     };
-    assert_eq!(outbound(&[data]), outbound(&[head, tail]), "QEMU's output split at {cut}");
+    assert_eq!(
+        outbound(&[data]),
+        outbound(&[head, tail]),
+        "QEMU's output split at {cut}"
+    );
     let inbound = |chunks: &[&[u8]]| {
         let mut scan = Inbound::new(mode);
         let (mut buf, mut units): (Vec<u8>, Vec<(Vec<u8>, bool)>) = (Vec::new(), Vec::new());
         for chunk in chunks {
             buf.extend_from_slice(chunk);
             while let Some(unit) = scan.next(&buf) {
-                assert!(unit.len > 0 && unit.len <= buf.len(), "unit of {} bytes", unit.len);
+                assert!(
+                    unit.len > 0 && unit.len <= buf.len(),
+                    "unit of {} bytes",
+                    unit.len
+                );
                 let bytes: Vec<u8> = buf.drain(..unit.len).collect();
                 // Bytes between commands go on as they come; only commands are units.
                 match units.last_mut() {
@@ -549,7 +561,11 @@ pub fn check_split_invariance(mode: Mode, data: &[u8], split: usize) {
         }
         (units, buf)
     };
-    assert_eq!(inbound(&[data]), inbound(&[head, tail]), "client input split at {cut}");
+    assert_eq!(
+        inbound(&[data]),
+        inbound(&[head, tail]),
+        "client input split at {cut}"
+    );
 }
 
 #[cfg(test)]
