@@ -377,16 +377,16 @@ fn child_setup(plan: &ChildPlan<'_>) -> Result<(), Errno> {
     if place.len() > parked.len() {
         return Err(Errno::E2BIG);
     }
-    for (i, (src, _)) in place.iter().enumerate() {
+    for ((src, _), slot) in place.iter().zip(parked.iter_mut()) {
         // SAFETY: fcntl on an fd the launcher owns; returns a new fd or -1.
         let fd = unsafe { libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, park_base) };
         if fd < 0 {
             return Err(Errno::last());
         }
-        parked[i] = fd;
+        *slot = fd;
     }
-    for (i, (_, target)) in place.iter().enumerate() {
-        dup2(parked[i], *target)?;
+    for ((_, target), fd) in place.iter().zip(parked.iter()) {
+        dup2(*fd, *target)?;
     }
     for fd in keep.iter() {
         // Clear close-on-exec; an fd the caller named but never passed stays closed, as it

@@ -48,6 +48,7 @@ pub mod generation;
 pub mod heap;
 pub mod installed;
 pub mod journal;
+pub mod json;
 pub mod listeners;
 pub mod memfd;
 pub mod monitors;

@@ -32,6 +32,7 @@ use std::time::Duration;
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
+use crate::json::JsonExt;
 use crate::rundir::{self, RunDirError};
 use crate::threads::Placement;
 
@@ -67,7 +68,7 @@ pub enum PlacerError {
 /// Has the placer record the placement of `threads` (the old generation's) for this process.
 pub fn snapshot(threads: &[(String, i32)]) -> Result<(), String> {
     let reply = ask(&json!({"execute": "snapshot", "threads": threads}))?;
-    match reply["problems"].as_array() {
+    match reply.at("/problems").as_array() {
         Some(p) if !p.is_empty() => Err(format!("the placer refused: {}", Value::from(p.clone()))),
         _ => Ok(()),
     }
@@ -77,7 +78,8 @@ pub fn snapshot(threads: &[(String, i32)]) -> Result<(), String> {
 /// what it could not do, one line each.
 pub fn apply(threads: &[(String, i32)]) -> Result<Vec<String>, String> {
     let reply = ask(&json!({"execute": "apply", "threads": threads}))?;
-    Ok(reply["problems"]
+    Ok(reply
+        .at("/problems")
         .as_array()
         .into_iter()
         .flatten()
@@ -150,7 +152,7 @@ impl Placer {
         };
         // Records of callers that died without asking to apply.
         records.retain(|c, _| stat(c.pid).is_some_and(|s| s.start == c.start));
-        match req["execute"].as_str() {
+        match req.at("/execute").as_str() {
             Some("snapshot") => {
                 let mut problems = Vec::new();
                 let mut placements = Vec::new();
@@ -241,12 +243,15 @@ fn serve_one(stream: &UnixStream, placer: &Placer) -> io::Result<()> {
     let reply = match serde_json::from_str::<Value>(&line) {
         Ok(req) => {
             let reply = placer.handle(peer, &req);
-            if reply["problems"].as_array().is_some_and(|p| !p.is_empty())
+            if reply
+                .at("/problems")
+                .as_array()
+                .is_some_and(|p| !p.is_empty())
                 || reply.get("error").is_some()
             {
                 eprintln!(
                     "qemu-liveupgrade placer: pid {peer} {}: {reply}",
-                    req["execute"].as_str().unwrap_or("?")
+                    req.at("/execute").as_str().unwrap_or("?")
                 );
             }
             reply
@@ -260,7 +265,7 @@ fn serve_one(stream: &UnixStream, placer: &Placer) -> io::Result<()> {
 }
 
 fn parse_threads(req: &Value) -> Result<Vec<(String, Pid)>, String> {
-    let list = req["threads"].as_array().ok_or("no threads")?;
+    let list = req.at("/threads").as_array().ok_or("no threads")?;
     if list.len() > MAX_THREADS {
         return Err(format!("more than {MAX_THREADS} threads"));
     }

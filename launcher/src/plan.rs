@@ -142,7 +142,7 @@ impl Plan {
     /// and `to` what it accepts, and plans generation 2 on `to`: its argv, translated, and any
     /// reason it cannot start there added to the verdict.
     pub fn upgrade_to(&mut self, to: &Path) {
-        let argv0 = self.argv[0].clone();
+        let argv0 = self.argv.first().cloned().unwrap_or_default();
         let mut next = NextGeneration {
             binary: to.to_owned(),
             version: None,
@@ -423,8 +423,9 @@ impl NextGeneration {
             writeln!(out, "  cannot be started there (see the verdict)").ok();
             return;
         }
-        let cmd = CmdLine::parse(&self.argv[1..]).unwrap_or_default();
-        writeln!(out, "  {}", shell_quote(&self.argv[0])).ok();
+        let cmd = CmdLine::parse(self.argv.get(1..).unwrap_or_default()).unwrap_or_default();
+        let argv0 = self.argv.first().cloned().unwrap_or_default();
+        writeln!(out, "  {}", shell_quote(&argv0)).ok();
         for item in &cmd.items {
             let (words, plain) = match item {
                 crate::cmdline::Item::Opt(o) => {

@@ -13,12 +13,16 @@ use mio::unix::SourceFd;
 use mio::Interest;
 
 use crate::generation::{generation_cmdline, GenArgs};
+use crate::json::JsonExt;
 use crate::resolve::{self, Binary, Source};
 use crate::supervisor::{Supervisor, To};
 use crate::token::Token;
 use crate::translate::probe::{FileKey, Probe, PROBE_TIMEOUT};
 use crate::translate::{self, Capabilities, Translated};
 use crate::verdict::{Reason, Verdict};
+
+/// How long a probe's killed processes may take to be reaped.
+const REAP_PROBE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Supervisor {
     /// What `binary` accepts for this VM's argv and machine type, asked once per binary file.
@@ -58,8 +62,12 @@ impl Supervisor {
             let _ = self.poll.registry().deregister(&mut SourceFd(fd));
         }
         let probe = self.probes.active.take().ok_or("the probe went missing")?;
-        // Its processes are reaped by the supervisor's SIGCHLD handling, like any child.
-        let caps = probe.finish().map_err(|e| crate::error_chain(&e))?;
+        let pids = probe.pids();
+        let caps = probe.finish();
+        // Its processes are killed now: none outlives the question (a VM has exactly one
+        // QEMU whenever the upgrade says anything).
+        self.await_reaped(&pids, std::time::Instant::now() + REAP_PROBE);
+        let caps = caps.map_err(|e| crate::error_chain(&e))?;
         self.probes.insert(key, questions, caps.clone());
         Ok(caps)
     }
@@ -111,19 +119,19 @@ impl Supervisor {
                 return finish(report, verdict, started);
             }
         };
-        report["binary"] = binary.path.to_string_lossy().into();
+        report.put("binary", binary.path.to_string_lossy());
         // What the running QEMU itself refuses to migrate (a mounted 9p share, a device that
         // cannot migrate): QEMU lists its migration blockers in query-migrate.
         let deadline = Some(Instant::now() + std::time::Duration::from_secs(10));
         // A VM still loading its state (`-incoming`) has nothing whole to move yet.
         if let Ok(status) = self.call(To::CURRENT, "query-status", None, deadline) {
-            if status["status"] == "inmigrate" {
+            if status.at("/status") == "inmigrate" {
                 let why = crate::upgrade::UpgradeError::Loading.to_string();
                 verdict.add(Reason::new("the running QEMU", why));
             }
         }
         if let Ok(info) = self.call(To::CURRENT, "query-migrate", None, deadline) {
-            for why in info["blocked-reasons"].as_array().into_iter().flatten() {
+            for why in info.at("/blocked-reasons").as_array().into_iter().flatten() {
                 let why = why.as_str().unwrap_or_default();
                 verdict.add(Reason::new(
                     "the running QEMU",
@@ -133,7 +141,7 @@ impl Supervisor {
         }
         let target = match self.capabilities(&binary.path) {
             Ok(caps) => {
-                report["version"] = caps.version.clone().into();
+                report.put("version", caps.version.clone());
                 Some(caps)
             }
             Err(why) => {
@@ -158,7 +166,7 @@ impl Supervisor {
                     .flat_map(|t| &t.changes)
                     .map(|c| c.to_json())
                     .collect();
-                report["translations"] = changes.into();
+                report.put("translations", changes);
             }
             Err(v) => verdict.merge(v),
         }
@@ -181,11 +189,11 @@ impl Supervisor {
         let deadline = Instant::now() + self.config.settings.timeouts.start;
         match self.start_generation(number, binary, args, deadline) {
             Ok(mut gen) => {
-                report["started"] = true.into();
-                report["version"] = gen.version_string().into();
+                report.put("started", true);
+                report.put("version", gen.version_string());
                 let replayed = self.proxy.journal().entries().len();
                 match self.replay_hotplug(&mut gen, None) {
-                    Ok(()) => report["replayed"] = replayed.into(),
+                    Ok(()) => report.put("replayed", replayed),
                     Err(e) => {
                         verdict.add(Reason::new("hot-plugged devices", crate::error_chain(&e)))
                     }
@@ -207,8 +215,11 @@ impl Supervisor {
 
 /// The check report: `ok`, the verdict, and how long it took.
 fn finish(mut report: Value, verdict: Verdict, started: Instant) -> Value {
-    report["ok"] = verdict.upgradable().into();
-    report["verdict"] = verdict.to_json();
-    report["total_ms"] = ((started.elapsed().as_secs_f64() * 1e4).round() / 10.0).into();
+    report.put("ok", verdict.upgradable());
+    report.put("verdict", verdict.to_json());
+    report.put(
+        "total_ms",
+        (started.elapsed().as_secs_f64() * 1e4).round() / 10.0,
+    );
     report
 }

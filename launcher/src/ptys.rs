@@ -519,7 +519,7 @@ impl Kept {
         }
         let mut at = 0;
         while at < self.to_pty.len() {
-            match nix::unistd::write(&self.pty.master, &self.to_pty[at..]) {
+            match nix::unistd::write(&self.pty.master, self.to_pty.get(at..).unwrap_or_default()) {
                 Ok(n) => at += n,
                 Err(Errno::EINTR) => {}
                 Err(Errno::EAGAIN) => break,
@@ -540,7 +540,8 @@ impl Kept {
             match nix::unistd::read(self.pty.master.as_raw_fd(), &mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    self.to_guest.extend_from_slice(&buf[..n]);
+                    self.to_guest
+                        .extend_from_slice(buf.get(..n).unwrap_or_default());
                     reader = Some(true);
                 }
                 Err(Errno::EINTR) => {}
@@ -563,7 +564,7 @@ impl Kept {
         loop {
             match socket::recv(end.theirs.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
                 Ok(0) => break,
-                Ok(n) => unread.extend_from_slice(&buf[..n]),
+                Ok(n) => unread.extend_from_slice(buf.get(..n).unwrap_or_default()),
                 Err(Errno::EINTR) => {}
                 Err(_) => break,
             }
@@ -589,7 +590,7 @@ fn recv_into(end: &mut End, buf: &mut Vec<u8>, cap: usize) -> usize {
         match socket::recv(end.ours.as_raw_fd(), &mut chunk, MsgFlags::MSG_DONTWAIT) {
             Ok(0) => end.closed = true,
             Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
+                buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
                 got += n;
             }
             Err(Errno::EINTR) => {}
@@ -605,7 +606,11 @@ fn send_from(end: &mut End, buf: &mut Vec<u8>) {
     let mut at = 0;
     while !end.closed && at < buf.len() {
         let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
-        match socket::send(end.ours.as_raw_fd(), &buf[at..], flags) {
+        match socket::send(
+            end.ours.as_raw_fd(),
+            buf.get(at..).unwrap_or_default(),
+            flags,
+        ) {
             Ok(n) => at += n,
             Err(Errno::EINTR) => {}
             Err(Errno::EAGAIN) => break,

@@ -11,6 +11,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+use crate::json::JsonExt;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde_json::{json, Value};
 
@@ -103,7 +104,7 @@ impl Qmp {
         self.next_id += 1;
         let mut msg = json!({ "execute": command, "id": id });
         if let Some(args) = args {
-            msg["arguments"] = args;
+            msg.put("arguments", args);
         }
         let mut line = serde_json::to_vec(&msg).map_err(QmpError::Json)?;
         line.push(b'\n');
@@ -134,7 +135,7 @@ impl Qmp {
                 None => self.stream.write(buf),
             };
             match res {
-                Ok(n) => buf = &buf[n..],
+                Ok(n) => buf = buf.get(n..).unwrap_or_default(),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     wait_writable(self.stream.as_fd())?
                 }
@@ -159,7 +160,9 @@ impl Qmp {
                     self.closed = true;
                     break;
                 }
-                Ok(n) => self.rbuf.extend_from_slice(&chunk[..n]),
+                Ok(n) => self
+                    .rbuf
+                    .extend_from_slice(chunk.get(..n).unwrap_or_default()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {

@@ -86,13 +86,13 @@ impl Relay {
         match nix::unistd::read(self.from.as_raw_fd(), &mut buf) {
             Ok(0) => Copied::Eof,
             Ok(n) => {
-                self.keep_tail(&buf[..n]);
-                let mut out = &buf[..n];
+                self.keep_tail(buf.get(..n).unwrap_or_default());
+                let mut out = buf.get(..n).unwrap_or_default();
                 // SAFETY: `to` is 1 or 2, open for the launcher's whole life.
                 let target = unsafe { BorrowedFd::borrow_raw(self.to) };
                 while !out.is_empty() {
                     match nix::unistd::write(target, out) {
-                        Ok(w) => out = &out[w..],
+                        Ok(w) => out = out.get(w..).unwrap_or_default(),
                         Err(Errno::EINTR) => {}
                         // Whoever read our output went away; QEMU's output has nowhere to go,
                         // as it would not had QEMU written it directly.

@@ -195,7 +195,9 @@ fn real_beside(path: &Path) -> PathBuf {
 fn symlink_chain(path: &Path) -> Vec<PathBuf> {
     let mut chain = vec![path.to_owned()];
     while chain.len() < 8 {
-        let last = &chain[chain.len() - 1];
+        let Some(last) = chain.last() else {
+            break;
+        };
         let Ok(target) = fs::read_link(last) else {
             break;
         };
@@ -215,7 +217,7 @@ fn symlink_chain(path: &Path) -> Vec<PathBuf> {
 pub fn invoked_name(argv0: &OsStr) -> &OsStr {
     let bytes = argv0.as_bytes();
     match bytes.iter().rposition(|&b| b == b'/') {
-        Some(i) => OsStr::from_bytes(&bytes[i + 1..]),
+        Some(i) => OsStr::from_bytes(bytes.get(i + 1..).unwrap_or_default()),
         None => argv0,
     }
 }

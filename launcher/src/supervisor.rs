@@ -464,6 +464,19 @@ impl Supervisor {
         }
     }
 
+    /// Serves the loop until the children `pids` (not generations: a probe's) are reaped,
+    /// or `deadline`.
+    pub(crate) fn await_reaped(&mut self, pids: &[Pid], deadline: Instant) {
+        let gone = |pid: Pid| match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => false,
+            // Reaped now, or already by the loop (ECHILD).
+            _ => true,
+        };
+        let _ = self.wait_until(None, "a probe's processes to end", deadline, |_, _| {
+            pids.iter().all(|&p| gone(p))
+        });
+    }
+
     /// Serves the loop until every generation killed so far is reaped, or `deadline`.
     pub(crate) fn reap_ended(&mut self, deadline: Instant) {
         let _ = self.wait_until(None, "reaping old QEMUs", deadline, |s, _| {

@@ -205,8 +205,8 @@ pub fn rewrite(cmd: &CmdLine, taps: &[NamedTap], numbers: &[RawFd]) -> CmdLine {
         for key in ["ifname", "script", "downscript", "queues", "vnet_hdr"] {
             arg.remove(key);
         }
-        if fds.len() == 1 {
-            arg.set("fd", &fds[0]);
+        if let [fd] = fds.as_slice() {
+            arg.set("fd", fd);
         } else {
             arg.set("fds", &fds.join(":"));
         }

@@ -293,13 +293,13 @@ fn unescape(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
-    while i < bytes.len() {
+    while let Some(&byte) = bytes.get(i) {
         let octal = bytes.get(i + 1..i + 4).and_then(|d| {
             std::str::from_utf8(d)
                 .ok()
                 .and_then(|s| u8::from_str_radix(s, 8).ok())
         });
-        match (bytes[i], octal) {
+        match (byte, octal) {
             (b'\\', Some(b)) => {
                 out.push(b);
                 i += 4;

@@ -37,6 +37,7 @@ mod report;
 mod timeline;
 mod undo;
 
+use crate::json::JsonExt;
 use migration::{capabilities, caps_arg, is_active, migration_status, ms, ram_size, SOURCE_FAILED};
 use report::{Failure, Stats};
 use timeline::{Mark, Timeline};
@@ -210,7 +211,11 @@ impl Supervisor {
         let status = self
             .call(To::CURRENT, "query-status", None, self.step_deadline())
             .map_err(step("query-status"))?;
-        let status = status["status"].as_str().unwrap_or("unknown").to_owned();
+        let status = status
+            .at("/status")
+            .as_str()
+            .unwrap_or("unknown")
+            .to_owned();
         if status == "inmigrate" {
             return Err(UpgradeError::Loading);
         }
@@ -225,7 +230,7 @@ impl Supervisor {
         let migration = self
             .call(To::CURRENT, "query-migrate", None, self.step_deadline())
             .map_err(step("query-migrate"))?;
-        if let Some(s) = migration["status"].as_str().filter(|s| is_active(s)) {
+        if let Some(s) = migration.at("/status").as_str().filter(|s| is_active(s)) {
             return Err(UpgradeError::State(format!("migrating ({s})")));
         }
         Ok(Guest { status })
@@ -365,8 +370,8 @@ impl Upgrade<'_> {
                 .ask_old("query-migrate-parameters", None)
                 .map_err(step("query-migrate-parameters"))?;
             self.undo.push(Undo::Parameters(json!({
-                "max-bandwidth": before["max-bandwidth"],
-                "downtime-limit": before["downtime-limit"],
+                "max-bandwidth": before.at("/max-bandwidth"),
+                "downtime-limit": before.at("/downtime-limit"),
             })));
             let params = json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 300 });
             self.ask_old("migrate-set-parameters", Some(params))
@@ -558,8 +563,8 @@ impl Upgrade<'_> {
             sup.step_deadline(),
         );
         if let Ok(info) = info {
-            stats.downtime_ms = info["downtime"].as_u64();
-            stats.ram_bytes = info["ram"]["transferred"].as_u64();
+            stats.downtime_ms = info.at("/downtime").as_u64();
+            stats.ram_bytes = info.at("/ram/transferred").as_u64();
         }
         sup.retire(old);
         timeline.mark(Mark::OldKilled);
@@ -686,12 +691,12 @@ impl Upgrade<'_> {
     /// Sends waiting control clients the old QEMU's migration figures.
     fn report_progress(&mut self) {
         if let Ok(info) = self.ask_old("query-migrate", None) {
-            let ram = &info["ram"];
+            let ram = info.at("/ram");
             let line = format!(
                 "migrating: {} of {} MiB sent, {} MiB left",
-                ram["transferred"].as_u64().unwrap_or(0) >> 20,
-                ram["total"].as_u64().unwrap_or(0) >> 20,
-                ram["remaining"].as_u64().unwrap_or(0) >> 20,
+                ram.at("/transferred").as_u64().unwrap_or(0) >> 20,
+                ram.at("/total").as_u64().unwrap_or(0) >> 20,
+                ram.at("/remaining").as_u64().unwrap_or(0) >> 20,
             );
             self.sup.progress(&line);
         }

@@ -84,8 +84,8 @@ fn read_value(s: &str, start: usize) -> (String, usize) {
     let mut value = String::new();
     let mut i = start;
     let mut run = start;
-    while i < bytes.len() {
-        if bytes[i] == b',' {
+    while let Some(&b) = bytes.get(i) {
+        if b == b',' {
             if bytes.get(i + 1) != Some(&b',') {
                 break;
             }
@@ -180,7 +180,9 @@ impl KeyVal {
             });
             return;
         };
-        let entry = &mut self.entries[last];
+        let Some(entry) = self.entries.get_mut(last) else {
+            return;
+        };
         if entry.key.is_some() {
             entry.key = Some(key.to_owned());
         }

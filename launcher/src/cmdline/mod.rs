@@ -97,7 +97,9 @@ impl CmdLine {
                 items.push(Item::Positional(token.clone()));
                 continue;
             }
-            let bare = bytes.strip_prefix(b"--").unwrap_or(&bytes[1..]);
+            let bare = bytes
+                .strip_prefix(b"--")
+                .unwrap_or(bytes.get(1..).unwrap_or_default());
             let spec = std::str::from_utf8(bare).ok().and_then(options::lookup);
             let takes_arg = match spec {
                 Some(spec) if spec.canonical == "readconfig" => {

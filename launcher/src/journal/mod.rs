@@ -18,6 +18,7 @@
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 
+use crate::json::JsonExt;
 use serde_json::{json, Value};
 
 /// Prefix of the QOM path of a device added with an `id` (`qdev_set_id` in QEMU).
@@ -54,7 +55,9 @@ impl Entry {
         if self.command != "human-monitor-command" {
             return true;
         }
-        let word = self.arguments["command-line"]
+        let word = self
+            .arguments
+            .at("/command-line")
             .as_str()
             .and_then(|l| l.split_whitespace().next())
             .unwrap_or("");
@@ -160,13 +163,22 @@ impl Command {
     /// A QMP command, `execute` or `exec-oob`, with its `arguments`.
     pub(crate) fn qmp(name: &str, arguments: Value) -> Command {
         if name == "human-monitor-command" {
-            if let Some(mut cmd) = arguments["command-line"].as_str().and_then(Command::text) {
+            if let Some(mut cmd) = arguments
+                .at("/command-line")
+                .as_str()
+                .and_then(Command::text)
+            {
                 // It runs on a monitor of its own, without the connection's fds.
                 cmd.takes_fd = false;
                 return cmd;
             }
         }
-        let s = |key: &str| arguments[key].as_str().map(str::to_owned);
+        let s = |key: &str| {
+            arguments
+                .get(key)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
         let named =
             |make: fn(String) -> Target, key| s(key).map_or(Effect::Other, |n| make(n).into());
         let effect = match name {
@@ -183,10 +195,10 @@ impl Command {
             "getfd" => s("fdname").map_or(Effect::Other, Effect::GetFd),
             "closefd" => s("fdname").map_or(Effect::Other, Effect::CloseFd),
             "add-fd" => Effect::AddFd,
-            "remove-fd" => match arguments["fdset-id"].as_i64() {
+            "remove-fd" => match arguments.at("/fdset-id").as_i64() {
                 Some(set) => Effect::RemoveFd {
                     set,
-                    fd: arguments["fd"].as_i64(),
+                    fd: arguments.at("/fd").as_i64(),
                 },
                 None => Effect::Other,
             },
@@ -373,18 +385,20 @@ fn option(opts: &str, key: &str) -> Option<String> {
         let v: Value = serde_json::from_str(opts).ok()?;
         return v.get(key)?.as_str().map(str::to_owned);
     }
-    let mut parts = vec![String::new()];
+    let mut parts = Vec::new();
+    let mut part = String::new();
     let mut chars = opts.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
             ',' if chars.peek() == Some(&',') => {
                 chars.next();
-                parts.last_mut().expect("never empty").push(',');
+                part.push(',');
             }
-            ',' => parts.push(String::new()),
-            c => parts.last_mut().expect("never empty").push(c),
+            ',' => parts.push(std::mem::take(&mut part)),
+            c => part.push(c),
         }
     }
+    parts.push(part);
     let prefix = format!("{key}=");
     parts
         .into_iter()
@@ -486,13 +500,13 @@ impl Journal {
     /// `device_add`, `device_del` and `set_link` entries, and the `getfd` fds it took, go.
     /// The same event read from several monitors counts once.
     pub fn event(&mut self, event: &Value) {
-        if event["event"] != "DEVICE_DELETED" {
+        if event.at("/event") != "DEVICE_DELETED" {
             return;
         }
-        let data = &event["data"];
-        let id = match data["device"].as_str().filter(|d| !d.is_empty()) {
+        let data = event.at("/data");
+        let id = match data.at("/device").as_str().filter(|d| !d.is_empty()) {
             Some(id) => id.to_owned(),
-            None => match data["path"].as_str() {
+            None => match data.at("/path").as_str() {
                 Some(path) => device_id(path),
                 None => return,
             },
@@ -591,12 +605,12 @@ impl Journal {
                 changed |= self.forget_name(monitor, &name);
                 None
             }
-            Effect::AddFd => match (ret["fdset-id"].as_i64(), &mut arguments) {
+            Effect::AddFd => match (ret.at("/fdset-id").as_i64(), &mut arguments) {
                 (Some(set), Value::Object(args)) => {
                     args.insert("fdset-id".into(), set.into());
                     let holds = Holds::FdSet {
                         set,
-                        fd: ret["fd"].as_i64(),
+                        fd: ret.at("/fd").as_i64(),
                         removed: false,
                     };
                     Some(add(holds, fd, arguments))

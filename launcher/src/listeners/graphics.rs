@@ -30,7 +30,7 @@ use serde_json::{json, Map, Value};
 
 use super::inet::{self, Endpoint};
 use super::Blocker;
-use crate::cmdline::{CmdLine, Item, Opt, OptArg};
+use crate::cmdline::{CmdLine, Item, KeyVal, Opt, OptArg};
 
 /// A display protocol, as `add_client` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +127,7 @@ fn vnc_opts(cmd: &CmdLine) -> Vec<(usize, OptArg)> {
 fn spice_merged(cmd: &CmdLine) -> Option<OptArg> {
     let mut merged: Option<OptArg> = None;
     for arg in cmd.opts("spice").filter_map(|o| o.parse_arg()) {
-        let m = merged.get_or_insert_with(|| OptArg::parse("", None).expect("empty keyval"));
+        let m = merged.get_or_insert_with(|| OptArg::KeyVal(KeyVal::default()));
         for key in arg.keys() {
             if let Some(v) = arg.get(&key) {
                 m.set(&key, &v);
@@ -242,9 +242,9 @@ pub fn blockers(cmd: &CmdLine) -> Vec<Blocker> {
             ));
         }
     }
-    if listening.len() > 1 {
+    if let Some(second) = listening.get(1) {
         out.push(Blocker::about(
-            listening[1],
+            second,
             "more than one VNC display listens: add_client hands connections to the first \
              only, so the others stay QEMU's and the next QEMU could not bind them",
         ));

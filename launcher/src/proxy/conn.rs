@@ -86,7 +86,7 @@ fn read_chunk(
         match got {
             Ok(0) => Got::End,
             Ok(n) => {
-                buf.extend_from_slice(&scratch[..n]);
+                buf.extend_from_slice(scratch.get(..n).unwrap_or_default());
                 Got::Data {
                     more: passed || n == scratch.len(),
                 }
@@ -102,7 +102,7 @@ fn write_some(stream: BorrowedFd<'_>, buf: &mut Vec<u8>) -> Result<bool, ()> {
     let mut at = 0;
     let mut result = Ok(());
     while at < buf.len() {
-        match send(stream, &buf[at..]) {
+        match send(stream, buf.get(at..).unwrap_or_default()) {
             Ok(n) => at += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -271,7 +271,10 @@ impl Backend {
         while at < self.to_qemu.len() {
             let fds = self.fds_out.front().filter(|b| b.at == at);
             let next = self.fds_out.iter().map(|b| b.at).find(|&b| b > at);
-            let buf = &self.to_qemu[at..next.unwrap_or(self.to_qemu.len())];
+            let buf = self
+                .to_qemu
+                .get(at..next.unwrap_or(self.to_qemu.len()))
+                .unwrap_or_default();
             let sent = match fds {
                 Some(b) => send_fds(self.stream.as_fd(), buf, &b.fds),
                 None => send(self.stream.as_fd(), buf),
@@ -590,11 +593,11 @@ impl Conn {
         let raw = matches!(self.inbound, Inbound::Raw);
         let mut at = 0;
         while b.to_qemu.len() < CAP && at < self.from_client.len() {
-            let mut rest = &self.from_client[at..];
+            let mut rest = self.from_client.get(at..).unwrap_or_default();
             if raw {
                 // Bytes with no units: fds go exactly where they came.
                 if let Some(next) = self.fds_in.iter().map(|f| f.at).find(|&f| f > at) {
-                    rest = &rest[..next - at];
+                    rest = rest.get(..next - at).unwrap_or_default();
                 }
             }
             let unit = match self.inbound.next(rest) {
@@ -613,11 +616,10 @@ impl Conn {
             };
             let end = at + unit.len;
             // A second batch in the same unit belongs to a later one (see the module doc).
-            if self.fds_in.front().is_some_and(|f| f.at < end) {
-                let batch = self.fds_in.pop_front().expect("front exists");
+            if let Some(batch) = self.fds_in.pop_front_if(|f| f.at < end) {
                 b.attach(batch.fds);
             }
-            let bytes = &rest[..unit.len];
+            let bytes = rest.get(..unit.len).unwrap_or_default();
             b.to_qemu.extend_from_slice(bytes);
             if unit.answered {
                 let request = unit.request;

@@ -52,8 +52,7 @@ impl JsonScan {
                 return Some(Piece::Gap(gap));
             }
         }
-        while self.pos < buf.len() {
-            let b = buf[self.pos];
+        while let Some(&b) = buf.get(self.pos) {
             self.pos += 1;
             if self.quote != 0 {
                 if self.escape {
@@ -189,14 +188,14 @@ impl Inbound {
                 .map(|i| Unit {
                     len: i + 1,
                     answered: true,
-                    request: Request::hmp(&buf[..i]),
+                    request: Request::hmp(buf.get(..i).unwrap_or_default()),
                 }),
             Inbound::Qmp(scan) => match scan.next(buf)? {
                 Piece::Gap(len) => Some(plain(len)),
                 Piece::Value(len) => Some(Unit {
                     len,
                     answered: true,
-                    request: Request::qmp(&buf[..len]),
+                    request: Request::qmp(buf.get(..len).unwrap_or_default()),
                 }),
             },
         }
@@ -348,10 +347,10 @@ impl Outbound {
             } else {
                 self.echoed = b == b'\n';
             }
-            if b == PROMPT[self.prompt] {
+            if PROMPT.get(self.prompt) == Some(&b) {
                 self.prompt += 1;
             } else {
-                self.prompt = usize::from(b == PROMPT[0]);
+                self.prompt = usize::from(PROMPT.first() == Some(&b));
             }
             if self.prompt < PROMPT.len() {
                 continue;
@@ -375,24 +374,23 @@ impl Outbound {
             self.printed.clear();
         }
         if self.greeting != Greeting::Drop {
-            out.extend_from_slice(&rx[start..]);
+            out.extend_from_slice(rx.get(start..).unwrap_or_default());
         }
         rx.clear();
     }
 
     fn process_qmp(&mut self, rx: &mut Vec<u8>, out: &mut Vec<u8>, answers: &mut Vec<Seen>) {
         let mut at = 0;
-        while let Some(piece) = self.scan.next(&rx[at..]) {
+        while let Some(piece) = self.scan.next(rx.get(at..).unwrap_or_default()) {
             match piece {
                 Piece::Gap(n) => {
-                    let gap = &rx[at..at + n];
+                    let gap = rx.get(at..at + n).unwrap_or_default();
                     let mut from = 0;
                     if let Some(drop) = self.trailer {
                         // QEMU ends every message with "\r\n"; a hidden message takes its line
                         // end with it, so the client sees no empty line.
                         let mut end = false;
-                        while from < gap.len() {
-                            let b = gap[from];
+                        while let Some(&b) = gap.get(from) {
                             if !b.is_ascii_whitespace() {
                                 end = true;
                                 break;
@@ -404,19 +402,21 @@ impl Outbound {
                             }
                         }
                         if !drop {
-                            out.extend_from_slice(&gap[..from]);
+                            out.extend_from_slice(gap.get(..from).unwrap_or_default());
                         }
                         if end {
                             self.trailer = None;
                         }
                     }
-                    out.extend_from_slice(&gap[from..]);
+                    out.extend_from_slice(gap.get(from..).unwrap_or_default());
                     at += n;
                 }
                 Piece::Value(n) => {
-                    let verdict = self.judge(&rx[at..at + n], answers);
+                    let verdict = self.judge(rx.get(at..at + n).unwrap_or_default(), answers);
                     match &verdict {
-                        Verdict::Pass => out.extend_from_slice(&rx[at..at + n]),
+                        Verdict::Pass => {
+                            out.extend_from_slice(rx.get(at..at + n).unwrap_or_default())
+                        }
                         Verdict::Replace(bytes) => out.extend_from_slice(bytes),
                         Verdict::Drop => {}
                     }

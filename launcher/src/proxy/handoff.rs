@@ -93,7 +93,12 @@ impl Proxy {
     pub fn take_viewers(&mut self) -> Vec<(&'static str, OwnedFd)> {
         let taken = self.handoff.accepted.drain(..).collect();
         for d in 0..self.handoff.displays.len() {
-            for l in 0..self.handoff.displays[d].listeners.len() {
+            let listeners = self
+                .handoff
+                .displays
+                .get(d)
+                .map_or(0, |x| x.listeners.len());
+            for l in 0..listeners {
                 self.handoff.accept(d, l);
             }
         }

@@ -385,7 +385,11 @@ impl Proxy {
 
     fn accept(&mut self, registry: &Registry, m: usize) {
         loop {
-            match self.monitors[m].listener.accept() {
+            let Some(monitor) = self.monitors.get(m) else {
+                return;
+            };
+            let mode = monitor.mode;
+            match monitor.listener.accept() {
                 Ok(mut stream) => {
                     let id = self.next_conn;
                     self.next_conn += 1;
@@ -397,9 +401,10 @@ impl Proxy {
                         self.routes.remove(&token.0);
                         continue;
                     }
-                    let mode = self.monitors[m].mode;
                     self.conns.insert(id, Conn::new(m, mode, stream, token));
-                    self.monitors[m].waiting.push_back(id);
+                    if let Some(monitor) = self.monitors.get_mut(m) {
+                        monitor.waiting.push_back(id);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e)
@@ -458,14 +463,17 @@ impl Proxy {
             let Some(gen) = self.live.filter(|_| !self.swapping) else {
                 return;
             };
-            if self.monitors[m].active.is_some() {
+            let Some(monitor) = self.monitors.get_mut(m) else {
+                return;
+            };
+            if monitor.active.is_some() {
                 return;
             }
-            let Some(id) = self.monitors[m].waiting.pop_front() else {
+            let mode = monitor.mode;
+            let Some(id) = monitor.waiting.pop_front() else {
                 return;
             };
             let token = self.token(Route::Conn(id));
-            let mode = self.monitors[m].mode;
             let path = self.backends.get(&gen).and_then(|p| p.get(m));
             let backend = match path {
                 Some(p) => Backend::connect(p, mode, Greeting::Pass, Filter::Live, token),
@@ -477,8 +485,14 @@ impl Proxy {
                     .map(|()| b)
             }) {
                 Ok(b) => {
-                    self.conns.get_mut(&id).expect("waiting conn exists").back = Some(b);
-                    self.monitors[m].active = Some(id);
+                    let Some(conn) = self.conns.get_mut(&id) else {
+                        self.drop_backend(registry, b);
+                        continue;
+                    };
+                    conn.back = Some(b);
+                    if let Some(monitor) = self.monitors.get_mut(m) {
+                        monitor.active = Some(id);
+                    }
                     if !self.settle(registry, id) {
                         return;
                     }
@@ -502,11 +516,12 @@ impl Proxy {
         for b in [conn.back.take(), conn.next.take()].into_iter().flatten() {
             self.drop_backend(registry, b);
         }
-        let mon = &mut self.monitors[conn.monitor];
-        if mon.active == Some(id) {
-            mon.active = None;
+        if let Some(mon) = self.monitors.get_mut(conn.monitor) {
+            if mon.active == Some(id) {
+                mon.active = None;
+            }
+            mon.waiting.retain(|&w| w != id);
         }
-        mon.waiting.retain(|&w| w != id);
     }
 
     fn drop_backend(&mut self, registry: &Registry, mut b: Backend) {

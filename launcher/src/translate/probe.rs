@@ -29,6 +29,7 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 
 use crate::child::{self, ChildError, InheritedSignals};
+use crate::json::JsonExt;
 
 /// Time a probe gets by default before it is given up.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -157,7 +158,9 @@ impl Reader {
         while !self.eof {
             match nix::unistd::read(self.fd.as_raw_fd(), &mut chunk) {
                 Ok(0) => self.eof = true,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => self
+                    .buf
+                    .extend_from_slice(chunk.get(..n).unwrap_or_default()),
                 Err(Errno::EINTR) => {}
                 Err(Errno::EAGAIN) => break,
                 Err(e) => return Err(ProbeError::Read(e)),
@@ -397,7 +400,7 @@ fn script(questions: &Questions) -> (Vec<(u64, Asked)>, String) {
         let id = asked.len() as u64 + 1;
         let mut line = json!({"execute": command, "id": id});
         if let Some(a) = args {
-            line["arguments"] = a;
+            line.put("arguments", a);
         }
         lines.push(line);
         asked.push((id, what));

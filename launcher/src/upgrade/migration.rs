@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::config::Config;
+use crate::json::JsonExt;
 
 /// Migration states of the source that mean it is over and did not succeed.
 pub(super) const SOURCE_FAILED: [&str; 2] = ["failed", "cancelled"];
@@ -35,7 +36,12 @@ pub(super) fn capabilities(reply: &Value) -> Vec<(String, bool)> {
         .as_array()
         .map(|l| {
             l.iter()
-                .filter_map(|c| Some((c["capability"].as_str()?.to_owned(), c["state"].as_bool()?)))
+                .filter_map(|c| {
+                    Some((
+                        c.at("/capability").as_str()?.to_owned(),
+                        c.at("/state").as_bool()?,
+                    ))
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -52,10 +58,10 @@ pub(super) fn caps_arg(names: &[String], state: bool) -> Value {
 
 /// The status a MIGRATION event reports.
 pub(super) fn migration_status(event: &Value) -> Option<&str> {
-    if event["event"] != "MIGRATION" {
+    if event.at("/event") != "MIGRATION" {
         return None;
     }
-    event["data"]["status"].as_str()
+    event.at("/data/status").as_str()
 }
 
 /// Whether a migration in `status` is still under way.

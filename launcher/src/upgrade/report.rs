@@ -4,6 +4,7 @@ use serde_json::{json, Value};
 
 use super::UpgradeError;
 use crate::generation::Generation;
+use crate::json::JsonExt;
 
 /// What a successful swap measured.
 #[derive(Debug, Default)]
@@ -59,30 +60,30 @@ pub(super) fn complete(
 ) -> Value {
     match result {
         Ok(stats) => {
-            report["result"] = "ok".into();
-            report["to"] = generation(current);
-            report["ram"] = if stats.shared { "shared" } else { "streamed" }.into();
-            report["downtime_ms"] = json!(stats.downtime_ms);
-            report["ram_bytes"] = json!(stats.ram_bytes);
-            report["threads"] = stats.threads;
-            report["tap_ioctls_held"] = json!(stats.tap_ioctls_held);
-            report["translations"] = json!(stats.translations);
-            report["pause"] = stats.pause;
+            report.put("result", "ok");
+            report.put("to", generation(current));
+            report.put("ram", if stats.shared { "shared" } else { "streamed" });
+            report.put("downtime_ms", json!(stats.downtime_ms));
+            report.put("ram_bytes", json!(stats.ram_bytes));
+            report.put("threads", stats.threads);
+            report.put("tap_ioctls_held", json!(stats.tap_ioctls_held));
+            report.put("translations", json!(stats.translations));
+            report.put("pause", stats.pause);
             if !stats.hostfwd.is_null() {
-                report["hostfwd"] = stats.hostfwd;
+                report.put("hostfwd", stats.hostfwd);
             }
         }
         Err(failure) => {
-            report["result"] = "failed".into();
+            report.put("result", "failed");
             let mut reason = crate::error_chain(&failure.error);
             if let Some(line) = failure.said {
                 reason.push_str(&format!(" (new QEMU: {line})"));
             }
-            report["reason"] = reason.into();
+            report.put("reason", reason);
             if !failure.unrestored.is_empty() {
-                report["rollback_problems"] = json!(failure.unrestored);
+                report.put("rollback_problems", json!(failure.unrestored));
             }
-            report["generation"] = current.number.into();
+            report.put("generation", current.number);
         }
     }
     report

@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 
 use super::migration::{caps_arg, is_active};
 use super::{Guest, FD_OUT};
+use crate::json::JsonExt;
 use crate::supervisor::{CallError, Supervisor, To};
 
 /// What one step changed on the old QEMU or in the proxy, for a failure later to put back.
@@ -44,7 +45,7 @@ impl Supervisor {
                 let settle = Instant::now() + self.config.settings.timeouts.step;
                 while Instant::now() < settle {
                     match self.call(To::CURRENT, "query-migrate", None, self.step_deadline()) {
-                        Ok(info) if info["status"].as_str().is_some_and(is_active) => {
+                        Ok(info) if info.at("/status").as_str().is_some_and(is_active) => {
                             let pause = Instant::now() + Duration::from_millis(2);
                             let _ = self.wait_until(None, "cancel", pause, |_, _| false);
                         }
@@ -56,7 +57,7 @@ impl Supervisor {
                 // back and runs it.
                 if guest.status == "running" {
                     let now = self.call(To::CURRENT, "query-status", None, self.step_deadline());
-                    if now.is_ok_and(|s| s["status"] != "running") {
+                    if now.is_ok_and(|s| s.at("/status") != "running") {
                         self.call(To::CURRENT, "cont", None, self.step_deadline())
                             .map_err(note("cont"))?;
                     }

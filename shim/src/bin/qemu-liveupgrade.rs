@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use cli::rollout;
 use launcher::cmdline::CmdLine;
 use launcher::discover;
+use launcher::json::JsonExt;
 use launcher::placer;
 use launcher::plan::Plan;
 use serde_json::{json, Value};
@@ -192,7 +193,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             } else {
                 println!("{}", describe_upgrade(&report));
             }
-            Ok(if report["result"] == "ok" {
+            Ok(if report.at("/result") == "ok" {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -218,10 +219,10 @@ fn run(command: Command) -> Result<ExitCode, String> {
                     .status()
                     .ok()
                     .and_then(|s| {
-                        s["name"]
+                        s.at("/name")
                             .as_str()
                             .map(str::to_owned)
-                            .or(Some(s["pid"].to_string()))
+                            .or(Some(s.at("/pid").to_string()))
                     })
                     .unwrap_or_else(|| target.shown().display().to_string());
                 let mut report = None;
@@ -232,9 +233,9 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 })?;
                 let mut report =
                     report.ok_or("the launcher closed the connection without a report")?;
-                all_ok &= report["ok"] == true;
+                all_ok &= report.at("/ok") == true;
                 if json {
-                    report["vm"] = name.into();
+                    report.put("vm", name);
                     println!("{report}");
                 } else {
                     println!("{}", describe_check(&name, &report));
@@ -332,10 +333,11 @@ fn with_installed_versions(vms: Vec<(discover::Vm, Value)>) -> Vec<(discover::Vm
     let mut versions = cli::versions::Versions::default();
     vms.into_iter()
         .map(|(vm, mut s)| {
-            let v = s["installed_binary"]
+            let v = s
+                .at("/installed_binary")
                 .as_str()
                 .and_then(|b| versions.of(std::path::Path::new(b)));
-            s["installed_version"] = json!(v);
+            s.put("installed_version", json!(v));
             (vm, s)
         })
         .collect()
@@ -347,24 +349,24 @@ fn list_text(vms: &[(discover::Vm, Value)]) -> String {
     let rows: Vec<Vec<String>> = vms
         .iter()
         .map(|(_, s)| {
-            let installed = match s["runs_installed"].as_bool() {
+            let installed = match s.at("/runs_installed").as_bool() {
                 Some(true) => "yes".to_owned(),
-                Some(false) => format!("no: {}", cell(&s["installed_version"])),
+                Some(false) => format!("no: {}", cell(s.at("/installed_version"))),
                 None => "unknown".to_owned(),
             };
-            let deleted = if s["binary_deleted"] == true {
+            let deleted = if s.at("/binary_deleted") == true {
                 " (deleted)"
             } else {
                 ""
             };
             vec![
-                cell(&s["pid"]),
-                cell(&s["name"]),
-                cell(&s["version"]),
-                cell(&s["generation"]),
-                format!("{}s", cell(&s["uptime_s"])),
+                cell(s.at("/pid")),
+                cell(s.at("/name")),
+                cell(s.at("/version")),
+                cell(s.at("/generation")),
+                format!("{}s", cell(s.at("/uptime_s"))),
                 installed,
-                format!("{}{deleted}", cell(&s["binary"])),
+                format!("{}{deleted}", cell(s.at("/binary"))),
             ]
         })
         .collect();
@@ -383,11 +385,11 @@ fn list_text(vms: &[(discover::Vm, Value)]) -> String {
     );
     let outdated = vms
         .iter()
-        .filter(|(_, s)| s["runs_installed"] == false)
+        .filter(|(_, s)| s.at("/runs_installed") == false)
         .count();
     let deleted = vms
         .iter()
-        .filter(|(_, s)| s["binary_deleted"] == true)
+        .filter(|(_, s)| s.at("/binary_deleted") == true)
         .count();
     if outdated > 0 {
         text.push_str(&format!(
@@ -395,11 +397,14 @@ fn list_text(vms: &[(discover::Vm, Value)]) -> String {
             vms.len()
         ));
     }
-    for (_, s) in vms.iter().filter(|(_, s)| s["runs_installed"].is_null()) {
+    for (_, s) in vms
+        .iter()
+        .filter(|(_, s)| s.at("/runs_installed").is_null())
+    {
         text.push_str(&format!(
             "{}: {}\n",
             rollout::label(s),
-            s["installed_error"]
+            s.at("/installed_error")
                 .as_str()
                 .unwrap_or("its launcher cannot tell which QEMU is installed")
         ));
@@ -417,19 +422,21 @@ fn live(scan: &discover::Scan) -> Vec<(discover::Vm, Value)> {
 }
 
 fn print_status(s: &Value) {
-    println!("pid:        {}", s["pid"]);
-    println!("name:       {}", s["name"].as_str().unwrap_or("-"));
+    println!("pid:        {}", s.at("/pid"));
+    println!("name:       {}", s.at("/name").as_str().unwrap_or("-"));
     println!(
         "qemu:       {} (pid {})",
-        s["version"].as_str().unwrap_or("?"),
-        s["qemu_pid"]
+        s.at("/version").as_str().unwrap_or("?"),
+        s.at("/qemu_pid")
     );
-    println!("binary:     {}", s["binary"].as_str().unwrap_or("?"));
-    println!("machine:    {}", s["machine"].as_str().unwrap_or("-"));
-    println!("guest RAM:  {}", s["ram"].as_str().unwrap_or("?"));
+    println!("binary:     {}", s.at("/binary").as_str().unwrap_or("?"));
+    println!("machine:    {}", s.at("/machine").as_str().unwrap_or("-"));
+    println!("guest RAM:  {}", s.at("/ram").as_str().unwrap_or("?"));
     println!(
         "generation: {} (for {}s; VM up {}s)",
-        s["generation"], s["generation_uptime_s"], s["uptime_s"]
+        s.at("/generation"),
+        s.at("/generation_uptime_s"),
+        s.at("/uptime_s")
     );
     match s.get("last_upgrade").filter(|v| !v.is_null()) {
         Some(u) => println!("last upgrade: {}", describe_upgrade(u)),
@@ -438,18 +445,19 @@ fn print_status(s: &Value) {
 }
 
 fn describe_upgrade(r: &Value) -> String {
-    if r["result"] == "ok" {
+    if r.at("/result") == "ok" {
         let mut line = format!(
             "upgraded {} -> {} (generation {}): guest paused {} ms, {} bytes sent, {} ms in all",
-            r["from"]["version"].as_str().unwrap_or("?"),
-            r["to"]["version"].as_str().unwrap_or("?"),
-            r["to"]["generation"],
-            r["downtime_ms"],
-            r["ram_bytes"],
-            r["total_ms"],
+            r.at("/from/version").as_str().unwrap_or("?"),
+            r.at("/to/version").as_str().unwrap_or("?"),
+            r.at("/to/generation"),
+            r.at("/downtime_ms"),
+            r.at("/ram_bytes"),
+            r.at("/total_ms"),
         );
         // What vCPU placement could not carry over (a cgroup with no placer to move into it).
-        let unplaced: Vec<&str> = r["threads"]["problems"]
+        let unplaced: Vec<&str> = r
+            .at("/threads/problems")
             .as_array()
             .into_iter()
             .flatten()
@@ -462,9 +470,9 @@ fn describe_upgrade(r: &Value) -> String {
     } else {
         format!(
             "upgrade failed, guest still on {} (generation {}): {}",
-            r["from"]["version"].as_str().unwrap_or("?"),
-            r["generation"],
-            r["reason"].as_str().unwrap_or("unknown reason"),
+            r.at("/from/version").as_str().unwrap_or("?"),
+            r.at("/generation"),
+            r.at("/reason").as_str().unwrap_or("unknown reason"),
         )
     }
 }
@@ -472,15 +480,16 @@ fn describe_upgrade(r: &Value) -> String {
 fn describe_check(name: &str, r: &Value) -> String {
     let target = format!(
         "QEMU {} at {}",
-        r["version"].as_str().unwrap_or("?"),
-        r["binary"].as_str().unwrap_or("?")
+        r.at("/version").as_str().unwrap_or("?"),
+        r.at("/binary").as_str().unwrap_or("?")
     );
-    if r["ok"] == true {
-        let translated: Vec<&str> = r["translations"]
+    if r.at("/ok") == true {
+        let translated: Vec<&str> = r
+            .at("/translations")
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|t| t["was"].as_str())
+            .filter_map(|t| t.at("/was").as_str())
             .collect();
         let mut line = format!("{name}: ok: {target} takes it");
         if !translated.is_empty() {
@@ -488,15 +497,16 @@ fn describe_check(name: &str, r: &Value) -> String {
         }
         return line;
     }
-    let reasons: Vec<String> = r["verdict"]["reasons"]
+    let reasons: Vec<String> = r
+        .at("/verdict/reasons")
         .as_array()
         .into_iter()
         .flatten()
         .map(|x| {
             format!(
                 "{}: {}",
-                x["option"].as_str().unwrap_or("?"),
-                x["why"].as_str().unwrap_or("?")
+                x.at("/option").as_str().unwrap_or("?"),
+                x.at("/why").as_str().unwrap_or("?")
             )
         })
         .collect();

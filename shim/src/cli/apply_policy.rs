@@ -11,6 +11,7 @@ use crate::dpkg;
 use crate::log::Log;
 use crate::policy::{self, After};
 use crate::rollout::{self, Vm};
+use launcher::json::JsonExt;
 
 /// Options of `apply-policy`.
 #[derive(Debug, Clone)]
@@ -63,8 +64,8 @@ pub fn run(opts: &Options<'_>, list_vms: impl Fn() -> Vec<Vm>) -> Result<bool, S
                 log.line(&format!(
                     "qemu-liveupgrade: {} runs QEMU {} ({}): not upgraded by policy",
                     vm.label(),
-                    vm.status["version"].as_str().unwrap_or("?"),
-                    if vm.status["binary_deleted"] == true {
+                    vm.status.at("/version").as_str().unwrap_or("?"),
+                    if vm.status.at("/binary_deleted") == true {
                         "a binary no longer on disk"
                     } else {
                         "not the installed binary"

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use launcher::json::JsonExt;
 use launcher::{control, discover};
 use serde_json::{json, Value};
 
@@ -55,9 +56,9 @@ impl Vm {
 
 /// A VM's name (`-name guest=`), else its pid.
 pub fn label(status: &Value) -> String {
-    match status["name"].as_str() {
+    match status.at("/name").as_str() {
         Some(name) => name.to_owned(),
-        None => format!("pid {}", status["pid"]),
+        None => format!("pid {}", status.at("/pid")),
     }
 }
 
@@ -108,23 +109,24 @@ pub struct Outcome {
 
 impl Outcome {
     fn from_report(vm: &Vm, report: Value, span: (Duration, Duration)) -> Outcome {
-        let ok = report["result"] == "ok";
-        let from = report["from"]["version"]
+        let ok = report.at("/result") == "ok";
+        let from = report
+            .at("/from/version")
             .as_str()
-            .or(vm.status["version"].as_str())
+            .or(vm.status.at("/version").as_str())
             .map(str::to_owned);
         Outcome {
             vm: vm.label(),
-            pid: vm.status["pid"].clone(),
+            pid: vm.status.at("/pid").clone(),
             to: if ok {
-                report["to"]["version"].as_str().map(str::to_owned)
+                report.at("/to/version").as_str().map(str::to_owned)
             } else {
                 from.clone()
             },
             from,
-            pause_ms: report["downtime_ms"].as_f64().filter(|_| ok),
+            pause_ms: report.at("/downtime_ms").as_f64().filter(|_| ok),
             result: if ok { Verdict::Ok } else { Verdict::Failed },
-            reason: report["reason"].as_str().map(str::to_owned),
+            reason: report.at("/reason").as_str().map(str::to_owned),
             span,
             report,
         }
@@ -136,10 +138,10 @@ impl Outcome {
         reason: String,
         span: (Duration, Duration),
     ) -> Outcome {
-        let version = vm.status["version"].as_str().map(str::to_owned);
+        let version = vm.status.at("/version").as_str().map(str::to_owned);
         Outcome {
             vm: vm.label(),
-            pid: vm.status["pid"].clone(),
+            pid: vm.status.at("/pid").clone(),
             from: version.clone(),
             to: version,
             pause_ms: None,
@@ -212,11 +214,11 @@ pub fn select(vms: Vec<Vm>, outdated_only: bool) -> (Vec<Vm>, Vec<(Vm, String)>)
             chosen.push(vm);
             continue;
         }
-        match vm.status["runs_installed"].as_bool() {
+        match vm.status.at("/runs_installed").as_bool() {
             Some(false) => chosen.push(vm),
             Some(true) => left.push((vm, CURRENT.to_owned())),
             None => {
-                let why = match vm.status["installed_error"].as_str() {
+                let why = match vm.status.at("/installed_error").as_str() {
                     Some(e) => format!("no installed QEMU to move to: {e}"),
                     // A launcher older than the `installed` fields cannot tell.
                     None => "its launcher cannot tell which QEMU is installed".to_owned(),
@@ -242,12 +244,16 @@ pub fn run(
         for _ in 0..max_parallel.clamp(1, vms.len().max(1)) {
             scope.spawn(|| loop {
                 let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-                let Some(i) = next else { break };
-                let outcome = upgrade_one(&vms[i], start);
+                let Some((i, vm)) = next.and_then(|i| Some((i, vms.get(i)?))) else {
+                    break;
+                };
+                let outcome = upgrade_one(vm, start);
                 let mut results = results.lock().unwrap_or_else(|e| e.into_inner());
                 results.1 += 1;
                 on_done(&outcome, results.1);
-                results.0[i] = Some(outcome);
+                if let Some(slot) = results.0.get_mut(i) {
+                    *slot = Some(outcome);
+                }
             });
         }
     });
@@ -347,7 +353,7 @@ pub fn to_json(outcomes: &[Outcome], left: &[(Vm, String)], max_parallel: usize)
         "vms": outcomes.iter().map(Outcome::to_json).collect::<Vec<_>>(),
         "left_out": left
             .iter()
-            .map(|(vm, why)| json!({"vm": vm.label(), "pid": vm.status["pid"], "reason": why}))
+            .map(|(vm, why)| json!({"vm": vm.label(), "pid": vm.status.at("/pid"), "reason": why}))
             .collect::<Vec<_>>(),
     })
 }

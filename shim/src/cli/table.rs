@@ -18,10 +18,11 @@ pub fn render(header: &[&str], rows: &[Vec<String>], right: &[&str]) -> String {
     for (n, row) in std::iter::once(&header).chain(rows).enumerate() {
         let mut line = String::new();
         for (i, cell) in row.iter().enumerate() {
-            let w = widths[i];
+            let w = widths.get(i).copied().unwrap_or(0);
+            let title = header.get(i).map_or("", String::as_str);
             if i == last {
                 line.push_str(cell);
-            } else if n > 0 && right.contains(&header[i].as_str()) {
+            } else if n > 0 && right.contains(&title) {
                 let _ = write!(line, "{cell:>w$}  ");
             } else {
                 let _ = write!(line, "{cell:<w$}  ");
