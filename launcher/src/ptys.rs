@@ -275,6 +275,11 @@ pub(crate) fn publish_filenames(names: Vec<(String, String)>) {
     let _ = FILENAMES.set(names);
 }
 
+/// Whether [`chardev_info_reply`] can change anything: ptys are kept.
+pub fn rewrites_replies() -> bool {
+    FILENAMES.get().is_some_and(|names| !names.is_empty())
+}
+
 /// The `return` of a `query-chardev` reply with each kept pty's `filename` put back to the
 /// pty; `None` when there is nothing to change. A `query-chardev` reply is recognized by its
 /// shape, a list of `ChardevInfo` (exactly `label`, `filename`, `frontend-open`), which no

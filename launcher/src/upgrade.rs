@@ -566,6 +566,10 @@ impl Upgrade<'_> {
             stats.downtime_ms = info.at("/downtime").as_u64();
             stats.ram_bytes = info.at("/ram/transferred").as_u64();
         }
+        // Its STOP and completion may have come after the new QEMU's completion was seen.
+        for e in old.qmp.take_events() {
+            timeline.old_event(&e);
+        }
         sup.retire(old);
         timeline.mark(Mark::OldKilled);
 

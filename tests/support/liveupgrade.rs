@@ -146,8 +146,9 @@ pub fn version(reply: &Value) -> String {
 
 /// Checks the report's `pause` timeline against the order a swap goes through: the old QEMU
 /// stops the guest after `migrate`, the new one runs it (by itself, or after the `cont` a
-/// destination started with -S needs, `cont` true), the launcher learns of it, and only then
-/// are consoles and monitor clients switched over and the old QEMU killed. QEMU's moments come
+/// destination started with -S needs: `cont` true), the launcher learns of it, and only then
+/// are consoles and monitor clients switched over and the old QEMU killed. The old QEMU may
+/// report the stream's end after all that, or not before it is killed. QEMU's moments come
 /// from its events' wall-clock stamps, so those are compared with a margin for reading the
 /// two clocks at slightly different moments.
 pub fn assert_pause_in_order(report: &Value, cont: bool) {
@@ -162,7 +163,9 @@ pub fn assert_pause_in_order(report: &Value, cont: bool) {
     let (stop, resume, seen) = (at("old_stop"), at("resume"), at("seen"));
     assert!(stop > -MARGIN, "STOP before migrate: {p}");
     assert!(resume > stop, "RESUME before STOP: {p}");
-    assert!(at("stream_end") >= stop, "stream ended before STOP: {p}");
+    if let Some(end) = p["stream_end_us"].as_i64() {
+        assert!(end >= stop, "stream ended before STOP: {p}");
+    }
     assert_eq!(p["cont_us"].is_i64(), cont, "cont: {p}");
     if cont {
         assert!(at("cont") >= seen && resume > at("cont") - MARGIN, "{p}");

@@ -311,6 +311,12 @@ impl Command {
         })
     }
 
+    /// Whether [`Journal::record`] reads what QEMU returned for it: the text of a
+    /// `human-monitor-command`, the fd set and fd of an `add-fd`.
+    pub(crate) fn needs_return(&self) -> bool {
+        self.printed || self.effect == Effect::AddFd
+    }
+
     /// Whether QEMU hands it the fds the connection received last: `getfd` and `add-fd`
     /// take them with `qemu_chr_fe_get_msgfd`, which also forgets them.
     pub(crate) fn takes_fd(&self) -> bool {

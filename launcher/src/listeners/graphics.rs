@@ -355,6 +355,11 @@ pub fn publish(p: Published) {
     let _ = PUBLISHED.set(p);
 }
 
+/// Whether [`info_reply`] can change anything: the launcher holds display ports.
+pub fn rewrites_replies() -> bool {
+    PUBLISHED.get().is_some()
+}
+
 /// The `return` of a `query-vnc`, `query-vnc-servers` or `query-spice` reply with the private
 /// socket replaced by the launcher's address; `None` when there is nothing to change.
 pub fn info_reply(ret: &Value) -> Option<Value> {

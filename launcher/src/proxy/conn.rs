@@ -318,16 +318,17 @@ impl Backend {
         journal: &mut Journal,
     ) {
         for s in seen {
-            let (id, outcome) = match s {
+            let (id, reply) = match s {
                 Seen::Event(event) => {
                     journal.event(&event);
                     continue;
                 }
-                Seen::Answer { id, outcome } => (id, outcome),
+                Seen::Answer { id, reply } => (id, reply),
             };
             let Some(p) = self.answered(id.as_ref()) else {
                 continue;
             };
+            let outcome = reply.outcome(p.request.command.as_ref());
             if let (Some(bytes), Outcome::Return(_)) = (p.caps, &outcome) {
                 caps.get_or_insert(bytes);
             }

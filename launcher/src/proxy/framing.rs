@@ -7,6 +7,7 @@
 
 use serde_json::{Map, Value};
 
+use super::envelope::Members;
 use super::Mode;
 use crate::journal::{Command, Outcome};
 
@@ -116,13 +117,13 @@ pub(super) struct Request {
 impl Request {
     /// Reads a QMP command's envelope. Anything QEMU will refuse reads as no command.
     fn qmp(bytes: &[u8]) -> Request {
-        let Ok(Value::Object(mut msg)) = serde_json::from_slice::<Value>(bytes) else {
+        let Some(msg) = Members::of(bytes) else {
             return Request::default();
         };
-        let id = msg.remove("id");
-        let (name, oob) = match (msg.get("execute"), msg.get("exec-oob")) {
-            (Some(Value::String(name)), None) => (name.clone(), false),
-            (None, Some(Value::String(name))) => (name.clone(), true),
+        let id = msg.value("id");
+        let (name, oob) = match (msg.string("execute"), msg.string("exec-oob")) {
+            (Some(name), None) if !msg.has("exec-oob") => (name, false),
+            (None, Some(name)) if !msg.has("execute") => (name, true),
             _ => {
                 return Request {
                     id,
@@ -131,7 +132,7 @@ impl Request {
             }
         };
         let arguments = msg
-            .remove("arguments")
+            .value("arguments")
             .unwrap_or_else(|| Value::Object(Map::new()));
         Request {
             id,
@@ -244,9 +245,32 @@ const PRINTED_CAP: usize = 4096;
 pub(super) enum Seen {
     /// The answer to a client's command: a QMP reply, with the command's `id`, or an HMP
     /// prompt, with what the command printed.
-    Answer { id: Option<Value>, outcome: Outcome },
+    Answer { id: Option<Value>, reply: Reply },
     /// An event the journal follows (DEVICE_DELETED).
     Event(Value),
+}
+
+/// How QEMU answered a command, a QMP `return` still as QEMU wrote it: only the journal reads
+/// one, and only for the few commands whose effect depends on it.
+#[derive(Debug)]
+pub(super) enum Reply {
+    Return(Vec<u8>),
+    Error,
+    Printed(String),
+}
+
+impl Reply {
+    /// What the journal is told of the answer to `command`.
+    pub(super) fn outcome(self, command: Option<&Command>) -> Outcome {
+        match self {
+            Reply::Return(raw) if command.is_some_and(Command::needs_return) => {
+                Outcome::Return(serde_json::from_slice(&raw).unwrap_or(Value::Null))
+            }
+            Reply::Return(_) => Outcome::Return(Value::Null),
+            Reply::Error => Outcome::Error,
+            Reply::Printed(text) => Outcome::Printed(text),
+        }
+    }
 }
 
 /// What becomes of one message from QEMU.
@@ -365,7 +389,7 @@ impl Outbound {
                     let printed = printed.strip_suffix(PROMPT).unwrap_or(&printed);
                     answers.push(Seen::Answer {
                         id: None,
-                        outcome: Outcome::Printed(String::from_utf8_lossy(printed).into_owned()),
+                        reply: Reply::Printed(String::from_utf8_lossy(printed).into_owned()),
                     });
                 }
             }
@@ -434,53 +458,56 @@ impl Outbound {
     /// those of the display queries and VNC's connection events, whose ports the launcher
     /// holds ([`crate::listeners::graphics`]).
     fn judge(&mut self, bytes: &[u8], answers: &mut Vec<Seen>) -> Verdict {
-        let Ok(Value::Object(mut msg)) = serde_json::from_slice::<Value>(bytes) else {
+        let Some(msg) = Members::of(bytes) else {
             return Verdict::Pass;
         };
-        if msg.contains_key("QMP") {
+        if msg.has("QMP") {
             let keep = self.greeting != Greeting::Drop;
             self.greeting = Greeting::Done;
             return Verdict::keep(keep);
         }
-        if msg.contains_key("return") || msg.contains_key("error") {
+        let ret = msg.raw("return");
+        if ret.is_some() || msg.has("error") {
             if self.swallow {
                 self.swallow = false;
-                self.replayed = Some(match msg.get("error") {
+                self.replayed = Some(match msg.value("error") {
                     None => Ok(()),
                     Some(e) => Err(e.get("desc").and_then(Value::as_str).unwrap_or("").into()),
                 });
                 return Verdict::Drop;
             }
-            let mut verdict = Verdict::Pass;
-            let rewritten = msg.get("return").and_then(|r| {
-                crate::ptys::chardev_info_reply(r)
-                    .or_else(|| crate::listeners::graphics::info_reply(r))
-            });
-            if let Some(ret) = rewritten {
-                let mut reply = msg.clone();
-                reply.insert("return".into(), ret);
-                if let Ok(bytes) = serde_json::to_vec(&reply) {
-                    verdict = Verdict::Replace(bytes);
-                }
-            }
-            let id = msg.remove("id");
-            let outcome = match msg.remove("return") {
-                Some(ret) => Outcome::Return(ret),
-                None => Outcome::Error,
+            let verdict = match ret {
+                Some(ret) if rewrites_replies() => rewrite_reply(bytes, ret),
+                _ => Verdict::Pass,
             };
-            answers.push(Seen::Answer { id, outcome });
+            let reply = match ret {
+                Some(ret) => Reply::Return(ret.to_vec()),
+                None => Reply::Error,
+            };
+            answers.push(Seen::Answer {
+                id: msg.value("id"),
+                reply,
+            });
             return verdict;
         }
-        let Some(name) = msg.get("event").and_then(Value::as_str) else {
+        let Some(name) = msg.string("event") else {
             return Verdict::Pass;
         };
-        let keep = self.keep_event(name);
-        let rewritten = keep
-            .then(|| crate::listeners::graphics::event(name, &msg))
+        let keep = self.keep_event(&name);
+        // Only these few events are read whole: VNC's to rewrite, DEVICE_DELETED to journal.
+        let whole = || match serde_json::from_slice::<Value>(bytes) {
+            Ok(Value::Object(whole)) => Some(whole),
+            _ => None,
+        };
+        let rewritten = (keep && name.starts_with("VNC_"))
+            .then(whole)
             .flatten()
+            .and_then(|whole| crate::listeners::graphics::event(&name, &whole))
             .and_then(|event| serde_json::to_vec(&event).ok());
         if name == "DEVICE_DELETED" {
-            answers.push(Seen::Event(Value::Object(msg)));
+            if let Some(whole) = whole() {
+                answers.push(Seen::Event(Value::Object(whole)));
+            }
         }
         match rewritten {
             Some(bytes) => Verdict::Replace(bytes),
@@ -568,6 +595,31 @@ pub fn check_split_invariance(mode: Mode, data: &[u8], split: usize) {
     );
 }
 
+/// Whether any reply may need rewriting: the launcher holds ptys or display ports.
+fn rewrites_replies() -> bool {
+    crate::ptys::rewrites_replies() || crate::listeners::graphics::rewrites_replies()
+}
+
+/// A reply with its `return` put back to what the launcher holds (ptys, display ports), or
+/// passed as QEMU wrote it.
+fn rewrite_reply(bytes: &[u8], ret: &[u8]) -> Verdict {
+    let Ok(ret) = serde_json::from_slice::<Value>(ret) else {
+        return Verdict::Pass;
+    };
+    let rewritten = crate::ptys::chardev_info_reply(&ret)
+        .or_else(|| crate::listeners::graphics::info_reply(&ret));
+    let Some(ret) = rewritten else {
+        return Verdict::Pass;
+    };
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(mut reply)) => {
+            reply.insert("return".into(), ret);
+            serde_json::to_vec(&reply).map_or(Verdict::Pass, Verdict::Replace)
+        }
+        _ => Verdict::Pass,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -651,7 +703,7 @@ mod tests {
             &seen[..],
             [Seen::Answer {
                 id: None,
-                outcome: Outcome::Return(_)
+                reply: Reply::Return(_)
             }]
         ));
         assert!(o.hidden_stop);
@@ -668,7 +720,7 @@ mod tests {
         rx.extend_from_slice(b"mu) ");
         let seen = o.process(&mut rx, &mut out);
         assert!(
-            matches!(&seen[..], [Seen::Answer { outcome: Outcome::Printed(p), .. }] if p == "ok\r\n"),
+            matches!(&seen[..], [Seen::Answer { reply: Reply::Printed(p), .. }] if p == "ok\r\n"),
             "{seen:?}"
         );
         assert_eq!(out, b"info x\x1b[K\r\nok\r\n(qemu) ");

@@ -25,6 +25,7 @@
 //! with a deadline, to relay an exited QEMU's last words before the launcher exits.
 
 mod conn;
+mod envelope;
 mod framing;
 mod handoff;
 mod sockets;
