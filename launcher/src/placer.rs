@@ -26,6 +26,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,6 +45,8 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_THREADS: usize = 4096;
 /// Longest request line.
 const MAX_LINE: u64 = 1 << 20;
+/// Connections served at once; each takes at most [`TIMEOUT`] per line.
+const MAX_CLIENTS: usize = 64;
 
 /// Why the placer could not start.
 #[derive(Debug, thiserror::Error)]
@@ -212,9 +215,12 @@ pub fn bind() -> Result<UnixListener, PlacerError> {
     Ok(listener)
 }
 
-/// Serves `listener` forever, a thread per connection (one slow client holds up no other);
-/// returns only if accept(2) fails for good.
+/// Serves `listener` forever, a thread per connection (one slow client holds up no other), at
+/// most [`MAX_CLIENTS`] at once: the socket is open to every local user, and a connection
+/// beyond that is closed unanswered rather than given a thread. Returns only if accept(2)
+/// fails for good.
 pub fn serve(listener: UnixListener, placer: Arc<Placer>) -> io::Error {
+    let busy = Arc::new(AtomicUsize::new(0));
     loop {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
@@ -225,11 +231,17 @@ pub fn serve(listener: UnixListener, placer: Arc<Placer>) -> io::Error {
             }
             Err(e) => return e,
         };
+        if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            busy.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
         let placer = Arc::clone(&placer);
+        let busy = Arc::clone(&busy);
         std::thread::spawn(move || {
             if let Err(e) = serve_one(&stream, &placer) {
                 eprintln!("qemu-liveupgrade placer: {e}");
             }
+            busy.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }
@@ -362,6 +374,28 @@ mod tests {
         );
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn answers_one_line_per_connection() {
+        let path = std::env::temp_dir().join(format!("qlu-placer-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || serve(listener, Arc::default()));
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"{\"execute\":\"apply\",\"threads\":[]}\n")
+            .unwrap();
+        let mut answer = String::new();
+        BufReader::new(&s).read_line(&mut answer).unwrap();
+        let reply: Value = serde_json::from_str(&answer).unwrap();
+        assert!(
+            reply["error"]
+                .as_str()
+                .unwrap()
+                .contains("nothing recorded"),
+            "{reply}"
+        );
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
