@@ -279,16 +279,20 @@ impl Supervisor {
 impl Upgrade<'_> {
     /// Steps 5 to 10: everything up to the new QEMU running the guest.
     fn move_guest(&mut self) -> Result<Moved, UpgradeError> {
-        self.sup.progress("setting migration capabilities");
-        // 5. Migration capabilities: the ones the VM's users set, plus ours, on both sides.
-        let capabilities = self.set_capabilities()?;
-
         self.sup.progress("moving monitor clients");
-        self.held_until = Some(Instant::now() + self.switch_limit(capabilities.shared));
-        // 6. Clients of the VM's monitors: their input is held from here on (never failed),
+        // 5. Clients of the VM's monitors: their input is held from here on (never failed),
         //    the old QEMU answers what it already has, then each client gets a connection to
-        //    the new QEMU with its capability negotiation replayed.
+        //    the new QEMU with its capability negotiation replayed. Held first, so that no
+        //    client ever sees the settings the upgrade changes, nor their undoing.
+        let held = Instant::now();
+        let likely_shared = self.sup.config.base.unshared.is_none();
+        self.held_until = Some(held + self.switch_limit(likely_shared));
         self.hold_monitors()?;
+
+        self.sup.progress("setting migration capabilities");
+        // 6. Migration capabilities: the ones the VM's users set, plus ours, on both sides.
+        let capabilities = self.set_capabilities()?;
+        self.held_until = Some(held + self.switch_limit(capabilities.shared));
 
         // 7. Devices the VM's users hot-plugged exist only in the old QEMU: the new one gets
         //    them now, in the order they came, before any device state arrives for them.
@@ -317,6 +321,35 @@ impl Upgrade<'_> {
     }
 
     /// Step 5.
+    fn hold_monitors(&mut self) -> Result<(), UpgradeError> {
+        let sup = &mut *self.sup;
+        sup.proxy.set_swap_running(self.guest.status == "running");
+        sup.proxy.hold(sup.poll.registry());
+        self.undo.push(Undo::Monitors);
+        let deadline = self.deadline();
+        self.wait("monitor clients to drain", deadline, |s, _| {
+            s.proxy.drained()
+        })
+        .map_err(step("waiting for monitor replies"))?;
+        let monitors = |e: ProxyError| UpgradeError::Monitors(crate::error_chain(&e));
+        let sup = &mut *self.sup;
+        sup.proxy
+            .prepare(sup.poll.registry(), self.new.number)
+            .map_err(monitors)?;
+        let mut failed = None;
+        self.wait("monitor clients to reconnect", deadline, |s, _| {
+            match s.proxy.prepared(s.poll.registry()) {
+                Ok(ready) => ready,
+                Err(e) => {
+                    failed = Some(e);
+                    true
+                }
+            }
+        })
+        .map_err(step("moving monitor clients"))?;
+        failed.map_or(Ok(()), |e| Err(monitors(e)))
+    }
+    /// Step 6.
     fn set_capabilities(&mut self) -> Result<Capabilities, UpgradeError> {
         let old_caps = capabilities(
             &self
@@ -380,35 +413,6 @@ impl Upgrade<'_> {
         Ok(Capabilities { shared, added })
     }
 
-    /// Step 6.
-    fn hold_monitors(&mut self) -> Result<(), UpgradeError> {
-        let sup = &mut *self.sup;
-        sup.proxy.set_swap_running(self.guest.status == "running");
-        sup.proxy.hold(sup.poll.registry());
-        self.undo.push(Undo::Monitors);
-        let deadline = self.deadline();
-        self.wait("monitor clients to drain", deadline, |s, _| {
-            s.proxy.drained()
-        })
-        .map_err(step("waiting for monitor replies"))?;
-        let monitors = |e: ProxyError| UpgradeError::Monitors(crate::error_chain(&e));
-        let sup = &mut *self.sup;
-        sup.proxy
-            .prepare(sup.poll.registry(), self.new.number)
-            .map_err(monitors)?;
-        let mut failed = None;
-        self.wait("monitor clients to reconnect", deadline, |s, _| {
-            match s.proxy.prepared(s.poll.registry()) {
-                Ok(ready) => ready,
-                Err(e) => {
-                    failed = Some(e);
-                    true
-                }
-            }
-        })
-        .map_err(step("moving monitor clients"))?;
-        failed.map_or(Ok(()), |e| Err(monitors(e)))
-    }
     /// Step 7: the hot-plug journal replayed into the new QEMU.
     fn replay_hotplug(&mut self) -> Result<(), UpgradeError> {
         self.sup.replay_hotplug(&mut self.new, self.held_until)
