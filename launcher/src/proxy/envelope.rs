@@ -41,14 +41,14 @@ impl<'a> Members<'a> {
                 return None;
             }
             let key_end = value_end(bytes, at)?;
-            let key = &bytes[at + 1..key_end - 1];
+            let key = bytes.get(at + 1..key_end - 1)?;
             at = skip_ws(bytes, key_end);
             if bytes.get(at) != Some(&b':') {
                 return None;
             }
             let start = skip_ws(bytes, at + 1);
             let end = value_end(bytes, start)?;
-            members.push((key, &bytes[start..end]));
+            members.push((key, bytes.get(start..end)?));
             at = end;
         }
         // Nothing but whitespace may follow the object.
@@ -141,7 +141,8 @@ fn value_end(bytes: &[u8], start: usize) -> Option<usize> {
         }
         // A number or a literal: up to the next delimiter.
         _ => {
-            let len = bytes[start..]
+            let len = bytes
+                .get(start..)?
                 .iter()
                 .position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace())
                 .unwrap_or(bytes.len() - start);
