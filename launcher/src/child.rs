@@ -101,6 +101,47 @@ fn max_signal() -> libc::c_int {
     libc::SIGRTMAX()
 }
 
+/// The signal state as a supervisor handover writes it ([`crate::handover`]).
+impl InheritedSignals {
+    /// Its part of the handed-over state.
+    pub(crate) fn export(&self) -> crate::handover::state::Signals {
+        crate::handover::state::Signals {
+            blocked: members(&self.mask),
+            ignored: self.ignored.clone(),
+        }
+    }
+
+    /// The state a handover brought.
+    pub(crate) fn import(s: &crate::handover::state::Signals) -> InheritedSignals {
+        InheritedSignals {
+            mask: set_of(&s.blocked),
+            ignored: s.ignored.clone(),
+        }
+    }
+}
+
+/// The signal numbers in `set`, real-time ones included.
+pub(crate) fn members(set: &SigSet) -> Vec<libc::c_int> {
+    (1..=max_signal())
+        // SAFETY: sigismember reads the initialized set; an invalid number just returns -1.
+        .filter(|&sig| unsafe { libc::sigismember(set.as_ref(), sig) } == 1)
+        .collect()
+}
+
+/// The set of the signal numbers `sigs`; numbers that are not signals are left out.
+pub(crate) fn set_of(sigs: &[libc::c_int]) -> SigSet {
+    let mut raw = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initializes the storage; sigaddset only sets bits of it and fails
+    // with EINVAL for a number that is no signal; the set is fully initialized before use.
+    unsafe {
+        libc::sigemptyset(raw.as_mut_ptr());
+        for &sig in sigs {
+            libc::sigaddset(raw.as_mut_ptr(), sig);
+        }
+        SigSet::from_sigset_t_unchecked(raw.assume_init())
+    }
+}
+
 /// What one child process gets.
 #[derive(Debug)]
 pub struct Spec<'a> {

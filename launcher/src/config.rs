@@ -5,7 +5,7 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use crate::child::InheritedSignals;
-use crate::daemonize::Daemon;
+use crate::daemonize::{Daemon, Pidfile};
 use crate::generation::Base;
 use crate::ptys::OpenPty;
 use crate::resolve::Binary;
@@ -32,6 +32,8 @@ pub struct Config {
     pub daemon: Option<Daemon>,
     /// Timeouts and the test fault hook, from the environment.
     pub settings: Settings,
+    /// The `-pidfile`, locked for the VM's life and removed when it ends.
+    pub pidfile: Option<Pidfile>,
 }
 
 /// What every generation is started from: the part of [`Config`] spawning needs.

@@ -4,12 +4,13 @@
 //! under `/run/qemu-liveupgrade/` (see [`crate::rundir`] for why that directory can be
 //! trusted): whoever may upgrade a VM may also kill it, so only that uid and root may connect,
 //! and the launcher drops any other peer (`SO_PEERCRED`). The protocol is one JSON request
-//! line per connection, `{"execute":"status"}` or `{"execute":"upgrade","to":PATH|null}`,
+//! line per connection, `{"execute":"status"}`, `{"execute":"upgrade","to":PATH|null}`,
+//! `{"execute":"check","to":PATH|null}` or `{"execute":"upgrade-supervisor","to":PATH|null}`,
 //! answered by JSON lines: a status object, or progress lines `{"progress":STEP}` and then
-//! the upgrade report.
+//! the report.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -71,6 +72,9 @@ pub enum Request {
     Upgrade(Option<PathBuf>),
     /// Start the new QEMU as an upgrade would, confirm it takes the VM, end it.
     Check(Option<PathBuf>),
+    /// Hand the launcher over to a new qemu-liveupgrade binary, in place
+    /// ([`crate::handover`]): to this one, or to the executable the launcher started from.
+    Handover(Option<PathBuf>),
 }
 
 impl Request {
@@ -81,6 +85,7 @@ impl Request {
             Request::Status => json!({"execute": "status"}),
             Request::Upgrade(p) => json!({"execute": "upgrade", "to": to(p)}),
             Request::Check(p) => json!({"execute": "check", "to": to(p)}),
+            Request::Handover(p) => json!({"execute": "upgrade-supervisor", "to": to(p)}),
         }
     }
 }
@@ -94,10 +99,8 @@ pub fn parse_request(line: &[u8]) -> io::Result<Request> {
         Some("status") => Ok(Request::Status),
         Some("upgrade") => Ok(Request::Upgrade(to())),
         Some("check") => Ok(Request::Check(to())),
-        _ => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "unknown request",
-        )),
+        Some("upgrade-supervisor") => Ok(Request::Handover(to())),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidData, "unknown request")),
     }
 }
 
@@ -153,6 +156,24 @@ impl Client {
     /// The client's fd, for registration.
     pub fn raw_fd(&self) -> i32 {
         self.stream.as_raw_fd()
+    }
+
+    /// Its part of a supervisor handover's state ([`crate::handover`]).
+    pub(crate) fn export(&self) -> crate::handover::state::Client {
+        crate::handover::state::Client {
+            fd: crate::handover::state::Fd::of(&self.stream),
+            buf: crate::handover::state::Bytes(self.buf.clone()),
+        }
+    }
+
+    /// The client a handover brought, on `fd`.
+    pub(crate) fn import(s: crate::handover::state::Client, fd: OwnedFd) -> io::Result<Client> {
+        let stream = UnixStream::from(fd);
+        stream.set_nonblocking(true)?;
+        Ok(Client {
+            stream,
+            buf: s.buf.0,
+        })
     }
 }
 
@@ -230,6 +251,65 @@ impl Control {
                 let _ = self.dir.unlink(&name);
             }
         }
+    }
+
+    /// Its part of a supervisor handover's state ([`crate::handover`]): the listener, its
+    /// directory and every client by slot, with what each sent so far.
+    pub(crate) fn export(&self) -> crate::handover::state::Control {
+        crate::handover::state::Control {
+            listener: crate::handover::state::Fd::of(&self.listener),
+            dir: self.dir.export(),
+            name: self.name.clone(),
+            clients: self
+                .clients
+                .iter()
+                .map(|c| c.as_ref().map(Client::export))
+                .collect(),
+        }
+    }
+
+    /// The control socket a handover brought, registered again, each client in its slot.
+    /// A client whose fd cannot be taken or registered is dropped; it sees EOF and may ask
+    /// again.
+    pub(crate) fn import(
+        s: crate::handover::state::Control,
+        take: &mut crate::handover::fds::Take,
+        registry: &Registry,
+    ) -> Result<Control, crate::handover::ImportError> {
+        use crate::handover::ImportError;
+        let listener = UnixListener::from(take.owned(s.listener)?);
+        let dir = RunDir::import(&s.dir, take.owned(s.dir.fd)?);
+        let mut control = Control {
+            listener,
+            dir,
+            name: s.name,
+            clients: Vec::new(),
+        };
+        control
+            .listener
+            .set_nonblocking(true)
+            .map_err(ImportError::io("the control socket"))?;
+        let fd = control.listener.as_raw_fd();
+        registry
+            .register(&mut SourceFd(&fd), Token::Control.to_mio(), Interest::READABLE)
+            .map_err(ImportError::io("the control socket"))?;
+        for (slot, client) in s.clients.into_iter().enumerate() {
+            let client = match client {
+                Some(c) => {
+                    let fd = take.owned(c.fd)?;
+                    Client::import(c, fd).ok()
+                }
+                None => None,
+            };
+            let client = client.filter(|c| {
+                let token = Token::ControlClient(slot).to_mio();
+                registry
+                    .register(&mut SourceFd(&c.raw_fd()), token, Interest::READABLE)
+                    .is_ok()
+            });
+            control.clients.push(client);
+        }
+        Ok(control)
     }
 
     /// The socket's path, for messages.

@@ -185,9 +185,42 @@ impl Pidfile {
         }
     }
 
-    /// Removes the file; called at exit, as QEMU does.
+    /// Removes the file, as QEMU does at exit; dropping it does the same.
     pub fn remove(self) {
+        drop(self);
+    }
+
+    /// Its part of a supervisor handover's state ([`crate::handover`]): the open file keeps
+    /// the lock across the exec (fcntl(2): record locks are preserved across execve), as long
+    /// as no fd of the file is closed.
+    pub(crate) fn export(&self) -> crate::handover::state::Pidfile {
+        crate::handover::state::Pidfile {
+            path: crate::handover::state::Text::path(&self.path),
+            fd: crate::handover::state::Fd::of(&self._file),
+        }
+    }
+
+    /// The pidfile a handover brought, still locked by `file`.
+    pub(crate) fn import(s: &crate::handover::state::Pidfile, file: OwnedFd) -> Pidfile {
+        Pidfile {
+            path: s.path.to_path(),
+            _file: File::from(file),
+        }
+    }
+}
+
+impl Drop for Pidfile {
+    /// The VM ended: the file goes, as QEMU removes its own at exit. A supervisor handover
+    /// replaces this process's image without dropping anything, so the file and its lock stay.
+    fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Daemon {
+    /// The daemon a handover brought: start-up was reported long ago, nobody waits.
+    pub(crate) fn reported() -> Daemon {
+        Daemon { notify: None }
     }
 }
 

@@ -155,6 +155,9 @@ pub struct Base {
     pub verdict: Verdict,
     /// The VNC and SPICE displays whose ports the launcher holds.
     pub displays: Vec<graphics::Display>,
+    /// The fds above stderr that were open at start, which the layout was planned from: a
+    /// supervisor handover plans the same base again from them ([`crate::handover`]).
+    pub inherited: Vec<RawFd>,
 }
 
 impl Base {
@@ -190,6 +193,7 @@ impl Base {
             ptys: kept,
             verdict,
             displays: graphics::find(user),
+            inherited: inherited.to_vec(),
         }
     }
 
@@ -427,6 +431,59 @@ impl Generation {
             q.get("minor")?,
             q.get("micro")?
         ))
+    }
+}
+
+/// The running generation as a supervisor handover writes it ([`crate::handover`]).
+impl Generation {
+    /// Its part of the handed-over state. Only a generation that executed QEMU and was not
+    /// reaped is handed over: the current one, between upgrades.
+    pub(crate) fn export(&self) -> crate::handover::state::Generation {
+        crate::handover::state::Generation {
+            number: self.number,
+            pid: self.pid.as_raw(),
+            binary: self.binary.export(),
+            qmp: self.qmp.export(),
+            uptime_ms: crate::handover::millis(self.started.elapsed()),
+            version: self.version.clone(),
+            tap_guard: self.tap_guard.as_ref().map(TapGuard::export),
+            stderr: self.stderr.as_ref().map(Relay::export),
+            started_from: self.started_from.as_ref().map(FileId::export),
+        }
+    }
+
+    /// The generation a handover brought: QEMU still runs as this process's child.
+    pub(crate) fn import(
+        s: crate::handover::state::Generation,
+        take: &mut crate::handover::fds::Take,
+    ) -> Result<Generation, crate::handover::ImportError> {
+        use crate::handover::ImportError;
+        let stream = UnixStream::from(take.owned(s.qmp.fd)?);
+        let qmp = Qmp::import(s.qmp, stream).map_err(ImportError::io("the private monitor"))?;
+        let tap_guard = match &s.tap_guard {
+            Some(g) => Some(TapGuard::import(g, take.owned(g.fd)?)),
+            None => None,
+        };
+        let stderr = match s.stderr {
+            Some(r) => {
+                let fd = take.owned(r.fd)?;
+                Some(Relay::import(r, fd))
+            }
+            None => None,
+        };
+        Ok(Generation {
+            number: s.number,
+            pid: Pid::from_raw(s.pid),
+            binary: Binary::import(&s.binary),
+            qmp,
+            started: crate::handover::since(s.uptime_ms),
+            version: s.version,
+            tap_guard,
+            exec: None,
+            stderr,
+            exit: None,
+            started_from: s.started_from.as_ref().map(FileId::import),
+        })
     }
 }
 

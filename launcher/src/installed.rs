@@ -42,6 +42,27 @@ impl FileId {
     }
 }
 
+/// A file's identity as a supervisor handover writes and reads it ([`crate::handover`]).
+impl FileId {
+    pub(crate) fn export(&self) -> crate::handover::state::FileId {
+        crate::handover::state::FileId {
+            dev: self.dev,
+            ino: self.ino,
+            size: self.size,
+            mtime: self.mtime,
+        }
+    }
+
+    pub(crate) fn import(s: &crate::handover::state::FileId) -> FileId {
+        FileId {
+            dev: s.dev,
+            ino: s.ino,
+            size: s.size,
+            mtime: s.mtime,
+        }
+    }
+}
+
 /// The status fields about the installed QEMU, for the VM whose current generation runs
 /// `running` (started from the file `started_from`) as process `qemu_pid`:
 ///

@@ -35,6 +35,8 @@
 //! - `props`: the properties every parser of outside input keeps, for fuzzing and property
 //!   tests.
 //! - [`plan`]: the `plan` report; [`verdict`]: whether a VM can be upgraded, and why not.
+//! - [`handover`]: the supervisor upgrading itself, by `execve` in place, its whole state
+//!   handed to the new binary; [`identity`]: which release and build this launcher is.
 
 pub mod child;
 pub mod cmdline;
@@ -46,6 +48,8 @@ pub mod fault;
 pub mod fdio;
 pub mod generation;
 pub mod heap;
+pub mod handover;
+pub mod identity;
 pub mod installed;
 pub mod journal;
 pub mod json;

@@ -645,5 +645,6 @@ fn register(registry: &Registry, fd: BorrowedFd<'_>, token: Token) -> io::Result
     registry.register(&mut SourceFd(&fd.as_raw_fd()), token, interest)
 }
 
+mod handover;
 #[cfg(test)]
 mod tests;

@@ -224,6 +224,46 @@ impl Qmp {
     }
 }
 
+/// The private monitor as a supervisor handover writes it ([`crate::handover`]).
+impl Qmp {
+    /// Its part of the handed-over state: the socket, what was read and not framed, and the
+    /// messages not yet taken, as QEMU sent them.
+    pub(crate) fn export(&self) -> crate::handover::state::Qmp {
+        use crate::handover::state::{Bytes, Fd};
+        let inbox = self
+            .inbox
+            .iter()
+            .map(|m| match m {
+                Message::Greeting(v) | Message::Event(v) => v.clone(),
+                Message::Reply { id, result: Ok(v) } => json!({ "return": v, "id": id }),
+                Message::Reply { id, result: Err(e) } => json!({ "error": e, "id": id }),
+            })
+            .collect();
+        crate::handover::state::Qmp {
+            fd: Fd::of(&self.stream),
+            rbuf: Bytes(self.rbuf.clone()),
+            next_id: self.next_id,
+            inbox,
+            closed: self.closed,
+        }
+    }
+
+    /// The private monitor a handover brought, on its socket `stream`.
+    pub(crate) fn import(
+        s: crate::handover::state::Qmp,
+        stream: UnixStream,
+    ) -> io::Result<Qmp> {
+        stream.set_nonblocking(true)?;
+        Ok(Qmp {
+            stream,
+            rbuf: s.rbuf.0,
+            next_id: s.next_id,
+            inbox: s.inbox.into_iter().map(classify).collect(),
+            closed: s.closed,
+        })
+    }
+}
+
 fn classify(value: Value) -> Message {
     if value.get("QMP").is_some() {
         return Message::Greeting(value);

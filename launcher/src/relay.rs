@@ -81,6 +81,26 @@ impl Relay {
             .map(str::to_owned)
     }
 
+    /// Its part of a supervisor handover's state ([`crate::handover`]).
+    pub(crate) fn export(&self) -> crate::handover::state::Relay {
+        crate::handover::state::Relay {
+            fd: crate::handover::state::Fd::of(&self.from),
+            to: self.to,
+            open: self.open,
+            tail: crate::handover::state::Bytes(self.tail.clone()),
+        }
+    }
+
+    /// The relay a handover brought, reading `from`.
+    pub(crate) fn import(s: crate::handover::state::Relay, from: OwnedFd) -> Relay {
+        Relay {
+            from,
+            to: s.to,
+            open: s.open,
+            tail: s.tail.0,
+        }
+    }
+
     fn copy_once(&mut self) -> Copied {
         let mut buf = [0u8; 16384];
         match nix::unistd::read(self.from.as_raw_fd(), &mut buf) {

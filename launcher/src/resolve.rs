@@ -102,6 +102,38 @@ pub struct Binary {
     pub source: Source,
 }
 
+/// A binary as a supervisor handover writes it ([`crate::handover`]).
+impl Binary {
+    /// Its part of the handed-over state.
+    pub(crate) fn export(&self) -> crate::handover::state::Binary {
+        let source = match self.source {
+            Source::Env => "env",
+            Source::Config => "config",
+            Source::Sibling => "sibling",
+            Source::Request => "request",
+        };
+        crate::handover::state::Binary {
+            path: crate::handover::state::Text::path(&self.path),
+            source: source.into(),
+        }
+    }
+
+    /// The binary a handover named. A source this build does not know reads as a request,
+    /// the rule that says least about where the file came from.
+    pub(crate) fn import(s: &crate::handover::state::Binary) -> Binary {
+        let source = match s.source.as_str() {
+            "env" => Source::Env,
+            "config" => Source::Config,
+            "sibling" => Source::Sibling,
+            _ => Source::Request,
+        };
+        Binary {
+            path: s.path.to_path(),
+            source,
+        }
+    }
+}
+
 /// Resolves the real binary for a shim invoked as `argv0`, reading the process environment.
 pub fn resolve(argv0: &OsStr) -> Result<Binary, ResolveError> {
     let env_binary = std::env::var_os(ENV_BINARY).filter(|v| !v.is_empty());

@@ -106,6 +106,24 @@ pub struct RunDir {
 }
 
 impl RunDir {
+    /// Its part of a supervisor handover's state ([`crate::handover`]).
+    pub(crate) fn export(&self) -> crate::handover::state::RunDir {
+        crate::handover::state::RunDir {
+            fd: crate::handover::state::Fd::of(&self.fd),
+            path: crate::handover::state::Text::path(&self.path),
+            owner: self.owner.as_raw(),
+        }
+    }
+
+    /// The directory a handover brought, open as `fd`, checked when it was first opened.
+    pub(crate) fn import(s: &crate::handover::state::RunDir, fd: OwnedFd) -> RunDir {
+        RunDir {
+            fd,
+            path: s.path.to_path(),
+            owner: Uid::from_raw(s.owner),
+        }
+    }
+
     /// Its path, for messages.
     pub fn path(&self) -> &Path {
         &self.path

@@ -42,6 +42,7 @@ use crate::spawn::{spawn_registered, Plumbing};
 use crate::token::Token;
 
 mod calls;
+pub(crate) mod handover;
 
 use calls::Awaited;
 pub(crate) use calls::{CallError, To};
@@ -144,6 +145,8 @@ pub struct Supervisor {
     pub(crate) probes: crate::translate::probe::ProbeCache,
     /// Control clients that asked for a `check`, with the binary they named.
     pub(crate) check_requests: Vec<(Client, Option<std::path::PathBuf>)>,
+    /// Supervisor upgrades asked for, and those done ([`crate::handover`]).
+    pub(crate) handovers: crate::handover::Handovers,
 }
 
 impl Supervisor {
@@ -232,6 +235,7 @@ impl Supervisor {
             ptys,
             probes: Default::default(),
             check_requests: Vec::new(),
+            handovers: crate::handover::Handovers::new(),
             config,
         };
         // The first QEMU stands where the launcher was executed: a failed exec is the
@@ -279,6 +283,12 @@ impl Supervisor {
                 return Err(SupervisorError::Monitor(err));
             }
         }
+        self.supervise()
+    }
+
+    /// The loop itself, until QEMU exits; where a launcher that took the VM over from another
+    /// ([`crate::handover::resume`]) starts.
+    pub fn supervise(mut self) -> Result<Exit, SupervisorError> {
         loop {
             if let Some(exit) = self.current.exit {
                 self.drain_outputs();
@@ -317,6 +327,11 @@ impl Supervisor {
                 self.report(report);
                 self.deliver_deferred();
                 release_free_memory();
+                continue;
+            }
+            // Never during an upgrade or a check: those run to their end first, from here.
+            if !self.handovers.requests.is_empty() {
+                self.hand_over();
                 continue;
             }
             self.pump(None, None).map_err(SupervisorError::Poll)?;
@@ -522,7 +537,7 @@ impl Supervisor {
                 Token::ControlClient(i) => self.on_control_client(i),
                 Token::Probe => self.on_probe(),
                 // Exec status is read by whoever waits for it; the event only wakes it.
-                Token::Exec(_) | Token::Proxy | Token::Unknown(_) => {}
+                Token::Exec(_) | Token::Handover | Token::Proxy | Token::Unknown(_) => {}
             }
         }
         Ok(())
@@ -703,6 +718,7 @@ impl Supervisor {
             }
             // Run from the loop's top, like an upgrade, never from inside this handler.
             Request::Check(to) => self.check_requests.push((client, to)),
+            Request::Handover(to) => self.handovers.requests.push((client, to)),
         }
     }
 
@@ -710,6 +726,7 @@ impl Supervisor {
     /// domain's log, and keeps it for `status`.
     pub(crate) fn report(&mut self, report: Value) {
         crate::stderr_line(&report.to_string());
+        self.handovers.record(&report);
         for mut w in std::mem::take(&mut self.waiters) {
             let _ = w.send(&report);
         }
@@ -745,6 +762,7 @@ impl Supervisor {
             "generation_uptime_s": self.current.started.elapsed().as_secs(),
             "last_upgrade": self.last_upgrade,
             "heap_in_use": crate::heap::in_use(),
+            "supervisor": self.handovers.status(),
         });
         if let (Value::Object(status), Value::Object(installed)) = (
             &mut status,

@@ -122,6 +122,26 @@ impl TapGuard {
         self.listener.as_raw_fd()
     }
 
+    /// Its part of a supervisor handover's state ([`crate::handover`]). The listener must
+    /// cross: once it is closed, the kernel fails the filtered ioctls with ENOSYS, and the
+    /// guest's later offload changes (virtio-net feature negotiation) would fail in QEMU.
+    pub(crate) fn export(&self) -> crate::handover::state::TapGuard {
+        crate::handover::state::TapGuard {
+            fd: crate::handover::state::Fd::of(&self.listener),
+            live: self.live,
+            suppressed: self.suppressed,
+        }
+    }
+
+    /// The guard a handover brought, on `listener`.
+    pub(crate) fn import(s: &crate::handover::state::TapGuard, listener: OwnedFd) -> TapGuard {
+        TapGuard {
+            listener,
+            live: s.live,
+            suppressed: s.suppressed,
+        }
+    }
+
     /// Answers every pending notification. Returns false once the QEMU is gone.
     pub fn on_readable(&mut self) -> bool {
         loop {

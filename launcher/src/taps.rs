@@ -177,6 +177,24 @@ pub fn open(tap: &NamedTap) -> Result<OpenTap, TapError> {
 }
 
 impl OpenTap {
+    /// Its part of a supervisor handover's state ([`crate::handover`]).
+    pub(crate) fn export(&self) -> crate::handover::state::Tap {
+        crate::handover::state::Tap {
+            fds: self.fds.iter().map(crate::handover::state::Fd::of).collect(),
+            ifname: self.ifname.clone(),
+            downscript: self.downscript.clone(),
+        }
+    }
+
+    /// The tap a handover brought, with its queues `fds`.
+    pub(crate) fn import(s: &crate::handover::state::Tap, fds: Vec<OwnedFd>) -> OpenTap {
+        OpenTap {
+            fds,
+            ifname: s.ifname.clone(),
+            downscript: s.downscript.clone(),
+        }
+    }
+
     /// Runs the down script, as QEMU does when it closes the tap.
     pub fn close(self) {
         if let Some(script) = &self.downscript {

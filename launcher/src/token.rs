@@ -28,6 +28,8 @@ pub enum Token {
     Pty(usize),
     /// The pipes of a probe asking a new binary what it accepts.
     Probe,
+    /// The answer of a new launcher binary run in its handover check mode.
+    Handover,
     /// One of the proxy's sockets; the proxy routes it itself.
     Proxy,
     /// A value nothing here hands out; its events are dropped.
@@ -48,6 +50,7 @@ const MONITOR: usize = 6;
 const TAP_GUARD: usize = 7;
 const PTY: usize = 8;
 const PROBE: usize = 9;
+const HANDOVER: usize = 10;
 
 impl Token {
     /// Tokens from here up belong to the proxy, which counts up from it.
@@ -67,6 +70,7 @@ impl Token {
             Token::TapGuard(n) => tagged(TAP_GUARD, n as usize),
             Token::Pty(i) => tagged(PTY, i),
             Token::Probe => PROBE,
+            Token::Handover => HANDOVER,
             Token::Proxy => Self::PROXY_BASE,
             Token::Unknown(v) => v,
         })
@@ -91,6 +95,7 @@ impl Token {
             TAP_GUARD => generation().map(Token::TapGuard),
             PTY => Some(Token::Pty(index)),
             PROBE if index == 0 => Some(Token::Probe),
+            HANDOVER if index == 0 => Some(Token::Handover),
             _ => None,
         };
         decoded.unwrap_or(Token::Unknown(value))
@@ -117,6 +122,7 @@ mod tests {
             Token::TapGuard(65_000),
             Token::Pty(3),
             Token::Probe,
+            Token::Handover,
         ] {
             assert_eq!(Token::from_mio(t.to_mio()), t, "{t:?}");
         }

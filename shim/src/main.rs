@@ -17,6 +17,7 @@ use launcher::config::Settings;
 use launcher::daemonize::{self, Pidfile};
 use launcher::error_chain;
 use launcher::generation::Base;
+use launcher::handover;
 use launcher::memfd;
 use launcher::resolve::{self, Binary};
 use launcher::supervisor::{Config, Exit, Supervisor};
@@ -26,6 +27,28 @@ use launcher::supervisor::{Config, Exit, Supervisor};
 static ALLOC: launcher::heap::Counting = launcher::heap::Counting;
 
 fn main() -> ExitCode {
+    // A launcher handing its VM over executes this binary in place, or asks it first whether
+    // it would take the VM: neither is a VM start, and the first starts with signals blocked.
+    match handover::incoming() {
+        handover::Incoming::Check => {
+            return match handover::check_mode() {
+                true => ExitCode::SUCCESS,
+                false => ExitCode::from(1),
+            }
+        }
+        handover::Incoming::Resume(fd) => {
+            return match handover::resume(fd) {
+                Ok(exit) => end_like(exit),
+                Err(message) => {
+                    let argv0 = std::env::args_os().next().unwrap_or_default();
+                    let prog = resolve::invoked_name(&argv0).to_string_lossy().into_owned();
+                    eprintln!("{prog}: qemu-liveupgrade: {message}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        handover::Incoming::None => {}
+    }
     // Before anything changes them: every QEMU gets the signal state this process was given.
     let signals = InheritedSignals::capture();
     let mut args = std::env::args_os();
@@ -142,12 +165,12 @@ fn launch(
         signals,
         daemon,
         settings,
+        pidfile,
     };
-    let result = Supervisor::start(config).and_then(Supervisor::run);
-    if let Some(p) = pidfile {
-        p.remove();
-    }
-    result.map_err(|e| error_chain(&e))
+    // The pidfile goes with the supervisor, when the VM ends.
+    Supervisor::start(config)
+        .and_then(Supervisor::run)
+        .map_err(|e| error_chain(&e))
 }
 
 /// Replaces this process with the real QEMU, argv untouched.

@@ -768,5 +768,6 @@ impl Journal {
     }
 }
 
+mod handover;
 #[cfg(test)]
 mod tests;

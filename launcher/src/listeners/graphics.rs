@@ -360,6 +360,38 @@ pub fn rewrites_replies() -> bool {
     PUBLISHED.get().is_some()
 }
 
+/// What [`publish`] was given, as a supervisor handover writes it ([`crate::handover`]).
+pub(crate) fn export_published() -> Option<crate::handover::state::Published> {
+    use crate::handover::state::{Public as P, Published as S, Text};
+    let public = |p: &Public| match p {
+        Public::Tcp(addr, given) => P::Tcp {
+            addr: addr.to_string(),
+            given: given.clone(),
+        },
+        Public::Path(path) => P::Path(Text::path(path)),
+    };
+    PUBLISHED.get().map(|p| S {
+        dir: Text::path(&p.dir),
+        vnc: p.vnc.as_ref().map(public),
+        spice: p.spice.as_ref().map(public),
+    })
+}
+
+/// Publishes again what a handover brought; an address that does not parse is left out (its
+/// replies then go unrewritten).
+pub(crate) fn import_published(s: &crate::handover::state::Published) {
+    use crate::handover::state::Public as P;
+    let public = |p: &P| match p {
+        P::Tcp { addr, given } => addr.parse().ok().map(|a| Public::Tcp(a, given.clone())),
+        P::Path(path) => Some(Public::Path(path.to_path())),
+    };
+    publish(Published {
+        dir: s.dir.to_path(),
+        vnc: s.vnc.as_ref().and_then(public),
+        spice: s.spice.as_ref().and_then(public),
+    });
+}
+
 /// The `return` of a `query-vnc`, `query-vnc-servers` or `query-spice` reply with the private
 /// socket replaced by the launcher's address; `None` when there is nothing to change.
 pub fn info_reply(ret: &Value) -> Option<Value> {

@@ -13,6 +13,10 @@ use mio::{Interest, Registry};
 use super::sockets::BoundPath;
 use super::stream::Listener;
 use super::{listener, Listen, Proxy, Route};
+use crate::handover::fds::Take;
+use crate::handover::state;
+use crate::handover::ImportError;
+use crate::listeners::graphics::Protocol;
 
 /// Most accepted connections kept waiting for QEMU; the rest wait in the kernel's backlog,
 /// as they would with QEMU busy.
@@ -117,4 +121,82 @@ impl Proxy {
     pub fn private_dir(&mut self) -> io::Result<PathBuf> {
         self.dir.path()
     }
+}
+
+/// Display listeners and accepted viewers as a supervisor handover writes and reads them
+/// ([`crate::handover`]).
+impl Proxy {
+    pub(super) fn export_handoff(&self) -> (Vec<state::Display>, Vec<(String, state::Fd)>) {
+        let displays = self
+            .handoff
+            .displays
+            .iter()
+            .map(|d| state::Display {
+                protocol: d.protocol.to_owned(),
+                listeners: d
+                    .listeners
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| {
+                        let (fd, family) = l.export();
+                        state::Listener {
+                            fd,
+                            family,
+                            bound: d._paths.get(i).map(BoundPath::export),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        let viewers = self
+            .handoff
+            .accepted
+            .iter()
+            .map(|(p, fd)| ((*p).to_owned(), state::Fd::of(fd)))
+            .collect();
+        (displays, viewers)
+    }
+
+    pub(super) fn import_handoff(
+        &mut self,
+        displays: Vec<state::Display>,
+        viewers: Vec<(String, state::Fd)>,
+        take: &mut Take,
+        registry: &Registry,
+    ) -> Result<(), ImportError> {
+        for (d, s) in displays.into_iter().enumerate() {
+            let protocol = protocol_name(&s.protocol)?;
+            let mut listeners = Vec::new();
+            let mut paths = Vec::new();
+            for (l, ls) in s.listeners.into_iter().enumerate() {
+                let mut socket = Listener::import(take.owned(ls.fd)?, ls.family)
+                    .map_err(ImportError::io("a display listener"))?;
+                let token = self.token(Route::Handoff(d, l));
+                registry
+                    .register(&mut socket, token, Interest::READABLE)
+                    .map_err(ImportError::io("a display listener"))?;
+                listeners.push(socket);
+                paths.extend(ls.bound.as_ref().map(BoundPath::import));
+            }
+            self.handoff.displays.push(Display {
+                protocol,
+                listeners,
+                _paths: paths,
+            });
+        }
+        for (p, fd) in viewers {
+            let protocol = protocol_name(&p)?;
+            self.handoff.accepted.push_back((protocol, take.owned(fd)?));
+        }
+        Ok(())
+    }
+}
+
+/// The name `add_client` takes for a display protocol the state names.
+fn protocol_name(name: &str) -> Result<&'static str, ImportError> {
+    [Protocol::Vnc, Protocol::Spice]
+        .into_iter()
+        .map(Protocol::name)
+        .find(|p| *p == name)
+        .ok_or_else(|| ImportError::Invalid(format!("unknown display protocol {name}")))
 }

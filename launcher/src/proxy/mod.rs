@@ -28,6 +28,7 @@ mod conn;
 mod envelope;
 mod framing;
 mod handoff;
+pub(crate) mod handover;
 mod sockets;
 mod stream;
 mod swap;

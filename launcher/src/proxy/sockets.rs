@@ -40,6 +40,26 @@ impl BoundPath {
     }
 }
 
+/// A bound path as a supervisor handover writes and reads it ([`crate::handover`]): the new
+/// image removes it at the end as this one would have, by the inode this process made.
+impl BoundPath {
+    pub(super) fn export(&self) -> crate::handover::state::BoundPath {
+        crate::handover::state::BoundPath {
+            path: crate::handover::state::Text::path(&self.path),
+            dev: self.dev,
+            ino: self.ino,
+        }
+    }
+
+    pub(super) fn import(s: &crate::handover::state::BoundPath) -> BoundPath {
+        BoundPath {
+            path: s.path.to_path(),
+            dev: s.dev,
+            ino: s.ino,
+        }
+    }
+}
+
 impl Drop for BoundPath {
     fn drop(&mut self) {
         // Someone may have bound a new socket at the same path since (a new VM of the same
@@ -136,6 +156,18 @@ impl BackendDir {
         let path = dir.join(format!("{gen}.{}.{index}", self.serial));
         let listener = UnixListener::bind(&path)?;
         Ok((path, listener.into()))
+    }
+}
+
+/// The private directory as a supervisor handover writes and reads it: where it is, and the
+/// serial that keeps the names of sockets made in it unique.
+impl BackendDir {
+    pub(super) fn export(&self) -> (PathBuf, Option<PathBuf>, u64) {
+        (self.base.clone(), self.dir.clone(), self.serial)
+    }
+
+    pub(super) fn import(base: PathBuf, dir: Option<PathBuf>, serial: u64) -> BackendDir {
+        BackendDir { base, dir, serial }
     }
 }
 

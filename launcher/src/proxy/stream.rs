@@ -41,6 +41,60 @@ impl Listener {
     }
 }
 
+/// Sockets as a supervisor handover writes and reads them ([`crate::handover`]): the fd and
+/// its family, which decides how the loop registers it.
+impl Listener {
+    pub(super) fn export(&self) -> (crate::handover::state::Fd, crate::handover::state::Family) {
+        use crate::handover::state::{Family, Fd};
+        match self {
+            Listener::Unix(l) => (Fd::of(l), Family::Unix),
+            Listener::Tcp(l) => (Fd::of(l), Family::Tcp),
+        }
+    }
+
+    pub(super) fn import(fd: OwnedFd, family: crate::handover::state::Family) -> io::Result<Listener> {
+        use crate::handover::state::Family;
+        Ok(match family {
+            Family::Unix => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true)?;
+                Listener::Unix(UnixListener::from_std(l))
+            }
+            Family::Tcp => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                Listener::Tcp(TcpListener::from_std(l))
+            }
+        })
+    }
+}
+
+impl Stream {
+    pub(super) fn export(&self) -> (crate::handover::state::Fd, crate::handover::state::Family) {
+        use crate::handover::state::{Family, Fd};
+        match self {
+            Stream::Unix(s) => (Fd::of(s), Family::Unix),
+            Stream::Tcp(s) => (Fd::of(s), Family::Tcp),
+        }
+    }
+
+    pub(super) fn import(fd: OwnedFd, family: crate::handover::state::Family) -> io::Result<Stream> {
+        use crate::handover::state::Family;
+        Ok(match family {
+            Family::Unix => {
+                let s = std::os::unix::net::UnixStream::from(fd);
+                s.set_nonblocking(true)?;
+                Stream::Unix(UnixStream::from_std(s))
+            }
+            Family::Tcp => {
+                let s = std::net::TcpStream::from(fd);
+                s.set_nonblocking(true)?;
+                Stream::Tcp(TcpStream::from_std(s))
+            }
+        })
+    }
+}
+
 impl From<Stream> for OwnedFd {
     fn from(s: Stream) -> OwnedFd {
         match s {

@@ -599,7 +599,7 @@ pub fn run(
 
 /// `pidfd_open(2)`: an fd that names the process for as long as it is not reaped, and that
 /// signals only it even after its pid is reused. `None` on kernels before 5.3.
-fn pidfd_open(pid: Pid) -> Option<OwnedFd> {
+pub(crate) fn pidfd_open(pid: Pid) -> Option<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
     if fd < 0 {
@@ -610,7 +610,7 @@ fn pidfd_open(pid: Pid) -> Option<OwnedFd> {
 }
 
 /// `pidfd_send_signal(2)`; a process already gone is not an error here.
-fn pidfd_send_signal(fd: &OwnedFd, sig: libc::c_int) {
+pub(crate) fn pidfd_send_signal(fd: &OwnedFd, sig: libc::c_int) {
     // SAFETY: fd is an open pidfd; a null siginfo and zero flags are what the call documents
     // for a plain kill.
     unsafe {
