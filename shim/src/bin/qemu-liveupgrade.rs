@@ -51,8 +51,14 @@ enum Command {
         vm: Option<String>,
         /// Every VM on this host, at most --max-parallel at a time: a line per VM as it ends,
         /// then a table (VM, from, to, pause, result, reason). VMs that fail stay on their QEMU.
-        #[arg(long, conflicts_with_all = ["to", "no_wait"])]
+        #[arg(long, conflicts_with = "no_wait")]
         all: bool,
+        /// Upgrade the VM's supervisor (its qemu-liveupgrade launcher) instead of its QEMU:
+        /// the launcher hands itself over in place to the binary now at the path it started
+        /// from (or --to PATH); pid, QEMU and every connection stay. The new binary first
+        /// checks it can take the VM; if not, the VM stays on its launcher, which says why.
+        #[arg(long, conflicts_with_all = ["outdated", "max_parallel", "no_wait"])]
+        supervisor: bool,
         /// With --all: only the VMs whose QEMU is not the installed binary (replaced or removed
         /// since they started, or another one).
         #[arg(long, requires = "all")]
@@ -61,7 +67,8 @@ enum Command {
         /// else 2].
         #[arg(long, requires = "all", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         max_parallel: Option<u32>,
-        /// The new QEMU binary; by default the shim resolves it as at start.
+        /// The new QEMU binary; by default the shim resolves it as at start. With --supervisor:
+        /// the new qemu-liveupgrade-shim binary.
         #[arg(long)]
         to: Option<PathBuf>,
         /// Wait for the result, printing progress (the default).
@@ -152,6 +159,19 @@ fn run(command: Command) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Upgrade {
+            supervisor: true,
+            vm,
+            all,
+            to,
+            json,
+            ..
+        } => upgrade_supervisors(vm, all, to, json),
+        Command::Upgrade {
+            all: true,
+            to: Some(_),
+            ..
+        } => Err("--to names one QEMU binary: with --all, only --supervisor takes it".into()),
         Command::Upgrade {
             all: true,
             outdated,
@@ -317,6 +337,40 @@ fn upgrade_all(outdated: bool, max_parallel: Option<u32>, json: bool) -> Result<
     })
 }
 
+/// `upgrade --supervisor`: one line per VM (progress on stderr), or JSON.
+fn upgrade_supervisors(
+    vm: Option<String>,
+    all: bool,
+    to: Option<PathBuf>,
+    json: bool,
+) -> Result<ExitCode, String> {
+    let scan = discover::scan();
+    let vms = match vm {
+        Some(vm) if !all => vec![(scan.find(&vm)?, vm)],
+        _ => live(&scan)
+            .into_iter()
+            .map(|(v, s)| (v, rollout::label(&s)))
+            .collect(),
+    };
+    let reports = cli::supervisor::run(vms, to, |label, step| {
+        if !json {
+            eprintln!("{label}: {step}");
+        }
+    });
+    if json {
+        println!("{}", cli::supervisor::to_json(&reports, !all));
+    } else {
+        for (label, r) in &reports {
+            println!("{}", cli::supervisor::describe(label, r));
+        }
+    }
+    Ok(if cli::supervisor::succeeded(&reports) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 /// Every VM, as the rollout takes them.
 fn rollout_vms() -> Vec<rollout::Vm> {
     live(&discover::scan())
@@ -430,6 +484,13 @@ fn print_status(s: &Value) {
         s.at("/qemu_pid")
     );
     println!("binary:     {}", s.at("/binary").as_str().unwrap_or("?"));
+    println!(
+        "supervisor: qemu-liveupgrade {} (build {}) at {}; {} supervisor upgrade(s)",
+        s.at("/supervisor/version").as_str().unwrap_or("?"),
+        s.at("/supervisor/build").as_str().unwrap_or("?"),
+        s.at("/supervisor/exe").as_str().unwrap_or("?"),
+        s.at("/supervisor/upgrades"),
+    );
     println!("machine:    {}", s.at("/machine").as_str().unwrap_or("-"));
     println!("guest RAM:  {}", s.at("/ram").as_str().unwrap_or("?"));
     println!(
