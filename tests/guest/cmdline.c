@@ -5,6 +5,7 @@
  *   hb_us=<micros>      heartbeat period, default 1000
  *   selftest-corrupt    after READY, damage one word once, so the host can see that
  *                       a lost write is reported (the checker must be able to fail)
+ *   ports=<n>           send every line to COM1..COMn (1..4), each port at its pace
  */
 #include "guest.h"
 
@@ -56,6 +57,11 @@ void parse_cmdline(const char *s, struct options *opt)
 			v = parse_size(s + 6, &end);
 			if (v > 0 && v < 10000000)
 				opt->hb_us = (u32)v;
+			s = end;
+		} else if (starts_with(s, "ports=")) {
+			v = parse_size(s + 6, &end);
+			if (v >= 1 && v <= 4)
+				opt->ports = (u32)v;
 			s = end;
 		} else if (starts_with(s, "selftest-corrupt")) {
 			opt->selftest_corrupt = 1;

@@ -61,6 +61,7 @@ static inline u64 rdtsc(void)
 
 /* uart.c: COM1 output through a ring buffer, so a slow port never stalls the tester. */
 void uart_init(void);
+void uart_mirror(u32 ports);
 void uart_drain(void);
 void out_str(const char *s);
 void out_u64(u64 v);
@@ -87,6 +88,7 @@ struct options {
 	u32 stride;         /* bytes between checked words (4..4096, power of two) */
 	u32 hb_us;          /* heartbeat period */
 	int selftest_corrupt;
+	u32 ports;          /* COM ports the output goes to, 1..4 */
 };
 void parse_cmdline(const char *cmdline, struct options *opt);
 u64 parse_size(const char *s, const char **end);

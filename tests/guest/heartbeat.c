@@ -39,7 +39,7 @@ struct multiboot_info {
 	u32 cmdline;   /* physical address of a NUL-terminated string */
 };
 
-static struct options opt = { .mem_bytes = 0, .stride = 64, .hb_us = 1000 };
+static struct options opt = { .mem_bytes = 0, .stride = 64, .hb_us = 1000, .ports = 1 };
 static char cmdline[1024];
 static u64 hb_period;
 static u64 next_hb;
@@ -187,6 +187,7 @@ void guest_main(u32 magic, const struct multiboot_info *mbi)
 		cmdline[i] = 0;
 		parse_cmdline(cmdline, &opt);
 	}
+	uart_mirror(opt.ports);
 	end = ram_end(mbi);
 	if (end <= TEST_BASE)
 		halt_with("no RAM above 2 MiB (give mem= or boot with more memory)");

@@ -1,5 +1,5 @@
 /*
- * COM1 (16550 at 0x3f8) output.
+ * COM1 (16550 at 0x3f8) output, mirrored to COM2..COM4 when asked (ports=N).
  *
  * Text goes into a ring buffer and uart_drain() moves bytes to the transmit holding
  * register only while the line status register reports it empty. QEMU's UART sends
@@ -7,10 +7,15 @@
  * stops reading the chardev, THRE stays clear and the guest would hang on a
  * busy-wait. Buffering instead keeps the memory tester and heartbeat clock going;
  * when the buffer is full whole lines are dropped and counted.
+ *
+ * With more than one port, every port sends the same lines from the same ring, each at its
+ * own pace: a test can watch one console through one host path and another through another,
+ * and compare. The ring is full when the slowest port is a ring behind.
  */
 #include "guest.h"
 
 #define COM1 0x3f8
+#define MAX_PORTS 4u
 #define UART_THR 0
 #define UART_IER 1
 #define UART_FCR 2
@@ -21,33 +26,69 @@
 
 #define RING_SIZE 16384u /* power of two */
 
+static const u16 port_base[MAX_PORTS] = { COM1, 0x2f8, 0x3e8, 0x2e8 };
+static u32 nports = 1;
 static char ring[RING_SIZE];
 static u32 ring_head; /* next byte to write into */
-static u32 ring_tail; /* next byte to send */
+static u32 ring_tail[MAX_PORTS]; /* next byte each port sends */
 static u32 line_start;
 static int line_dropping;
 static u32 dropped_lines;
 
+static void port_init(u16 base)
+{
+	outb(base + UART_IER, 0x00);      /* no interrupts: the guest polls */
+	outb(base + UART_LCR, 0x80);      /* DLAB on to set the divisor */
+	outb(base + UART_THR, 0x01);      /* 115200 baud */
+	outb(base + UART_IER, 0x00);
+	outb(base + UART_LCR, 0x03);      /* 8N1, DLAB off */
+	outb(base + UART_FCR, 0x00);      /* FIFO off: one byte at a time */
+	outb(base + UART_MCR, 0x03);      /* DTR, RTS */
+}
+
 void uart_init(void)
 {
-	outb(COM1 + UART_IER, 0x00);      /* no interrupts: the guest polls */
-	outb(COM1 + UART_LCR, 0x80);      /* DLAB on to set the divisor */
-	outb(COM1 + UART_THR, 0x01);      /* 115200 baud */
-	outb(COM1 + UART_IER, 0x00);
-	outb(COM1 + UART_LCR, 0x03);      /* 8N1, DLAB off */
-	outb(COM1 + UART_FCR, 0x00);      /* FIFO off: one byte at a time */
-	outb(COM1 + UART_MCR, 0x03);      /* DTR, RTS */
+	port_init(COM1);
+}
+
+void uart_mirror(u32 ports)
+{
+	u32 p;
+
+	if (ports > MAX_PORTS)
+		ports = MAX_PORTS;
+	/* The new ports start with the next line. */
+	for (p = nports; p < ports; p++) {
+		port_init(port_base[p]);
+		ring_tail[p] = line_start;
+	}
+	if (ports > nports)
+		nports = ports;
 }
 
 void uart_drain(void)
 {
+	u32 p;
+
 	/* Only complete lines are sent: bytes before line_start. */
-	while (ring_tail != line_start) {
-		if (!(inb(COM1 + UART_LSR) & LSR_THRE))
-			return;
-		outb(COM1 + UART_THR, (u8)ring[ring_tail & (RING_SIZE - 1)]);
-		ring_tail++;
+	for (p = 0; p < nports; p++) {
+		while (ring_tail[p] != line_start) {
+			if (!(inb(port_base[p] + UART_LSR) & LSR_THRE))
+				break;
+			outb(port_base[p] + UART_THR, (u8)ring[ring_tail[p] & (RING_SIZE - 1)]);
+			ring_tail[p]++;
+		}
 	}
+}
+
+static int sent_all(void)
+{
+	u32 p;
+
+	for (p = 0; p < nports; p++)
+		if (ring_tail[p] != line_start)
+			return 0;
+	return 1;
 }
 
 /* Sends every complete line before returning, waiting for the port if it must (boundedly). */
@@ -55,15 +96,26 @@ void uart_flush(void)
 {
 	u32 spins = 0;
 
-	while (ring_tail != line_start && spins++ < 100000000u)
+	while (!sent_all() && spins++ < 100000000u)
 		uart_drain();
+}
+
+/* Bytes the slowest port has yet to send. */
+static u32 backlog(void)
+{
+	u32 p, most = 0;
+
+	for (p = 0; p < nports; p++)
+		if (ring_head - ring_tail[p] > most)
+			most = ring_head - ring_tail[p];
+	return most;
 }
 
 static void put(char c)
 {
 	if (line_dropping)
 		return;
-	if (ring_head - ring_tail >= RING_SIZE) {
+	if (backlog() >= RING_SIZE) {
 		/* Full: forget the partial line so the host never sees half of one. */
 		ring_head = line_start;
 		line_dropping = 1;
