@@ -11,6 +11,7 @@
 //! how to get it, never a silently skipped test.
 
 pub mod des;
+pub mod handover;
 pub mod libvirt;
 pub mod libvirt_upgrade;
 pub mod lifecycle;
