@@ -11,7 +11,8 @@
 //! stay, the fds the shim holds are the same number; at the end no console lost or repeated a
 //! line, every QMP command was answered once and in order, every unplug's DEVICE_DELETED came
 //! once, the guest's heartbeats show no gap above the idle jitter measured between the
-//! handovers, and a QEMU upgrade 7.2.22 -> 10.0.2 still works.
+//! handovers and QEMU's vCPU thread was never made to wait, and a QEMU upgrade 7.2.22 ->
+//! 10.0.2 still works.
 
 use std::fs;
 use std::io::Write;
@@ -67,6 +68,7 @@ impl HandoverVm {
             .env("QEMU_LIVEUPGRADE_BINARY", dir.join("qemu"))
             .env("QEMU_LIVEUPGRADE_CONFIG", "/nonexistent")
             .env("QEMU_LIVEUPGRADE_RUNDIR", dir.join("run"))
+            .args(["-name", "guest=handover,debug-threads=on"])
             .args(["-accel", "tcg", "-machine", "pc", "-m", "128", "-nodefaults"])
             .args(["-display", "none", "-usb"])
             .args(["-serial", "stdio", "-serial", "pty"])
@@ -147,6 +149,34 @@ fn fd_kinds(pid: Pid) -> Vec<(i32, String)> {
         .collect()
 }
 
+/// Time one thread spent running and waiting to run (schedstat, in the scheduler's
+/// sched-stats.rst), in nanoseconds.
+fn schedstat(pid: Pid, tid: i32) -> (u64, u64) {
+    let text = fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).unwrap_or_default();
+    let mut f = text.split_whitespace().map(|w| w.parse::<u64>().unwrap_or(0));
+    (f.next().unwrap_or(0), f.next().unwrap_or(0))
+}
+
+/// QEMU's vCPU thread (`CPU 0/TCG`, named with `-name debug-threads=on`).
+fn vcpu_thread(qemu: Pid) -> i32 {
+    fs::read_dir(format!("/proc/{qemu}/task"))
+        .expect("QEMU's threads")
+        .filter_map(Result::ok)
+        .find(|t| {
+            fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("CPU 0/"))
+        })
+        .and_then(|t| t.file_name().to_str()?.parse().ok())
+        .expect("a CPU 0 thread")
+}
+
+/// How long the vCPU thread was neither running nor waiting for a CPU between two samples
+/// taken `wall` apart: blocked, on a lock or on I/O. A guest that computes all the time, as
+/// the heartbeat guest does, blocks only when QEMU makes it wait; a busy host only delays it.
+fn blocked(a: (u64, u64), b: (u64, u64), wall: Duration) -> Duration {
+    let busy = (b.0 - a.0) + (b.1 - a.1);
+    wall.saturating_sub(Duration::from_nanos(busy))
+}
+
 /// One handover's figures.
 struct Figures {
     to: String,
@@ -156,6 +186,12 @@ struct Figures {
     guest_gap: Duration,
     /// The same, in windows as long without a handover, just before it.
     idle_gaps: Vec<Duration>,
+    /// How long QEMU's vCPU thread was blocked during the handover, and in the idle time
+    /// before it, scaled to the handover's length.
+    vcpu_blocked: Duration,
+    idle_blocked: Duration,
+    /// How long it waited for a CPU during the handover: the host's load, not the VM's.
+    vcpu_waited: Duration,
     pty_gap: Duration,
     socket_gap: Duration,
 }
@@ -173,6 +209,7 @@ fn the_supervisor_hands_over_ten_times_and_back_with_nothing_lost() {
     let vm = HandoverVm::start("7.2.22");
     let pid = vm.pid();
     let qemu = qemu_child(pid).expect("QEMU runs as the shim's child");
+    let vcpu = vcpu_thread(qemu);
     let pty = pty_console(&vm.pty());
     let socket = UnixStream::connect(vm.dir.join("console.sock")).expect("console socket");
     let socket = Lines::read(socket);
@@ -198,11 +235,15 @@ fn the_supervisor_hands_over_ten_times_and_back_with_nothing_lost() {
         };
         // The idle jitter: the same guest and host, no handover, twice as long as one.
         let idle_from = Instant::now();
+        let idle_a = schedstat(qemu, vcpu);
         thread::sleep(Duration::from_millis(400));
+        let idle_b = schedstat(qemu, vcpu);
         let idle_to = Instant::now();
         install(build, &vm.shim);
         let from = Instant::now();
+        let run_a = schedstat(qemu, vcpu);
         let (report, ok) = vm.hand_over();
+        let run_b = schedstat(qemu, vcpu);
         let to = Instant::now();
         assert!(ok, "handover {i} to build {name} failed: {report}");
         assert_eq!(report["result"], "ok", "{report}");
@@ -238,6 +279,10 @@ fn the_supervisor_hands_over_ten_times_and_back_with_nothing_lost() {
             report_ms: report["handover_ms"].as_f64().unwrap_or(-1.0),
             guest_gap: max_gap(&guest, from, to),
             idle_gaps,
+            vcpu_blocked: blocked(run_a, run_b, took),
+            idle_blocked: blocked(idle_a, idle_b, idle_to - idle_from)
+                .mul_f64(took.as_secs_f64() / (idle_to - idle_from).as_secs_f64()),
+            vcpu_waited: Duration::from_nanos(run_b.1 - run_a.1),
             pty_gap: max_gap(&arrivals(pty.beats()), from, to),
             socket_gap: max_gap(&arrivals(socket.beats()), from, to),
         });
@@ -276,16 +321,28 @@ fn the_supervisor_hands_over_ten_times_and_back_with_nothing_lost() {
     assert_eq!(console_problems(&stdout), None, "COM1");
     assert!(vm.vm.errors().is_clean(), "guest memory errors: {:?}", vm.vm.errors());
 
-    // The guest's heartbeats during handovers against the same host without them. On a
-    // shared machine one window or another catches a scheduling stall; a pause the handover
-    // caused would be in every handover window, so the typical windows are compared.
+    // The guest during handovers against the same host without them. A heartbeat gap is
+    // the sum of two things: QEMU made to wait (stopped, or blocked on a lock or on I/O),
+    // which a handover must never do, and the host's CPUs busy elsewhere, which a handover's
+    // three short processes add to on a loaded two-core machine as any process would. The
+    // vCPU thread's scheduler statistics tell them apart; both are compared, over the typical
+    // window: on a shared machine one window or another catches a stall of the host's.
     print_figures(&figures);
     let during = median(figures.iter().map(|f| f.guest_gap).collect());
     let idle = median(figures.iter().flat_map(|f| f.idle_gaps.clone()).collect());
-    eprintln!("handover: typical longest heartbeat gap: {during:?} during a handover, {idle:?} idle");
+    let blocked = median(figures.iter().map(|f| f.vcpu_blocked).collect());
+    let idle_blocked = median(figures.iter().map(|f| f.idle_blocked).collect());
+    eprintln!(
+        "handover: typical longest heartbeat gap {during:?} during a handover, {idle:?} idle; \
+         vCPU blocked {blocked:?} during, {idle_blocked:?} idle"
+    );
     assert!(
-        during <= idle * 2 + Duration::from_millis(10),
-        "the guest's heartbeats stall during handovers: typically {during:?} without one, against {idle:?} idle"
+        blocked <= idle_blocked + Duration::from_millis(5),
+        "QEMU's vCPU waits during handovers: typically {blocked:?}, against {idle_blocked:?} idle"
+    );
+    assert!(
+        during <= idle * 2 + Duration::from_millis(25),
+        "the guest's heartbeats stall during handovers: typically {during:?}, against {idle:?} idle"
     );
 
     // The launcher knows what happened, and says so.
@@ -328,12 +385,13 @@ fn launcher_build() -> String {
 fn print_figures(figures: &[Figures]) {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     eprintln!(
-        "handover: {:>3} {:>5} {:>10} {:>11} {:>11} {:>10} {:>10} {:>10}",
-        "#", "to", "cli ms", "handover ms", "guest gap", "idle gap*", "pty gap", "sock gap"
+        "handover: {:>3} {:>3} {:>7} {:>8} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8}",
+        "#", "to", "cli", "handover", "guest gap", "idle gap*", "pty gap", "sock gap",
+        "blocked", "idle blk", "cpu wait"
     );
     for (i, f) in figures.iter().enumerate() {
         eprintln!(
-            "handover: {:>3} {:>5} {:>10.1} {:>11.1} {:>11.1} {:>10.1} {:>10.1} {:>10.1}",
+            "handover: {:>3} {:>3} {:>7.1} {:>8.1} {:>9.1} {:>9.1} {:>7.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
             i + 1,
             f.to,
             ms(f.took),
@@ -341,7 +399,10 @@ fn print_figures(figures: &[Figures]) {
             ms(f.guest_gap),
             ms(median(f.idle_gaps.clone())),
             ms(f.pty_gap),
-            ms(f.socket_gap)
+            ms(f.socket_gap),
+            ms(f.vcpu_blocked),
+            ms(f.idle_blocked),
+            ms(f.vcpu_waited),
         );
     }
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();

@@ -28,6 +28,9 @@ use crate::token::Token;
 /// How long the new binary gets to answer.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long the check gets to be reaped once it answered (or was killed).
+const REAP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The largest answer read.
 const ANSWER_CAP: usize = 1 << 16;
 
@@ -138,10 +141,14 @@ impl Supervisor {
             eof
         });
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-        // Whatever it is doing now, it is done: the loop reaps it like any child.
+        // Whatever it is doing now, it is done, and gone before the handover goes on: the
+        // launcher leaves no process behind, and the new image inherits no zombie.
         if let Some(pidfd) = &pidfd {
             crate::translate::probe::pidfd_send_signal(pidfd, libc::SIGKILL);
         }
+        let pid = started.pid;
+        let gone = Instant::now() + REAP_TIMEOUT;
+        let _ = self.wait_until(None, "the check to end", gone, |_, _| reaped(pid));
         if let Some(Err(ChildError::Exec { source, .. })) = started.exec.poll() {
             return Err(format!("cannot execute {}: {}", target.display(), source.desc()));
         }
@@ -171,6 +178,17 @@ impl Supervisor {
                 target.display()
             )),
         }
+    }
+}
+
+/// Whether the child `pid` is reaped now: by this call, or by the loop's SIGCHLD handling
+/// before it (which reaps every child it does not know, and then the pid is no child).
+fn reaped(pid: nix::unistd::Pid) -> bool {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::StillAlive) => false,
+        Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_) => true,
+        Ok(_) => false,
     }
 }
 
