@@ -69,7 +69,15 @@ impl HandoverVm {
             .env("QEMU_LIVEUPGRADE_CONFIG", "/nonexistent")
             .env("QEMU_LIVEUPGRADE_RUNDIR", dir.join("run"))
             .args(["-name", "guest=handover,debug-threads=on"])
-            .args(["-accel", "tcg", "-machine", "pc", "-m", "128", "-nodefaults"])
+            .args([
+                "-accel",
+                "tcg",
+                "-machine",
+                "pc",
+                "-m",
+                "128",
+                "-nodefaults",
+            ])
             .args(["-display", "none", "-usb"])
             .args(["-serial", "stdio", "-serial", "pty"])
             .arg("-chardev")
@@ -82,8 +90,10 @@ impl HandoverVm {
             .args(["-append", "mem=128M ports=3"]);
         // QEMU serves one client per monitor: two monitors, for two clients at once.
         for sock in ["qmp.sock", "qmp2.sock"] {
-            cmd.arg("-qmp")
-                .arg(format!("unix:{},server=on,wait=off", dir.join(sock).display()));
+            cmd.arg("-qmp").arg(format!(
+                "unix:{},server=on,wait=off",
+                dir.join(sock).display()
+            ));
         }
         let vm = Vm::spawn(cmd);
         vm.wait_ready(Duration::from_secs(60));
@@ -153,7 +163,9 @@ fn fd_kinds(pid: Pid) -> Vec<(i32, String)> {
 /// sched-stats.rst), in nanoseconds.
 fn schedstat(pid: Pid, tid: i32) -> (u64, u64) {
     let text = fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).unwrap_or_default();
-    let mut f = text.split_whitespace().map(|w| w.parse::<u64>().unwrap_or(0));
+    let mut f = text
+        .split_whitespace()
+        .map(|w| w.parse::<u64>().unwrap_or(0));
     (f.next().unwrap_or(0), f.next().unwrap_or(0))
 }
 
@@ -162,9 +174,7 @@ fn vcpu_thread(qemu: Pid) -> i32 {
     fs::read_dir(format!("/proc/{qemu}/task"))
         .expect("QEMU's threads")
         .filter_map(Result::ok)
-        .find(|t| {
-            fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("CPU 0/"))
-        })
+        .find(|t| fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("CPU 0/")))
         .and_then(|t| t.file_name().to_str()?.parse().ok())
         .expect("a CPU 0 thread")
 }
@@ -222,9 +232,11 @@ fn the_supervisor_hands_over_ten_times_and_back_with_nothing_lost() {
     let half_lines = Lines::read(half.try_clone().expect("clone"));
     half.write_all(b"{\"execute\":\"qmp_capabilities\",\"id\":\"c\"}\n{\"execute\":\"query-na")
         .expect("write half");
-    wait_until(Duration::from_secs(10), "the second client's capabilities", || {
-        half_lines.all().iter().any(|(_, l)| l.contains("\"c\""))
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the second client's capabilities",
+        || half_lines.all().iter().any(|(_, l)| l.contains("\"c\"")),
+    );
     let fds_before = fd_kinds(pid);
 
     let mut figures = Vec::new();
@@ -257,7 +269,8 @@ fn the_supervisor_hands_over_ten_times_and_back_with_nothing_lost() {
         assert_eq!(report["to"]["build"], expected_build, "{report}");
         assert_eq!(qemu_child(pid), Some(qemu), "QEMU is the same child");
         if i == 0 {
-            half.write_all(b"me\",\"id\":\"half\"}\n").expect("write the rest");
+            half.write_all(b"me\",\"id\":\"half\"}\n")
+                .expect("write the rest");
         }
         // Let the consoles catch up before looking at the window.
         let settle = Instant::now() + Duration::from_millis(200);
@@ -287,25 +300,43 @@ fn the_supervisor_hands_over_ten_times_and_back_with_nothing_lost() {
             socket_gap: max_gap(&arrivals(socket.beats()), from, to),
         });
         if i % 2 == 1 {
-            assert_eq!(fd_kinds(pid), fds_before, "the launcher's fds after round trip {}", i / 2 + 1);
+            assert_eq!(
+                fd_kinds(pid),
+                fds_before,
+                "the launcher's fds after round trip {}",
+                i / 2 + 1
+            );
         }
     }
 
     // The QMP clients: the half command answered after the exec, every chatter command once
     // and in order, every unplug's event once.
-    wait_until(Duration::from_secs(10), "the reply to the half-sent command", || {
-        half_lines.all().iter().any(|(_, l)| l.contains("\"half\""))
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the reply to the half-sent command",
+        || half_lines.all().iter().any(|(_, l)| l.contains("\"half\"")),
+    );
     let reply = half_lines
         .all()
         .into_iter()
         .find(|(_, l)| l.contains("\"half\""))
         .map(|(_, l)| l)
         .unwrap_or_default();
-    assert!(reply.contains("\"return\""), "query-name after the handover: {reply}");
+    assert!(
+        reply.contains("\"return\""),
+        "query-name after the handover: {reply}"
+    );
     let talk = chatter.finish();
-    assert!(talk.sent > 30, "the QMP client hardly talked: {} commands", talk.sent);
-    assert_eq!(talk.problems(), Vec::<String>::new(), "what the QMP client saw");
+    assert!(
+        talk.sent > 30,
+        "the QMP client hardly talked: {} commands",
+        talk.sent
+    );
+    assert_eq!(
+        talk.problems(),
+        Vec::<String>::new(),
+        "what the QMP client saw"
+    );
 
     // The consoles: every line once, none lost, the guest never had to drop one.
     pty.wait_counter(pty.last() + 100, "the pty");
@@ -319,7 +350,11 @@ fn the_supervisor_hands_over_ten_times_and_back_with_nothing_lost() {
         .map(|l| (Instant::now(), l.to_owned()))
         .collect();
     assert_eq!(console_problems(&stdout), None, "COM1");
-    assert!(vm.vm.errors().is_clean(), "guest memory errors: {:?}", vm.vm.errors());
+    assert!(
+        vm.vm.errors().is_clean(),
+        "guest memory errors: {:?}",
+        vm.vm.errors()
+    );
 
     // The guest during handovers against the same host without them. A heartbeat gap is
     // the sum of two things: QEMU made to wait (stopped, or blocked on a lock or on I/O),
@@ -348,7 +383,11 @@ fn the_supervisor_hands_over_ten_times_and_back_with_nothing_lost() {
     // The launcher knows what happened, and says so.
     let status = cli_status(&vm.rundir(), pid);
     assert_eq!(status["supervisor"]["build"], launcher_build(), "{status}");
-    assert_eq!(status["supervisor"]["upgrades"], ROUND_TRIPS * 2, "{status}");
+    assert_eq!(
+        status["supervisor"]["upgrades"],
+        ROUND_TRIPS * 2,
+        "{status}"
+    );
     let logged = reports(&vm.vm)
         .into_iter()
         .filter(|r| r["qemu-liveupgrade"] == "supervisor-upgrade")
@@ -356,7 +395,8 @@ fn the_supervisor_hands_over_ten_times_and_back_with_nothing_lost() {
     assert_eq!(logged, ROUND_TRIPS * 2, "report lines in the VM's log");
 
     // A QEMU upgrade after all that: the same launcher state drives it.
-    half.shutdown(std::net::Shutdown::Both).expect("close the second client");
+    half.shutdown(std::net::Shutdown::Both)
+        .expect("close the second client");
     let mut qmp = vm.qmp();
     fs::remove_file(vm.dir.join("qemu")).expect("rm qemu link");
     std::os::unix::fs::symlink(qemu_build("10.0.2"), vm.dir.join("qemu")).expect("symlink");
@@ -366,7 +406,10 @@ fn the_supervisor_hands_over_ten_times_and_back_with_nothing_lost() {
         reports(&vm.vm).len() > before
     });
     let report = reports(&vm.vm)[before].clone();
-    assert_eq!(report["result"], "ok", "QEMU upgrade after handovers: {report}");
+    assert_eq!(
+        report["result"], "ok",
+        "QEMU upgrade after handovers: {report}"
+    );
     assert_eq!(report["to"]["version"], "10.0.2", "{report}");
     assert_eq!(version(&qmp.execute("query-version", json!({}))), "10.0.2");
     let after = pty.last();
@@ -374,7 +417,11 @@ fn the_supervisor_hands_over_ten_times_and_back_with_nothing_lost() {
     socket.wait_counter(after + 200, "the socket console after the QEMU upgrade");
     assert_eq!(console_problems(&pty.all()), None, "the pty console");
     assert_eq!(console_problems(&socket.all()), None, "the socket console");
-    assert!(vm.vm.errors().is_clean(), "guest memory errors: {:?}", vm.vm.errors());
+    assert!(
+        vm.vm.errors().is_clean(),
+        "guest memory errors: {:?}",
+        vm.vm.errors()
+    );
 }
 
 /// The build string this workspace's launcher reports.
@@ -386,8 +433,17 @@ fn print_figures(figures: &[Figures]) {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     eprintln!(
         "handover: {:>3} {:>3} {:>7} {:>8} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8}",
-        "#", "to", "cli", "handover", "guest gap", "idle gap*", "pty gap", "sock gap",
-        "blocked", "idle blk", "cpu wait"
+        "#",
+        "to",
+        "cli",
+        "handover",
+        "guest gap",
+        "idle gap*",
+        "pty gap",
+        "sock gap",
+        "blocked",
+        "idle blk",
+        "cpu wait"
     );
     for (i, f) in figures.iter().enumerate() {
         eprintln!(
@@ -425,29 +481,50 @@ fn a_build_that_cannot_read_the_state_leaves_the_vm_on_the_old_launcher() {
             "refuses the state: state version 1 is newer than this build reads (0 at most)",
         ),
         (Path::new("/bin/true"), "gave no answer to the state check"),
-        (Path::new("/nonexistent/qemu-liveupgrade-shim"), "cannot execute"),
+        (
+            Path::new("/nonexistent/qemu-liveupgrade-shim"),
+            "cannot execute",
+        ),
     ];
     for (to, why) in cases {
         let (report, ok) = supervisor_upgrade(Some(&vm.rundir()), &pid.to_string(), Some(to));
         assert!(!ok, "the CLI says the handover to {} failed", to.display());
         assert_eq!(report["result"], "failed", "{report}");
         let reason = report["reason"].as_str().unwrap_or_default();
-        assert!(reason.contains(why), "reason for {}: {reason}", to.display());
+        assert!(
+            reason.contains(why),
+            "reason for {}: {reason}",
+            to.display()
+        );
         // Still the old launcher, still whole.
         assert_eq!(qemu_child(pid), Some(qemu));
         let status = cli_status(&vm.rundir(), pid);
         assert_eq!(status["supervisor"]["build"], launcher_build(), "{status}");
         assert_eq!(status["supervisor"]["upgrades"], 0, "{status}");
         assert_eq!(qmp.execute("query-status", json!({}))["status"], "running");
-        assert_eq!(fd_kinds(pid), fds, "the launcher's fds after a refused handover");
+        assert_eq!(
+            fd_kinds(pid),
+            fds,
+            "the launcher's fds after a refused handover"
+        );
     }
     let logged: Vec<Value> = reports(&vm.vm)
         .into_iter()
         .filter(|r| r["qemu-liveupgrade"] == "supervisor-upgrade")
         .collect();
-    assert_eq!(logged.len(), 3, "each refusal is in the VM's log: {logged:?}");
+    assert_eq!(
+        logged.len(),
+        3,
+        "each refusal is in the VM's log: {logged:?}"
+    );
     let now = vm.vm.last_heartbeat().map_or(0, |h| h.counter);
-    wait_until(Duration::from_secs(30), "heartbeats after the refusals", || {
-        vm.vm.last_heartbeat().is_some_and(|h| h.counter > now + 100)
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "heartbeats after the refusals",
+        || {
+            vm.vm
+                .last_heartbeat()
+                .is_some_and(|h| h.counter > now + 100)
+        },
+    );
 }

@@ -100,7 +100,10 @@ pub fn parse_request(line: &[u8]) -> io::Result<Request> {
         Some("upgrade") => Ok(Request::Upgrade(to())),
         Some("check") => Ok(Request::Check(to())),
         Some("upgrade-supervisor") => Ok(Request::Handover(to())),
-        _ => Err(io::Error::new(io::ErrorKind::InvalidData, "unknown request")),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "unknown request",
+        )),
     }
 }
 
@@ -291,7 +294,11 @@ impl Control {
             .map_err(ImportError::io("the control socket"))?;
         let fd = control.listener.as_raw_fd();
         registry
-            .register(&mut SourceFd(&fd), Token::Control.to_mio(), Interest::READABLE)
+            .register(
+                &mut SourceFd(&fd),
+                Token::Control.to_mio(),
+                Interest::READABLE,
+            )
             .map_err(ImportError::io("the control socket"))?;
         for (slot, client) in s.clients.into_iter().enumerate() {
             let client = match client {

@@ -249,10 +249,7 @@ impl Qmp {
     }
 
     /// The private monitor a handover brought, on its socket `stream`.
-    pub(crate) fn import(
-        s: crate::handover::state::Qmp,
-        stream: UnixStream,
-    ) -> io::Result<Qmp> {
+    pub(crate) fn import(s: crate::handover::state::Qmp, stream: UnixStream) -> io::Result<Qmp> {
         stream.set_nonblocking(true)?;
         Ok(Qmp {
             stream,

@@ -180,7 +180,11 @@ impl OpenTap {
     /// Its part of a supervisor handover's state ([`crate::handover`]).
     pub(crate) fn export(&self) -> crate::handover::state::Tap {
         crate::handover::state::Tap {
-            fds: self.fds.iter().map(crate::handover::state::Fd::of).collect(),
+            fds: self
+                .fds
+                .iter()
+                .map(crate::handover::state::Fd::of)
+                .collect(),
             ifname: self.ifname.clone(),
             downscript: self.downscript.clone(),
         }

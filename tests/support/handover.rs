@@ -161,7 +161,10 @@ impl Lines {
                 let Ok(line) = line else { break };
                 let at = Instant::now();
                 let text = String::from_utf8_lossy(&line).trim_end().to_owned();
-                shared.lock().unwrap_or_else(|e| e.into_inner()).push((at, text));
+                shared
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((at, text));
             }
         });
         Lines { lines }
@@ -187,9 +190,11 @@ impl Lines {
 
     /// Waits until a heartbeat counter at least `n` has arrived.
     pub fn wait_counter(&self, n: u64, what: &str) {
-        crate::wait_until(Duration::from_secs(60), &format!("HB {n} on {what}"), || {
-            self.last() >= n
-        });
+        crate::wait_until(
+            Duration::from_secs(60),
+            &format!("HB {n} on {what}"),
+            || self.last() >= n,
+        );
     }
 }
 
@@ -265,8 +270,8 @@ pub struct Chatter {
 impl Chatter {
     /// Connects to the QMP socket at `path` and starts talking.
     pub fn start(path: &Path) -> Chatter {
-        let stream = UnixStream::connect(path)
-            .unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        let stream =
+            UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .expect("read timeout");
@@ -306,7 +311,12 @@ impl Drop for Chatter {
 }
 
 fn chatter(stream: UnixStream, stop: &AtomicBool, talk: &Mutex<Talk>) {
-    let note = |p: String| talk.lock().unwrap_or_else(|e| e.into_inner()).problems.push(p);
+    let note = |p: String| {
+        talk.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .problems
+            .push(p)
+    };
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => return note(format!("clone: {e}")),
@@ -333,7 +343,11 @@ fn chatter(stream: UnixStream, stop: &AtomicBool, talk: &Mutex<Talk>) {
     while !stop.load(Ordering::Relaxed) {
         round += 1;
         let dev = format!("k{round}");
-        let ids = [format!("a{round}"), format!("d{round}"), format!("s{round}")];
+        let ids = [
+            format!("a{round}"),
+            format!("d{round}"),
+            format!("s{round}"),
+        ];
         let text = format!(
             "{{\"execute\":\"device_add\",\"arguments\":{{\"driver\":\"usb-kbd\",\"id\":\"{dev}\"}},\"id\":\"{}\"}}\n\
              {{\"execute\":\"device_del\",\"arguments\":{{\"id\":\"{dev}\"}},\"id\":\"{}\"}}\n\
@@ -378,7 +392,9 @@ fn chatter(stream: UnixStream, stop: &AtomicBool, talk: &Mutex<Talk>) {
             }
             let got = msg["id"].as_str().unwrap_or("?").to_owned();
             if got != *id {
-                note(format!("round {round}: reply {got} where {id} was due: {msg}"));
+                note(format!(
+                    "round {round}: reply {got} where {id} was due: {msg}"
+                ));
             }
             if msg.get("error").is_some() {
                 note(format!("round {round}: {got} failed: {msg}"));

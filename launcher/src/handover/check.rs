@@ -18,10 +18,11 @@ use nix::errno::Errno;
 use serde_json::{json, Value};
 
 use super::state::{State, FORMAT, OLDEST_READ, VERSION};
-use super::{field, CHECK_ARG, ENV_CHECK};
+use super::{CHECK_ARG, ENV_CHECK};
 use crate::child::{self, ChildError};
 use crate::cmdline::CmdLine;
 use crate::generation::Base;
+use crate::json::JsonExt;
 use crate::supervisor::Supervisor;
 use crate::token::Token;
 
@@ -40,10 +41,10 @@ const ANSWER_CAP: usize = 1 << 16;
 pub fn read(bytes: &[u8]) -> Result<(State, Base), String> {
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| format!("the state is not JSON: {e}"))?;
-    if field(&value, "format") != FORMAT {
+    if value.at("/format") != FORMAT {
         return Err("not a qemu-liveupgrade handover state".into());
     }
-    let version = field(&value, "version").as_u64().unwrap_or(0);
+    let version = value.at("/version").as_u64().unwrap_or(0);
     if version > u64::from(VERSION) {
         return Err(format!(
             "state version {version} is newer than this build reads ({VERSION} at most)"
@@ -58,8 +59,12 @@ pub fn read(bytes: &[u8]) -> Result<(State, Base), String> {
         .map_err(|e| format!("cannot read state version {version}: {e}"))?;
     super::fds::check_listed(&state).map_err(|e| e.to_string())?;
     let args: Vec<OsString> = state.vm.args.iter().map(|a| a.os()).collect();
-    let cmd = CmdLine::parse(&args)
-        .map_err(|e| format!("cannot read the VM's command line: {}", crate::error_chain(&e)))?;
+    let cmd = CmdLine::parse(&args).map_err(|e| {
+        format!(
+            "cannot read the VM's command line: {}",
+            crate::error_chain(&e)
+        )
+    })?;
     let base = Base::new(&cmd, &state.vm.inherited);
     let planned = super::plan(&base);
     if planned != state.vm.plan {
@@ -122,8 +127,7 @@ impl Supervisor {
             before_exec: None,
         });
         std::env::remove_var(ENV_CHECK);
-        let mut started =
-            spawned.map_err(|e| format!("cannot start {}: {e}", target.display()))?;
+        let mut started = spawned.map_err(|e| format!("cannot start {}: {e}", target.display()))?;
         drop(out_w);
         drop(input);
         let pidfd = crate::translate::probe::pidfd_open(started.pid);
@@ -150,7 +154,11 @@ impl Supervisor {
         let gone = Instant::now() + REAP_TIMEOUT;
         let _ = self.wait_until(None, "the check to end", gone, |_, _| reaped(pid));
         if let Some(Err(ChildError::Exec { source, .. })) = started.exec.poll() {
-            return Err(format!("cannot execute {}: {}", target.display(), source.desc()));
+            return Err(format!(
+                "cannot execute {}: {}",
+                target.display(),
+                source.desc()
+            ));
         }
         if waited.is_err() && !eof {
             return Err(format!(
@@ -160,16 +168,20 @@ impl Supervisor {
             ));
         }
         let text = String::from_utf8_lossy(&out);
-        let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        let line = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
         match serde_json::from_str::<Value>(line) {
-            Ok(answer) if field(&answer, "qemu-liveupgrade") == "handover-check" => {
-                if field(&answer, "ok") == true {
+            Ok(answer) if answer.at("/qemu-liveupgrade") == "handover-check" => {
+                if answer.at("/ok") == true {
                     Ok(answer)
                 } else {
                     Err(format!(
                         "{} refuses the state: {}",
                         target.display(),
-                        field(&answer, "reason").as_str().unwrap_or("no reason given")
+                        answer.at("/reason").as_str().unwrap_or("no reason given")
                     ))
                 }
             }
@@ -222,10 +234,19 @@ mod tests {
 
     #[test]
     fn states_of_another_format_or_version_are_refused_with_the_reason() {
-        let refused = |text: &str| answer(text.as_bytes())["reason"].as_str().unwrap().to_owned();
+        let refused = |text: &str| {
+            answer(text.as_bytes())["reason"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
         assert!(refused("{}").contains("not a qemu-liveupgrade handover state"));
         let newer = format!(r#"{{"format":"{FORMAT}","version":{}}}"#, VERSION + 1);
-        assert!(refused(&newer).contains("is newer than this build reads"), "{}", refused(&newer));
+        assert!(
+            refused(&newer).contains("is newer than this build reads"),
+            "{}",
+            refused(&newer)
+        );
         assert!(refused("x").contains("not JSON"));
         let broken = format!(r#"{{"format":"{FORMAT}","version":{VERSION}}}"#);
         assert!(refused(&broken).starts_with(&format!("cannot read state version {VERSION}")));

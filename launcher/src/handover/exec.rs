@@ -21,6 +21,7 @@ use serde_json::Value;
 use super::state::{self, Fd};
 use super::{fds, ENV_CHECK, ENV_FALLBACK, ENV_STATE};
 use crate::control::Client;
+use crate::json::JsonExt;
 use crate::supervisor::{Supervisor, FORWARDED};
 
 /// The launcher's signal mask now.
@@ -132,18 +133,20 @@ fn exec_with(target: &Path, bytes: &[u8], inherit: &[Fd], exe_fd: Option<RawFd>)
         Some(_) => std::env::var_os(ENV_FALLBACK),
         None => None,
     };
-    let result: Result<(), Errno> = cstrings(memfd.as_raw_fd(), fallback_why).and_then(|(argv, env)| {
-        let _ = std::io::stdout().flush();
-        let _ = std::io::stderr().flush();
-        let err = match exe_fd {
-            Some(fd) => nix::unistd::fexecve(fd, &argv, &env).err(),
-            None => {
-                let path = CString::new(target.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
-                nix::unistd::execve(&path, &argv, &env).err()
-            }
-        };
-        Err(err.unwrap_or(Errno::EINVAL))
-    });
+    let result: Result<(), Errno> =
+        cstrings(memfd.as_raw_fd(), fallback_why).and_then(|(argv, env)| {
+            let _ = std::io::stdout().flush();
+            let _ = std::io::stderr().flush();
+            let err = match exe_fd {
+                Some(fd) => nix::unistd::fexecve(fd, &argv, &env).err(),
+                None => {
+                    let path =
+                        CString::new(target.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+                    nix::unistd::execve(&path, &argv, &env).err()
+                }
+            };
+            Err(err.unwrap_or(Errno::EINVAL))
+        });
     fds::close_on_exec(&keep);
     let errno = result.err().unwrap_or(Errno::EINVAL);
     format!("cannot execute {}: {}", target.display(), errno.desc())
@@ -197,12 +200,19 @@ fn open_exe() -> Option<OwnedFd> {
 pub(super) fn go_back(bytes: &[u8], why: &str) -> String {
     let fallback = serde_json::from_slice::<Value>(bytes)
         .ok()
-        .and_then(|v| super::field(&v, "fallback_exe").as_i64())
+        .and_then(|v| v.at("/fallback_exe").as_i64())
         .and_then(|fd| RawFd::try_from(fd).ok());
     let Some(exe) = fallback else {
-        return format!("cannot read the handed-over state ({why}), and the old binary was not kept");
+        return format!(
+            "cannot read the handed-over state ({why}), and the old binary was not kept"
+        );
     };
     std::env::set_var(ENV_FALLBACK, why);
-    let failed = exec_with(Path::new("the old qemu-liveupgrade binary"), bytes, &[], Some(exe));
+    let failed = exec_with(
+        Path::new("the old qemu-liveupgrade binary"),
+        bytes,
+        &[],
+        Some(exe),
+    );
     format!("cannot read the handed-over state ({why}), and {failed}")
 }

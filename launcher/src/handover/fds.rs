@@ -61,7 +61,13 @@ pub fn named(state: &State) -> Vec<Fd> {
             out.extend(b.pending.iter().filter_map(|p| p.fd));
         }
     }
-    out.extend(proxy.journal.entries.iter().flat_map(|e| e.fds.iter().copied()));
+    out.extend(
+        proxy
+            .journal
+            .entries
+            .iter()
+            .flat_map(|e| e.fds.iter().copied()),
+    );
     out.extend(
         proxy
             .handoff
@@ -102,9 +108,10 @@ pub fn check_listed(state: &State) -> Result<(), FdError> {
         return Err(FdError::Unlisted(*fd));
     }
     if listed.len() != state.fds.len() {
-        let dup = state.fds.iter().find(|f| {
-            state.fds.iter().filter(|g| g == f).count() > 1
-        });
+        let dup = state
+            .fds
+            .iter()
+            .find(|f| state.fds.iter().filter(|g| g == f).count() > 1);
         return Err(FdError::Twice(dup.map_or(-1, |f| f.0)));
     }
     Ok(())

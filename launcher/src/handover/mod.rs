@@ -48,6 +48,7 @@ use serde_json::{json, Value};
 use crate::child::Exit;
 use crate::control::Client;
 use crate::generation::Base;
+use crate::json::JsonExt;
 use crate::supervisor::Supervisor;
 
 /// Names the sealed memfd holding the state, in the new image's environment.
@@ -130,13 +131,16 @@ impl Handovers {
         let attempts: Vec<&Value> = self
             .history
             .iter()
-            .filter(|r| field(r, "qemu-liveupgrade") == SUPERVISOR_REPORT)
+            .filter(|r| r.at("/qemu-liveupgrade") == SUPERVISOR_REPORT)
             .collect();
-        let done = attempts.iter().filter(|r| field(r, "result") == "ok").count();
+        let done = attempts.iter().filter(|r| r.at("/result") == "ok").count();
         let mut s = crate::identity::describe();
-        set(&mut s, "started_from", json!(self.exe.as_ref().map(|p| p.to_string_lossy())));
-        set(&mut s, "upgrades", json!(done));
-        set(&mut s, "last_upgrade", json!(attempts.last()));
+        s.put(
+            "started_from",
+            json!(self.exe.as_ref().map(|p| p.to_string_lossy())),
+        );
+        s.put("upgrades", json!(done));
+        s.put("last_upgrade", json!(attempts.last()));
         s
     }
 }
@@ -183,7 +187,7 @@ pub fn check_mode() -> bool {
         Err(e) => check::refusal(&format!("cannot read the state: {e}")),
     };
     println!("{answer}");
-    field(&answer, "ok") == true
+    answer.at("/ok") == true
 }
 
 /// Takes over the VM whose state the old image left in `fd`, reports, and supervises it until
@@ -261,14 +265,14 @@ impl Arrival {
             "handover_ms": ms(self.written_unix_us),
         });
         if let Some(h) = &self.handover {
-            set(&mut r, "check_ms", json!(h.check_ms));
-            set(&mut r, "total_ms", json!(ms(h.requested_unix_us)));
-            set(&mut r, "coalesced_requests", json!(h.coalesced));
+            r.put("check_ms", json!(h.check_ms));
+            r.put("total_ms", json!(ms(h.requested_unix_us)));
+            r.put("coalesced_requests", json!(h.coalesced));
         }
         if let Some(why) = fallback {
-            set(&mut r, "result", "failed".into());
+            r.put("result", "failed");
             let why = format!("the new supervisor could not read the state: {why}");
-            set(&mut r, "reason", why.into());
+            r.put("reason", why);
         }
         r
     }
@@ -297,7 +301,7 @@ impl Supervisor {
             "total_ms": millis_f(requested.elapsed()),
         });
         if clients.len() > 1 {
-            set(&mut report, "coalesced_requests", json!(clients.len() - 1));
+            report.put("coalesced_requests", json!(clients.len() - 1));
         }
         self.handovers.answer = clients;
         self.report_handover(report);
@@ -339,8 +343,8 @@ impl Supervisor {
             Err(why) => return fail(why),
         };
         let check_ms = millis_f(started.elapsed());
-        let new = field(&checked, "supervisor");
-        let (version, build) = (field(new, "version"), field(new, "build"));
+        let new = checked.at("/supervisor");
+        let (version, build) = (new.at("/version"), new.at("/build"));
         tell(
             clients,
             &format!(
@@ -425,7 +429,11 @@ pub(crate) fn this_supervisor() -> state::Supervisor {
 /// The resources a base plans, by identity, for [`state::Plan`].
 pub(crate) fn plan(base: &Base) -> state::Plan {
     state::Plan {
-        ram: base.regions.iter().map(|r| (r.id.clone(), r.size)).collect(),
+        ram: base
+            .regions
+            .iter()
+            .map(|r| (r.id.clone(), r.size))
+            .collect(),
         proxied: base
             .proxied
             .iter()
@@ -445,21 +453,11 @@ pub(crate) fn plan(base: &Base) -> state::Plan {
     }
 }
 
-/// `v[key]` (null when missing), said without serde_json's `Index`.
-pub(crate) fn field<'a>(v: &'a Value, key: &str) -> &'a Value {
-    v.get(key).unwrap_or(&Value::Null)
-}
-
-/// Sets `key` of the object `v`; anything else is left as it is.
-pub(crate) fn set(v: &mut Value, key: &str, x: Value) {
-    if let Some(o) = v.as_object_mut() {
-        o.insert(key.into(), x);
-    }
-}
-
 /// Microseconds since the Unix epoch, for times that cross the exec.
 pub(crate) fn unix_us() -> u64 {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     u64::try_from(now.as_micros()).unwrap_or(u64::MAX)
 }
 

@@ -146,7 +146,10 @@ mod tests {
         let (r, _w) = nix::unistd::pipe().unwrap();
         let cmd = Command::qmp("getfd", json!({"fdname": "tap0"}));
         j.record(0, cmd, Outcome::Return(json!({})), Some(r));
-        let add = Command::qmp("netdev_add", json!({"type": "tap", "id": "n1", "fd": "tap0"}));
+        let add = Command::qmp(
+            "netdev_add",
+            json!({"type": "tap", "id": "n1", "fd": "tap0"}),
+        );
         j.record(0, add, Outcome::Return(json!({})), None);
         let hmp = Command::hmp("device_add virtio-net-pci,id=d1,netdev=n1").unwrap();
         j.record(1, hmp, Outcome::Printed(String::new()), None);
@@ -158,20 +161,39 @@ mod tests {
         let fd = read.entries[0].fds[0];
         let mut take = Take::for_fds(&[fd]);
         let back = Journal::import(read, &mut take).unwrap();
-        assert_eq!(serde_json::to_value(back.export()).unwrap(), serde_json::to_value(&before).unwrap());
+        assert_eq!(
+            serde_json::to_value(back.export()).unwrap(),
+            serde_json::to_value(&before).unwrap()
+        );
         // The fd went with its entry and stays with it: removing the netdev frees it.
         let mut back = back;
-        back.record(0, Command::qmp("netdev_del", json!({"id": "n1"})), Outcome::Return(json!({})), None);
-        assert_eq!(back.len(), 1, "only the device is left: {:?}", back.export());
+        back.record(
+            0,
+            Command::qmp("netdev_del", json!({"id": "n1"})),
+            Outcome::Return(json!({})),
+            None,
+        );
+        assert_eq!(
+            back.len(),
+            1,
+            "only the device is left: {:?}",
+            back.export()
+        );
 
         for cmd in [
             Command::qmp("device_del", json!({"id": "d1"})),
             Command::hmp("getfd f").unwrap(),
-            Command::qmp("human-monitor-command", json!({"command-line": "drive_del x"})),
+            Command::qmp(
+                "human-monitor-command",
+                json!({"command-line": "drive_del x"}),
+            ),
         ] {
             let s = cmd.export();
             let again = Command::import(s.clone()).unwrap().export();
-            assert_eq!(serde_json::to_value(&again).unwrap(), serde_json::to_value(&s).unwrap());
+            assert_eq!(
+                serde_json::to_value(&again).unwrap(),
+                serde_json::to_value(&s).unwrap()
+            );
         }
     }
 }

@@ -52,7 +52,10 @@ impl Listener {
         }
     }
 
-    pub(super) fn import(fd: OwnedFd, family: crate::handover::state::Family) -> io::Result<Listener> {
+    pub(super) fn import(
+        fd: OwnedFd,
+        family: crate::handover::state::Family,
+    ) -> io::Result<Listener> {
         use crate::handover::state::Family;
         Ok(match family {
             Family::Unix => {
@@ -78,7 +81,10 @@ impl Stream {
         }
     }
 
-    pub(super) fn import(fd: OwnedFd, family: crate::handover::state::Family) -> io::Result<Stream> {
+    pub(super) fn import(
+        fd: OwnedFd,
+        family: crate::handover::state::Family,
+    ) -> io::Result<Stream> {
         use crate::handover::state::Family;
         Ok(match family {
             Family::Unix => {

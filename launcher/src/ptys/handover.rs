@@ -5,7 +5,7 @@ use std::os::fd::AsFd;
 
 use mio::{Registry, Token};
 
-use super::{register, Kept, OpenPty, PtyRelay, End};
+use super::{register, End, Kept, OpenPty, PtyRelay};
 use crate::handover::fds::Take;
 use crate::handover::state::{self, Bytes, Fd, Text};
 use crate::handover::ImportError;
@@ -90,7 +90,12 @@ impl PtyRelay {
             first_output: None,
         };
         let opened: Vec<&OpenPty> = relay.ptys.iter().map(|k| &k.pty).collect();
-        super::publish_filenames(opened.iter().map(|p| (p.label.clone(), p.filename())).collect());
+        super::publish_filenames(
+            opened
+                .iter()
+                .map(|p| (p.label.clone(), p.filename()))
+                .collect(),
+        );
         relay.pump_all();
         Ok(relay)
     }

@@ -43,7 +43,10 @@ impl Supervisor {
             return Err("a QEMU upgrade is under way".into());
         }
         if let Some(old) = self.ending.first() {
-            return Err(format!("an old QEMU (pid {}) is still being reaped", old.pid));
+            return Err(format!(
+                "an old QEMU (pid {}) is still being reaped",
+                old.pid
+            ));
         }
         if self.current.exit.is_some() {
             return Err("QEMU has exited".into());
@@ -132,10 +135,7 @@ impl Supervisor {
     pub(crate) fn resume(s: state::State, base: Base) -> Result<Supervisor, ImportError> {
         let mut take = Take::new(&s);
         let poll = Poll::new().map_err(ImportError::io("the event loop"))?;
-        let mut watched = vec![
-            signal_hook::consts::SIGCHLD,
-            signal_hook::consts::SIGUSR2,
-        ];
+        let mut watched = vec![signal_hook::consts::SIGCHLD, signal_hook::consts::SIGUSR2];
         watched.extend(FORWARDED);
         let mut signals = Signals::new(watched).map_err(ImportError::io("signal handlers"))?;
         poll.registry()
@@ -195,7 +195,11 @@ impl Supervisor {
         let proxy = Proxy::import(s.proxy, &mut take, registry, Token::PROXY_BASE)?;
         let ptys = PtyRelay::import(s.ptys, &mut take, registry, |i| Token::Pty(i).to_mio())?;
         let current = Generation::import(s.current, &mut take)?;
-        register(registry, current.qmp.raw_fd(), Token::Monitor(current.number))?;
+        register(
+            registry,
+            current.qmp.raw_fd(),
+            Token::Monitor(current.number),
+        )?;
         if let Some(relay) = &current.stderr {
             register(registry, relay.raw_fd(), Token::Stderr(current.number))?;
         }

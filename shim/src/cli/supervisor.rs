@@ -13,7 +13,11 @@ use serde_json::{json, Value};
 
 /// The outcome for every VM asked: `(label, report)`; a VM that could not be asked gets a
 /// report of its own saying why.
-pub fn run(vms: Vec<(discover::Vm, String)>, to: Option<PathBuf>, mut progress: impl FnMut(&str, &str)) -> Vec<(String, Value)> {
+pub fn run(
+    vms: Vec<(discover::Vm, String)>,
+    to: Option<PathBuf>,
+    mut progress: impl FnMut(&str, &str),
+) -> Vec<(String, Value)> {
     let to = to.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
     let req = json!({
         "execute": "upgrade-supervisor",
