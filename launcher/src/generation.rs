@@ -238,7 +238,7 @@ fn inherited_fds(user: &CmdLine) -> Vec<RawFd> {
 pub struct GenArgs {
     /// The versioned machine type the first generation resolved its alias to.
     pub machine: Option<String>,
-    /// Start waiting for an incoming migration (`-incoming defer`).
+    /// Start waiting for an incoming migration (`-incoming defer`), without `-S`.
     pub incoming: bool,
     /// What the binary accepts, when it was asked: the argv is translated for it
     /// ([`crate::translate`]). The first generation is never translated.
@@ -268,6 +268,11 @@ pub fn generation_cmdline(base: &Base, args: &GenArgs) -> CmdLine {
         // shares; the incoming state replaces it anyway.
         cmd.remove_all("loadvm");
         cmd.push("incoming", Some("defer"));
+        // Without -S the incoming guest ends in the run state the old QEMU sent with it
+        // (`process_incoming_migration_bh`: running, paused, prelaunch, suspended), at once:
+        // a -S destination stays paused and waits for `cont`, a monitor round trip inside
+        // the guest's pause.
+        cmd.remove_all("S");
     }
     cmd.push(
         "chardev",
@@ -545,6 +550,19 @@ mod tests {
         };
         let later = generation_cmdline(&b, &later).to_args();
         assert_eq!(later.iter().filter(|a| *a == "-incoming").count(), 1);
+    }
+
+    #[test]
+    fn later_generations_start_without_s_to_run_the_guest_as_it_ran() {
+        let b = base(&["-S", "-m", "256"], &[]);
+        let first = generation_cmdline(&b, &GenArgs::default()).to_args();
+        assert!(first.contains(&"-S".into()), "{first:?}");
+        let later = GenArgs {
+            incoming: true,
+            ..GenArgs::default()
+        };
+        let later = generation_cmdline(&b, &later).to_args();
+        assert!(!later.contains(&"-S".into()), "{later:?}");
     }
 
     #[test]
