@@ -33,9 +33,6 @@ def guest_result(run, times, t_trigger, t_done, max_err, err_lines, hb_after, fi
     idle, _ = max_gap(times, t_trigger - IDLE_BEFORE, t_trigger)
     run["pause_ms"] = round(pause * 1000, 2)
     run["pause_at_ms"] = round((at - t_trigger) * 1000, 1)
-    # The gap's ends on CLOCK_MONOTONIC, for the timeline (benchlib/timeline.py).
-    run["pause_from_s"] = at
-    run["pause_to_s"] = at + pause
     run["idle_max_gap_ms"] = round(idle * 1000, 2)
     run["gaps_over_10ms"] = gaps_over(times, t_trigger, end, 0.010)
     run["guest_max_err"] = max_err
@@ -72,6 +69,8 @@ def splice(s_hbs, s_partial, d_hbs, d_lines):
         first_counter = d_hbs[0][1]
     if t_src_end is not None and d_first_line:
         fields["switch_gap_ms"] = round((d_first_line[0] - t_src_end) * 1000, 2)
+        fields["switch_from_s"] = t_src_end
+        fields["switch_to_s"] = d_first_line[0]
     fields["src_last_counter"] = src_last[1] if src_last else None
     fields["dst_first_counter"] = first_counter
     if src_last and first_counter is not None:

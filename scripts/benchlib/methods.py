@@ -193,7 +193,7 @@ def run_ours(ctx, mib, from_ver, to_ver):
             max((h[2] for h in hbs), default=0), err_lines, len(after),
             round((after[0][0] - t_done) * 1000, 2) if after else None,
         )
-        timeline.from_report(run, report.get("pause"))
+        timeline.from_report(run, report.get("pause"), [h[0] for h in hbs])
         end_status = status() or {}
         run["status_after"] = {k: end_status.get(k) for k in ("version", "generation", "qemu_pid")}
         run["ok"] = True

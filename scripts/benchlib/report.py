@@ -30,7 +30,8 @@ def print_header(info, sizes, runs, methods):
 COLUMNS = [
     # (key, header, format)
     ("pause_ms", "pause ms", "{:.1f}"),
-    ("outside_qemu_pause_ms", "beyond STOP->RESUME ms", "{:.1f}"),
+    ("swap_gap_ms", "swap gap ms", "{:.1f}"),
+    ("outside_qemu_pause_ms", "swap gap beyond STOP->RESUME ms", "{:.1f}"),
     ("idle_max_gap_ms", "idle gap ms", "{:.1f}"),
     ("qemu_downtime_ms", "QEMU downtime ms", "{:.0f}"),
     ("total_ms", "total ms (reported)", "{:.0f}"),
