@@ -73,8 +73,13 @@ fn assert_untouched(vm: &UpgradeVm, qmp: &mut Qmp, old: Pid, version_now: &str) 
     vm.assert_guest_healthy(300);
 }
 
-/// No event the swap causes reached the client.
+/// No event the swap causes reached the client, and QEMU's migration state shows none.
 fn assert_no_swap_seen(qmp: &mut Qmp) {
+    let migration = qmp.execute("query-migrate", json!({}));
+    assert!(
+        migration.get("status").is_none(),
+        "the client sees the upgrade's migration: {migration}"
+    );
     let seen: Vec<Value> = qmp
         .events()
         .into_iter()
@@ -393,4 +398,20 @@ impl Drop for Group {
         let _ = nix::sys::signal::killpg(Pid::from_raw(self.0.id() as i32), Signal::SIGKILL);
         let _ = self.0.wait();
     }
+}
+
+#[test]
+fn a_clients_own_migration_stays_visible_after_upgrades() {
+    // The upgrade's migration is hidden from query-migrate; the VM's users' own is not.
+    let (vm, mut qmp, _old) = armed("");
+    assert_eq!(vm.upgrade()["result"], "ok");
+    assert_no_swap_seen(&mut qmp);
+    // Paused first: the heartbeat guest rewrites its RAM faster than a stream converges.
+    qmp.execute("stop", json!({}));
+    qmp.execute("migrate", json!({"uri": "exec:cat >/dev/null"}));
+    wait_until(UPGRADE_TIMEOUT, "the client's migration to complete", || {
+        qmp.execute("query-migrate", json!({}))["status"] == "completed"
+    });
+    qmp.execute("cont", json!({}));
+    vm.assert_guest_healthy(200);
 }

@@ -452,6 +452,8 @@ impl Upgrade<'_> {
         self.sup.strike(Phase::StreamOut, Some(self.new.pid));
         drop((pipe_r, pipe_w));
         self.undo.push(Undo::Migration);
+        // Whatever comes of it, QEMU will remember this migration: clients are not to see it.
+        crate::proxy::hide_migration_state(true);
         // The migration finishes or is cancelled now, whatever comes meanwhile.
         self.sup.interruptible = false;
         // From here the old QEMU stops the guest and the new one sets up the taps for it.

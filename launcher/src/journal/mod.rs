@@ -160,6 +160,15 @@ pub(crate) enum Outcome {
 }
 
 impl Command {
+    /// Whether this is `migrate` (QMP or HMP): the VM's users moving it themselves.
+    pub(crate) fn is_migrate(&self) -> bool {
+        let hmp_word = self
+            .line
+            .as_deref()
+            .and_then(|l| l.split_whitespace().next());
+        self.command == "migrate" || hmp_word == Some("migrate")
+    }
+
     /// A QMP command, `execute` or `exec-oob`, with its `arguments`.
     pub(crate) fn qmp(name: &str, arguments: Value) -> Command {
         if name == "human-monitor-command" {

@@ -624,6 +624,9 @@ impl Conn {
             b.to_qemu.extend_from_slice(bytes);
             if unit.answered {
                 let request = unit.request;
+                if request.command.as_ref().is_some_and(|c| c.is_migrate()) {
+                    super::framing::hide_migration_state(false);
+                }
                 let takes_fd = request.command.as_ref().is_some_and(|c| c.takes_fd());
                 b.pending.push_back(Pending {
                     caps: request.caps.then(|| bytes.to_vec()),

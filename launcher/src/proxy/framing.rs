@@ -5,6 +5,8 @@
 //! split into whole messages so that events the swap causes can be dropped; everything else is
 //! passed on byte for byte.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde_json::{Map, Value};
 
 use super::envelope::Members;
@@ -597,7 +599,57 @@ pub fn check_split_invariance(mode: Mode, data: &[u8], split: usize) {
 
 /// Whether any reply may need rewriting: the launcher holds ptys or display ports.
 fn rewrites_replies() -> bool {
-    crate::ptys::rewrites_replies() || crate::listeners::graphics::rewrites_replies()
+    crate::ptys::rewrites_replies()
+        || crate::listeners::graphics::rewrites_replies()
+        || HIDE_MIGRATION.load(Ordering::Relaxed)
+}
+
+/// Set once an upgrade has migrated the guest: from then on `query-migrate` would report the
+/// upgrade's migration (completed, cancelled or failed), which none of the VM's users made.
+/// Cleared when a client migrates the VM itself, whose migration it must see.
+static HIDE_MIGRATION: AtomicBool = AtomicBool::new(false);
+
+/// Hides (or shows again) the migration state the upgrades leave in QEMU.
+pub fn hide_migration_state(hide: bool) {
+    HIDE_MIGRATION.store(hide, Ordering::Relaxed);
+}
+
+/// `query-migrate`'s `return` with the last migration taken out, as a QEMU that never
+/// migrated answers (`{}`, and the migration blockers, which are the VM's); `None` for any
+/// other reply. Recognized by its shape: a `status` among MigrationStatus's values, without
+/// `running` (query-status) or `total` (query-dump).
+fn migration_reply(ret: &Value) -> Option<Value> {
+    const STATES: [&str; 15] = [
+        "none",
+        "setup",
+        "cancelling",
+        "cancelled",
+        "active",
+        "postcopy-active",
+        "postcopy-paused",
+        "postcopy-recover-setup",
+        "postcopy-recover",
+        "completed",
+        "failed",
+        "colo",
+        "pre-switchover",
+        "device",
+        "wait-unplug",
+    ];
+    if !HIDE_MIGRATION.load(Ordering::Relaxed) {
+        return None;
+    }
+    let map = ret.as_object()?;
+    let status = map.get("status")?.as_str()?;
+    if !STATES.contains(&status) || map.contains_key("running") || map.contains_key("total") {
+        return None;
+    }
+    let kept = map
+        .iter()
+        .filter(|(k, _)| *k == "blocked-reasons")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Some(Value::Object(kept))
 }
 
 /// A reply with its `return` put back to what the launcher holds (ptys, display ports), or
@@ -607,7 +659,8 @@ fn rewrite_reply(bytes: &[u8], ret: &[u8]) -> Verdict {
         return Verdict::Pass;
     };
     let rewritten = crate::ptys::chardev_info_reply(&ret)
-        .or_else(|| crate::listeners::graphics::info_reply(&ret));
+        .or_else(|| crate::listeners::graphics::info_reply(&ret))
+        .or_else(|| migration_reply(&ret));
     let Some(ret) = rewritten else {
         return Verdict::Pass;
     };
@@ -892,5 +945,23 @@ mod tests {
             &mut out,
         );
         assert_eq!(out, b"{\"event\":\"STOP\"}\r\n{\"event\":\"RESUME\"}\r\n");
+    }
+
+    #[test]
+    fn the_upgrades_migration_is_hidden_from_query_migrate_only() {
+        let finished = serde_json::json!({"status": "cancelled", "ram": {"total": 1}});
+        let with_blockers = serde_json::json!({"status": "completed", "blocked-reasons": ["x"]});
+        let query_status = serde_json::json!({"status": "running", "running": true});
+        let query_dump = serde_json::json!({"status": "completed", "completed": 1, "total": 1});
+        hide_migration_state(true);
+        assert_eq!(migration_reply(&finished), Some(serde_json::json!({})));
+        assert_eq!(
+            migration_reply(&with_blockers),
+            Some(serde_json::json!({"blocked-reasons": ["x"]}))
+        );
+        assert_eq!(migration_reply(&query_status), None);
+        assert_eq!(migration_reply(&query_dump), None);
+        hide_migration_state(false);
+        assert_eq!(migration_reply(&finished), None);
     }
 }

@@ -37,6 +37,7 @@ mod tests;
 
 #[cfg(any(test, feature = "fuzzing"))]
 pub use framing::check_split_invariance;
+pub use framing::hide_migration_state;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
