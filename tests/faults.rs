@@ -409,9 +409,11 @@ fn a_clients_own_migration_stays_visible_after_upgrades() {
     // Paused first: the heartbeat guest rewrites its RAM faster than a stream converges.
     qmp.execute("stop", json!({}));
     qmp.execute("migrate", json!({"uri": "exec:cat >/dev/null"}));
-    wait_until(UPGRADE_TIMEOUT, "the client's migration to complete", || {
-        qmp.execute("query-migrate", json!({}))["status"] == "completed"
-    });
+    wait_until(
+        UPGRADE_TIMEOUT,
+        "the client's migration to complete",
+        || qmp.execute("query-migrate", json!({}))["status"] == "completed",
+    );
     qmp.execute("cont", json!({}));
     vm.assert_guest_healthy(200);
 }
