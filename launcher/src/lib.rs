@@ -28,7 +28,8 @@
 //! - [`daemonize`]: `-daemonize` and `-pidfile` done by the launcher itself.
 //! - [`upgrade`]: the live upgrade, step by step; [`threads`]: vCPU placement carried over,
 //!   by the [`placer`] service where the launcher is not root;
-//!   [`translate`]: a later generation's argv for another QEMU version.
+//!   [`translate`]: a later generation's argv for another QEMU version; [`blockstats`]: disk
+//!   counters carried over.
 //! - [`control`]: the per-VM control socket behind `qemu-liveupgrade upgrade|status|list`;
 //!   [`rundir`]: the directory it lives in, checked before use; [`discover`]: the VMs a
 //!   command can reach.
@@ -38,6 +39,7 @@
 //! - [`handover`]: the supervisor upgrading itself, by `execve` in place, its whole state
 //!   handed to the new binary; [`identity`]: which release and build this launcher is.
 
+pub mod blockstats;
 pub mod child;
 pub mod cmdline;
 pub mod config;

@@ -548,6 +548,17 @@ impl Upgrade<'_> {
             mut timeline,
             ..
         } = self;
+        // The old QEMU's disk counters, final since the guest stopped there, go on in the new
+        // one's, before any client can ask for them.
+        let counters = sup.call(
+            To::CURRENT,
+            "query-blockstats",
+            None,
+            sup.step_deadline(),
+        );
+        if let Ok(counters) = counters {
+            crate::blockstats::carry(&counters);
+        }
         // 11. Consoles and monitor clients continue on the new QEMU, their held input first.
         let number = new.number;
         let mut old = sup.promote(new);

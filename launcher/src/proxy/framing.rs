@@ -458,7 +458,8 @@ impl Outbound {
     /// looked at, but for the replies rewritten: `query-chardev`'s, whose ptys the launcher
     /// holds ([`crate::ptys`]) while QEMU reports the socket it was given in their place, and
     /// those of the display queries and VNC's connection events, whose ports the launcher
-    /// holds ([`crate::listeners::graphics`]).
+    /// holds ([`crate::listeners::graphics`]), and `query-blockstats`' counters, which go on
+    /// from the earlier generations' ([`crate::blockstats`]).
     fn judge(&mut self, bytes: &[u8], answers: &mut Vec<Seen>) -> Verdict {
         let Some(msg) = Members::of(bytes) else {
             return Verdict::Pass;
@@ -601,6 +602,7 @@ pub fn check_split_invariance(mode: Mode, data: &[u8], split: usize) {
 fn rewrites_replies() -> bool {
     crate::ptys::rewrites_replies()
         || crate::listeners::graphics::rewrites_replies()
+        || crate::blockstats::rewrites_replies()
         || HIDE_MIGRATION.load(Ordering::Relaxed)
 }
 
@@ -652,14 +654,15 @@ fn migration_reply(ret: &Value) -> Option<Value> {
     Some(Value::Object(kept))
 }
 
-/// A reply with its `return` put back to what the launcher holds (ptys, display ports), or
-/// passed as QEMU wrote it.
+/// A reply with its `return` put back to what the launcher holds (ptys, display ports, disk
+/// counters of earlier generations), or passed as QEMU wrote it.
 fn rewrite_reply(bytes: &[u8], ret: &[u8]) -> Verdict {
     let Ok(ret) = serde_json::from_slice::<Value>(ret) else {
         return Verdict::Pass;
     };
     let rewritten = crate::ptys::chardev_info_reply(&ret)
         .or_else(|| crate::listeners::graphics::info_reply(&ret))
+        .or_else(|| crate::blockstats::blockstats_reply(&ret))
         .or_else(|| migration_reply(&ret));
     let Some(ret) = rewritten else {
         return Verdict::Pass;
