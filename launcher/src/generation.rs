@@ -245,6 +245,9 @@ pub struct GenArgs {
     pub target: Option<crate::translate::Capabilities>,
     /// The generation's own display sockets, in the launcher's private directory.
     pub displays: graphics::Sockets,
+    /// The block graph as block jobs and snapshots left it, when a command line must carry
+    /// it ([`crate::journal::BlockArgv`]).
+    pub block: Option<crate::journal::BlockArgv>,
 }
 
 /// The command line a generation runs: the launcher's base command line (the user's, with RAM
@@ -273,6 +276,9 @@ pub fn generation_cmdline(base: &Base, args: &GenArgs) -> CmdLine {
         // a -S destination stays paused and waits for `cont`, a monitor round trip inside
         // the guest's pause.
         cmd.remove_all("S");
+    }
+    if let Some(block) = &args.block {
+        block.apply(&mut cmd);
     }
     cmd.push(
         "chardev",

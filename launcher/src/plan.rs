@@ -170,6 +170,7 @@ impl Plan {
             incoming: true,
             target: None,
             displays: graphics::Sockets::placeholders(&self.base.displays),
+            block: None,
         };
         let cmd = generation_cmdline(&self.base, &args);
         let questions = translate::questions(&cmd, next.machine.as_deref());

@@ -153,10 +153,15 @@ impl Supervisor {
                 None
             }
         };
+        let block = self.proxy.journal().block_argv().unwrap_or_else(|why| {
+            verdict.add(Reason::new("the block graph", why));
+            None
+        });
         let args = GenArgs {
             machine: self.machine.clone(),
             incoming: true,
             target,
+            block,
             ..GenArgs::default()
         };
         match self.translated(&args) {

@@ -233,6 +233,22 @@ impl Supervisor {
         if let Some(s) = migration.at("/status").as_str().filter(|s| is_active(s)) {
             return Err(UpgradeError::State(format!("migrating ({s})")));
         }
+        // A block job (a copy, a commit, a backup) lives in the running QEMU only: the new
+        // one would not have it, and its user would wait for its end for ever.
+        let jobs = self
+            .call(To::CURRENT, "query-jobs", None, self.step_deadline())
+            .unwrap_or_default();
+        let running = jobs.as_array().into_iter().flatten().find(|j| {
+            !matches!(j["status"].as_str(), Some("concluded" | "null") | None)
+        });
+        if let Some(job) = running {
+            return Err(UpgradeError::State(format!(
+                "running block job {} ({}, {})",
+                job["id"].as_str().unwrap_or("?"),
+                job["type"].as_str().unwrap_or("?"),
+                job["status"].as_str().unwrap_or("?")
+            )));
+        }
         Ok(Guest { status })
     }
 
@@ -248,10 +264,16 @@ impl Supervisor {
                 None
             }
         };
+        let block = self
+            .proxy
+            .journal()
+            .block_argv()
+            .map_err(UpgradeError::Unsupported)?;
         let args = GenArgs {
             machine: self.machine.clone(),
             incoming: true,
             target,
+            block,
             ..GenArgs::default()
         };
         let translated = self
@@ -733,21 +755,23 @@ impl Supervisor {
         new: &mut Generation,
         until: Option<Instant>,
     ) -> Result<(), UpgradeError> {
-        let entries: Vec<(String, Value, Option<OwnedFd>)> = self
-            .proxy
-            .journal()
+        // What the new generation's command line does not already carry, by index.
+        let journal = self.proxy.journal();
+        let entries: Vec<(usize, String, Value, Option<OwnedFd>)> = journal
             .entries()
             .iter()
-            .map(|e| {
+            .enumerate()
+            .filter(|(_, e)| journal.replays(e))
+            .map(|(i, e)| {
                 let fd = e.fds.first().and_then(|fd| fd.try_clone().ok());
-                (e.command.clone(), e.arguments.clone(), fd)
+                (i, e.command.clone(), e.arguments.clone(), fd)
             })
             .collect();
         if entries.is_empty() {
             return Ok(());
         }
         self.progress("replaying hot-plugged devices");
-        for (i, (command, arguments, fd)) in entries.iter().enumerate() {
+        for (i, command, arguments, fd) in entries.iter() {
             let fd = fd.as_ref().map(|f| f.as_fd());
             let ret = self
                 .call_with_fd(
@@ -767,7 +791,7 @@ impl Supervisor {
                 .proxy
                 .journal()
                 .entries()
-                .get(i)
+                .get(*i)
                 .is_none_or(|e| e.succeeded(&ret));
             if !ok {
                 return Err(UpgradeError::Replay(format!(

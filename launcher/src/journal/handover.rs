@@ -28,6 +28,11 @@ impl Journal {
                 .collect(),
             changes: self.changes,
             deleted: self.deleted.iter().cloned().collect(),
+            jobs: self
+                .jobs
+                .iter()
+                .map(super::blockgraph::Job::export)
+                .collect(),
         }
     }
 
@@ -53,6 +58,11 @@ impl Journal {
             entries,
             changes: s.changes,
             deleted: s.deleted.into_iter().collect(),
+            jobs: s
+                .jobs
+                .into_iter()
+                .map(super::blockgraph::Job::import)
+                .collect(),
         })
     }
 }
@@ -119,6 +129,11 @@ fn holds_out(h: &Holds) -> state::Holds {
         Holds::Link(s) => state::Holds::Link(s.clone()),
         Holds::Setting(s) => state::Holds::Setting(s.clone()),
         Holds::Kept => state::Holds::Kept,
+        Holds::Pivot { from, to, snapshot } => state::Holds::Pivot {
+            from: from.clone(),
+            to: to.clone(),
+            snapshot: *snapshot,
+        },
     }
 }
 
@@ -131,6 +146,7 @@ fn holds_in(h: state::Holds) -> Holds {
         state::Holds::Link(s) => Holds::Link(s),
         state::Holds::Setting(s) => Holds::Setting(s),
         state::Holds::Kept => Holds::Kept,
+        state::Holds::Pivot { from, to, snapshot } => Holds::Pivot { from, to, snapshot },
     }
 }
 

@@ -21,6 +21,9 @@ use std::os::fd::OwnedFd;
 use crate::json::JsonExt;
 use serde_json::{json, Value};
 
+mod blockgraph;
+pub use blockgraph::BlockArgv;
+
 /// Prefix of the QOM path of a device added with an `id` (`qdev_set_id` in QEMU).
 const PERIPHERAL: &str = "/machine/peripheral/";
 /// How many DEVICE_DELETED events are remembered to recognise the copies other monitors get.
@@ -88,6 +91,13 @@ enum Holds {
     Setting(String),
     /// A removal of something the command line made, which the new generation has too.
     Kept,
+    /// A device on node `from` was moved to node `to` (a block job's pivot, or an external
+    /// snapshot: `to` is then an overlay backed by `from`); see [`blockgraph`].
+    Pivot {
+        from: String,
+        to: String,
+        snapshot: bool,
+    },
 }
 
 /// Something an addition makes, by its name.
@@ -130,6 +140,14 @@ enum Effect {
     /// sets a VNC or SPICE password (`<graphics passwd=...>`) with `set_password` once, after
     /// start, and a display with `password=on` but none set lets nobody in.
     Setting(String),
+    /// External snapshots taken: `(node, overlay)`.
+    Snapshot(Vec<(String, String)>),
+    /// A block job started that moves a device when completed.
+    StartJob(blockgraph::Job),
+    /// Completing (`true`) or cancelling a block job asked, by its id.
+    AskJob(String, bool),
+    /// A concluded block job dismissed, by its id.
+    DismissJob(String),
     /// Nothing, beyond using `getfd` names.
     Other,
 }
@@ -215,6 +233,27 @@ impl Command {
             "set_password" | "expire_password" => s("protocol").map_or(Effect::Other, |p| {
                 Effect::Setting(display_setting(name, &p, s("display").as_deref()))
             }),
+            "blockdev-snapshot" | "transaction" => {
+                let taken = blockgraph::snapshots(name, &arguments);
+                if taken.is_empty() {
+                    Effect::Other
+                } else {
+                    Effect::Snapshot(taken)
+                }
+            }
+            "blockdev-mirror" | "block-commit" => {
+                blockgraph::Job::started_by(name, &arguments).map_or(Effect::Other, Effect::StartJob)
+            }
+            "job-complete" => s("id").map_or(Effect::Other, |id| Effect::AskJob(id, true)),
+            "block-job-complete" => {
+                s("device").map_or(Effect::Other, |id| Effect::AskJob(id, true))
+            }
+            "job-cancel" => s("id").map_or(Effect::Other, |id| Effect::AskJob(id, false)),
+            "block-job-cancel" => {
+                s("device").map_or(Effect::Other, |id| Effect::AskJob(id, false))
+            }
+            "job-dismiss" => s("id").map_or(Effect::Other, Effect::DismissJob),
+            "block-job-dismiss" => s("id").map_or(Effect::Other, Effect::DismissJob),
             _ => Effect::Other,
         };
         Command {
@@ -485,6 +524,8 @@ pub struct Journal {
     /// DEVICE_DELETED events applied, by timestamp and device: every QMP monitor gets a copy
     /// of each event, and a copy read late must not delete a device added again since.
     deleted: VecDeque<(Value, String)>,
+    /// Block jobs under way that move a device when completed.
+    jobs: Vec<blockgraph::Job>,
 }
 
 impl Journal {
@@ -515,6 +556,9 @@ impl Journal {
     /// `device_add`, `device_del` and `set_link` entries, and the `getfd` fds it took, go.
     /// The same event read from several monitors counts once.
     pub fn event(&mut self, event: &Value) {
+        if self.job_event(event) {
+            self.changes += 1;
+        }
         if event.at("/event") != "DEVICE_DELETED" {
             return;
         }
@@ -656,6 +700,25 @@ impl Journal {
                 let holds = Holds::Setting(key);
                 self.entries.retain(|e| e.holds != holds);
                 Some(add(holds, None, arguments))
+            }
+            Effect::Snapshot(taken) => {
+                for (node, overlay) in taken {
+                    self.push_pivot(node, overlay, true);
+                }
+                changed = true;
+                None
+            }
+            Effect::StartJob(job) => {
+                self.start_job(job);
+                None
+            }
+            Effect::AskJob(id, pivot) => {
+                changed |= self.ask_job(&id, pivot);
+                None
+            }
+            Effect::DismissJob(id) => {
+                self.dismiss_job(&id);
+                None
             }
         };
         if let Some(e) = entry {

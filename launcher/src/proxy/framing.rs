@@ -248,7 +248,7 @@ pub(super) enum Seen {
     /// The answer to a client's command: a QMP reply, with the command's `id`, or an HMP
     /// prompt, with what the command printed.
     Answer { id: Option<Value>, reply: Reply },
-    /// An event the journal follows (DEVICE_DELETED).
+    /// An event the journal follows (DEVICE_DELETED, a block job's end).
     Event(Value),
 }
 
@@ -507,7 +507,10 @@ impl Outbound {
             .flatten()
             .and_then(|whole| crate::listeners::graphics::event(&name, &whole))
             .and_then(|event| serde_json::to_vec(&event).ok());
-        if name == "DEVICE_DELETED" {
+        if matches!(
+            name.as_str(),
+            "DEVICE_DELETED" | "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED"
+        ) {
             if let Some(whole) = whole() {
                 answers.push(Seen::Event(Value::Object(whole)));
             }

@@ -47,7 +47,8 @@ pub const FORMAT: &str = "qemu-liveupgrade-handover";
 /// "release" that predates the current schema.
 pub const VERSION: u32 = match option_env!("QEMU_LIVEUPGRADE_STATE_VERSION") {
     Some(v) => parse_u32(v),
-    None => 1,
+    // 2: the journal's block graph (pivots, and the block jobs that make them).
+    None => 2,
 };
 
 /// The oldest schema version this build reads.

@@ -274,6 +274,26 @@ pub struct Journal {
     pub changes: u64,
     /// DEVICE_DELETED events applied: timestamp and device.
     pub deleted: Vec<(Value, String)>,
+    /// Block jobs under way that move a device when they complete (since version 2).
+    #[serde(default)]
+    pub jobs: Vec<BlockJob>,
+}
+
+/// A block job the journal follows ([`crate::journal`]'s block graph).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockJob {
+    /// Its id.
+    pub id: String,
+    /// The node its device is on while it runs.
+    pub from: String,
+    /// The node its device is on once it completes with a pivot.
+    pub to: String,
+    /// Completing it was asked.
+    pub pivot: bool,
+    /// Cancelling it was asked, or it failed.
+    pub cancelled: bool,
+    /// QEMU reported it completed.
+    pub completed: bool,
 }
 
 /// One journal entry.
@@ -318,6 +338,15 @@ pub enum Holds {
     Setting(String),
     /// A removal of something from the command line.
     Kept,
+    /// A device moved from node `from` to node `to` (since version 2).
+    Pivot {
+        /// The node it was on.
+        from: String,
+        /// The node it is on.
+        to: String,
+        /// `to` is a snapshot overlay backed by `from`.
+        snapshot: bool,
+    },
 }
 
 /// Something an addition makes.
