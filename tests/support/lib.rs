@@ -15,6 +15,8 @@ pub mod handover;
 pub mod libvirt;
 pub mod libvirt_upgrade;
 pub mod lifecycle;
+pub mod lifecycle_domain;
+pub mod lifecycle_ops;
 pub mod linux;
 pub mod liveupgrade;
 pub mod paths;

@@ -234,3 +234,63 @@ pub fn holds_file(pid: nix::unistd::Pid, path: &Path) -> bool {
         .filter_map(|e| std::fs::read_link(e.path()).ok())
         .any(|target| target == path)
 }
+
+/// The heartbeat guest with `mib` MiB as libvirt 9.0 starts a domain (see FACTS.md): `-S`,
+/// a versioned machine type with its RAM in a `memory-backend-ram` object named `pc.ram`,
+/// JSON `-object`/`-device`/`-blockdev`, the disk `disk` (qcow2) on a virtio-blk device, the
+/// serial console on stdio, `-no-shutdown`, `-sandbox` and `-msg`. Both sides of a migration
+/// get the same argv, as libvirt gives the destination the domain's.
+pub fn libvirt_argv(mib: u64, disk: &Path) -> Vec<String> {
+    let bytes = mib << 20;
+    let blockdev_file = serde_json::json!({
+        "driver": "file", "filename": disk.display().to_string(),
+        "node-name": "libvirt-1-storage", "auto-read-only": true, "discard": "unmap",
+    });
+    [
+        "-name",
+        "guest=lc-migration,debug-threads=on",
+        "-S",
+        "-machine",
+        "pc-i440fx-7.2,usb=off,dump-guest-core=off,memory-backend=pc.ram",
+        "-accel",
+        "tcg",
+        "-m",
+        &mib.to_string(),
+        "-object",
+        &format!(r#"{{"qom-type":"memory-backend-ram","id":"pc.ram","size":{bytes}}}"#),
+        "-overcommit",
+        "mem-lock=off",
+        "-smp",
+        "1,sockets=1,cores=1,threads=1",
+        "-no-user-config",
+        "-nodefaults",
+        "-rtc",
+        "base=utc",
+        "-no-shutdown",
+        "-boot",
+        "strict=on",
+        "-kernel",
+        &crate::guest_elf().display().to_string(),
+        "-append",
+        &format!("mem={mib}M"),
+        "-device",
+        r#"{"driver":"piix3-usb-uhci","id":"usb","bus":"pci.0","addr":"0x1.0x2"}"#,
+        "-blockdev",
+        &blockdev_file.to_string(),
+        "-blockdev",
+        r#"{"node-name":"libvirt-1-format","read-only":false,"driver":"qcow2","file":"libvirt-1-storage"}"#,
+        "-device",
+        r#"{"driver":"virtio-blk-pci","bus":"pci.0","addr":"0x4","drive":"libvirt-1-format","id":"virtio-disk0","bootindex":1}"#,
+        "-chardev",
+        "stdio,id=charserial0",
+        "-device",
+        r#"{"driver":"isa-serial","chardev":"charserial0","id":"serial0","index":0}"#,
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-msg",
+        "timestamp=on",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
