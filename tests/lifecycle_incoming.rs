@@ -13,6 +13,7 @@
 //! every word of its RAM arrived (it checks a pattern over all of it, all the time).
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::process::Command;
 use std::time::Duration;
 
@@ -260,6 +261,29 @@ fn incoming_forms(runner: Runner, state: &std::path::Path, saved_at: u64) -> Vec
     assert!(!holds_file(dst.vm.pid(), state), "{runner} holds the file");
     drop(dst);
 
+    // `-incoming defer`, the stream passed on the monitor by `getfd` (SCM_RIGHTS), as
+    // libvirt passes fds it opens after the start.
+    let dst = LcVm::start(Start {
+        runner,
+        version: VERSION,
+        argv: incoming("defer"),
+        fds: Vec::new(),
+    });
+    let file = File::open(state).expect("open state");
+    let mut qmp = dst.qmp();
+    qmp.execute_with_fd("getfd", json!({"fdname": "restore"}), file.as_fd());
+    drop(file);
+    qmp.execute("migrate-incoming", json!({"uri": "fd:restore"}));
+    // A QMP socket takes one client at a time.
+    drop(qmp);
+    out.push(loaded(
+        &dst,
+        saved_at,
+        &format!("{runner}: -incoming defer, getfd"),
+    ));
+    assert!(!holds_file(dst.vm.pid(), state), "{runner} holds the file");
+    drop(dst);
+
     let dst = LcVm::start(Start {
         runner,
         version: VERSION,
@@ -317,6 +341,7 @@ fn every_incoming_form_feeds_a_shim_as_it_feeds_qemu() {
     assert_eq!(
         plain,
         [
+            want("paused"),
             want("paused"),
             want("paused"),
             want("running"),
