@@ -14,7 +14,7 @@ use qemu_liveupgrade_tests::lifecycle::{
     free_port, libvirt_argv, run_state, unlimited_bandwidth, wait_migration, wait_run_state, LcVm,
     Runner, Start,
 };
-use qemu_liveupgrade_tests::lifecycle_domain::qemu_img;
+use qemu_liveupgrade_tests::lifecycle_domain::create_qcow2;
 use qemu_liveupgrade_tests::tempdir;
 use serde_json::{json, Value};
 
@@ -27,14 +27,7 @@ const MEM_MIB: u64 = 128;
 fn migrate(from: Runner, to: Runner) {
     let dir = tempdir();
     let disk = dir.join("disk.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        &disk.display().to_string(),
-        "16M",
-    ]);
+    create_qcow2(&disk, "16M");
     let src = LcVm::start(Start {
         runner: from,
         version: VERSION,

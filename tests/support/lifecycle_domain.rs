@@ -200,14 +200,7 @@ impl LcDomain {
         };
         qemu_build(OTHER_QEMU);
         let disk = dir.join("disk.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            &disk.display().to_string(),
-            "16M",
-        ]);
+        create_qcow2(&disk, "16M");
         let console = dir.join("console.log");
         let name = unique_name(match runner {
             Runner::Plain => "lc-plain",
@@ -399,6 +392,18 @@ fn domain_xml(
         disk = disk.display(),
         console = console.display(),
     )
+}
+
+/// Creates an empty qcow2 image of `size` (`16M`) at `path`.
+pub fn create_qcow2(path: &Path, size: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &path.display().to_string(),
+        size,
+    ]);
 }
 
 /// Runs `qemu-img ARGS`, which must succeed.
