@@ -238,9 +238,11 @@ impl Supervisor {
         let jobs = self
             .call(To::CURRENT, "query-jobs", None, self.step_deadline())
             .unwrap_or_default();
-        let running = jobs.as_array().into_iter().flatten().find(|j| {
-            !matches!(j["status"].as_str(), Some("concluded" | "null") | None)
-        });
+        let running = jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|j| !matches!(j["status"].as_str(), Some("concluded" | "null") | None));
         if let Some(job) = running {
             return Err(UpgradeError::State(format!(
                 "running block job {} ({}, {})",
@@ -572,12 +574,7 @@ impl Upgrade<'_> {
         } = self;
         // The old QEMU's disk counters, final since the guest stopped there, go on in the new
         // one's, before any client can ask for them.
-        let counters = sup.call(
-            To::CURRENT,
-            "query-blockstats",
-            None,
-            sup.step_deadline(),
-        );
+        let counters = sup.call(To::CURRENT, "query-blockstats", None, sup.step_deadline());
         if let Ok(counters) = counters {
             crate::blockstats::carry(&counters);
         }

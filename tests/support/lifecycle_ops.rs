@@ -43,6 +43,9 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+/// What an operation returns: virsh's result, and what the operation showed.
+pub type Done = (Result<(), String>, String);
+
 /// One operation.
 pub struct Op {
     /// Its name in the table: the virsh command(s).
@@ -54,7 +57,7 @@ pub struct Op {
     /// upgrades first), handed to `run`.
     pub before: fn(&LcDomain) -> Value,
     /// The operation: its result, and what it showed.
-    pub run: fn(&LcDomain, &Value) -> (Result<(), String>, String),
+    pub run: fn(&LcDomain, &Value) -> Done,
 }
 
 /// Runs `op` on `dom`, after an upgrade if `upgrade_first`, and observes it.
@@ -362,7 +365,7 @@ pub const OPS: &[Op] = &[
 /// since libvirt 9.0 refuses to revert to external snapshots ("not supported yet"), what an
 /// operator does instead: the memory file is a save image, restored with `virsh restore`
 /// (its domain XML has the disk as it was before the snapshot's overlay).
-fn snapshot_and_revert(d: &LcDomain, _: &Value) -> (Result<(), String>, String) {
+fn snapshot_and_revert(d: &LcDomain, _: &Value) -> Done {
     let mem = format!("file={},snapshot=external", d.file("snap.mem"));
     let disk = format!("vda,snapshot=external,file={}", d.file("snap.qcow2"));
     let created = v(&[

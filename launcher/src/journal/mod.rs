@@ -241,17 +241,14 @@ impl Command {
                     Effect::Snapshot(taken)
                 }
             }
-            "blockdev-mirror" | "block-commit" => {
-                blockgraph::Job::started_by(name, &arguments).map_or(Effect::Other, Effect::StartJob)
-            }
+            "blockdev-mirror" | "block-commit" => blockgraph::Job::started_by(name, &arguments)
+                .map_or(Effect::Other, Effect::StartJob),
             "job-complete" => s("id").map_or(Effect::Other, |id| Effect::AskJob(id, true)),
             "block-job-complete" => {
                 s("device").map_or(Effect::Other, |id| Effect::AskJob(id, true))
             }
             "job-cancel" => s("id").map_or(Effect::Other, |id| Effect::AskJob(id, false)),
-            "block-job-cancel" => {
-                s("device").map_or(Effect::Other, |id| Effect::AskJob(id, false))
-            }
+            "block-job-cancel" => s("device").map_or(Effect::Other, |id| Effect::AskJob(id, false)),
             "job-dismiss" => s("id").map_or(Effect::Other, Effect::DismissJob),
             "block-job-dismiss" => s("id").map_or(Effect::Other, Effect::DismissJob),
             _ => Effect::Other,
