@@ -533,6 +533,13 @@ impl Outbound {
             }
             (Filter::Leaving, "MIGRATION" | "MIGRATION_PASS" | "SHUTDOWN") => false,
             (Filter::Arriving, "RESUME" | "MIGRATION" | "MIGRATION_PASS") => false,
+            // A new generation's last incoming-migration events may be read only after the
+            // switch: until a client migrates the VM itself, no migration event is its own.
+            (Filter::Live, "MIGRATION" | "MIGRATION_PASS")
+                if HIDE_MIGRATION.load(Ordering::Relaxed) =>
+            {
+                false
+            }
             (Filter::Live, "RESUME") if self.drop_resume => {
                 self.drop_resume = false;
                 false
@@ -621,7 +628,7 @@ pub fn hide_migration_state(hide: bool) {
 
 /// `query-migrate`'s `return` with the last migration taken out, as a QEMU that never
 /// migrated answers (`{}`, and the migration blockers, which are the VM's); `None` for any
-/// other reply. Recognized by its shape: a `status` among MigrationStatus's values, without
+/// other reply. Used while [`hide_migration_state`] says so. Recognized by its shape: a `status` among MigrationStatus's values, without
 /// `running` (query-status) or `total` (query-dump).
 fn migration_reply(ret: &Value) -> Option<Value> {
     const STATES: [&str; 15] = [
@@ -641,9 +648,6 @@ fn migration_reply(ret: &Value) -> Option<Value> {
         "device",
         "wait-unplug",
     ];
-    if !HIDE_MIGRATION.load(Ordering::Relaxed) {
-        return None;
-    }
     let map = ret.as_object()?;
     let status = map.get("status")?.as_str()?;
     if !STATES.contains(&status) || map.contains_key("running") || map.contains_key("total") {
@@ -666,7 +670,12 @@ fn rewrite_reply(bytes: &[u8], ret: &[u8]) -> Verdict {
     let rewritten = crate::ptys::chardev_info_reply(&ret)
         .or_else(|| crate::listeners::graphics::info_reply(&ret))
         .or_else(|| crate::blockstats::blockstats_reply(&ret))
-        .or_else(|| migration_reply(&ret));
+        .or_else(|| {
+            HIDE_MIGRATION
+                .load(Ordering::Relaxed)
+                .then(|| migration_reply(&ret))
+                .flatten()
+        });
     let Some(ret) = rewritten else {
         return Verdict::Pass;
     };
@@ -959,7 +968,6 @@ mod tests {
         let with_blockers = serde_json::json!({"status": "completed", "blocked-reasons": ["x"]});
         let query_status = serde_json::json!({"status": "running", "running": true});
         let query_dump = serde_json::json!({"status": "completed", "completed": 1, "total": 1});
-        hide_migration_state(true);
         assert_eq!(migration_reply(&finished), Some(serde_json::json!({})));
         assert_eq!(
             migration_reply(&with_blockers),
@@ -967,7 +975,5 @@ mod tests {
         );
         assert_eq!(migration_reply(&query_status), None);
         assert_eq!(migration_reply(&query_dump), None);
-        hide_migration_state(false);
-        assert_eq!(migration_reply(&finished), None);
     }
 }
