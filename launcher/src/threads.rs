@@ -45,6 +45,24 @@ pub fn threads(cpus: &Value, iothreads: &Value) -> Vec<(String, i32)> {
     out
 }
 
+/// Moves every thread of process `pid` to the SCHED_IDLE class (sched(7)): from then on it
+/// runs only on CPU time nothing else wants. Unprivileged callers may do this to their own
+/// children, not undo it. Best effort: a thread that is gone or refuses keeps its class.
+pub fn to_idle_class(pid: Pid) {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    for tid in tasks
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse::<libc::pid_t>().ok())
+    {
+        // SAFETY: `param` is a valid sched_param that outlives the call, which only reads it;
+        // a stale thread id fails with ESRCH and changes nothing.
+        unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) };
+    }
+}
+
 /// Where one thread ran: its affinity and its cgroups, read while it existed.
 #[derive(Debug, Clone)]
 pub struct Placement {
@@ -316,6 +334,20 @@ fn unescape(field: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_moved_to_the_idle_class_runs_there() {
+        let mut child = std::process::Command::new("sleep").arg("10").spawn().unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        // SAFETY: sched_getscheduler only reads the scheduling class of a thread id.
+        let class = || unsafe { libc::sched_getscheduler(pid.as_raw()) };
+        assert_eq!(class(), libc::SCHED_OTHER);
+        to_idle_class(pid);
+        let got = class();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(got, libc::SCHED_IDLE);
+    }
 
     #[test]
     fn pairs_threads_by_index_and_id() {

@@ -624,6 +624,9 @@ impl Upgrade<'_> {
         stats.threads = threads::apply(&moved.placement, &new_threads);
         let step = sup.config.settings.timeouts.step;
         sup.reap_ended(Instant::now() + step);
+        if sup.ending_is_empty() {
+            timeline.mark(Mark::OldReaped);
+        }
         stats.hostfwd = sup.restore_forwards();
         let (console, monitor) = sup.proxy.first_relayed();
         let console = [console, sup.ptys.first_output()]

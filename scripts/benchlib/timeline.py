@@ -31,6 +31,7 @@ POINTS = [
     ("console_first_byte", "console"),
     ("monitor_first_reply", "monitor"),
     ("old_killed", "old killed"),
+    ("old_reaped", "old reaped"),
 ]
 
 

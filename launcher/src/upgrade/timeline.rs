@@ -41,6 +41,8 @@ pub(super) struct Timeline {
     monitor: Option<i64>,
     /// The old QEMU killed.
     old_killed: Option<i64>,
+    /// The old QEMU reaped: its exit (unmapping guest RAM, closing its fds) is over.
+    old_reaped: Option<i64>,
 }
 
 /// A launcher moment: the steps it can mark.
@@ -51,6 +53,7 @@ pub(super) enum Mark {
     Cont,
     Switched,
     OldKilled,
+    OldReaped,
 }
 
 impl Timeline {
@@ -62,6 +65,7 @@ impl Timeline {
             Mark::Cont => &mut self.cont,
             Mark::Switched => &mut self.switched,
             Mark::OldKilled => &mut self.old_killed,
+            Mark::OldReaped => &mut self.old_reaped,
         };
         slot.get_or_insert(monotonic_us(ClockId::CLOCK_MONOTONIC));
     }
@@ -117,6 +121,7 @@ impl Timeline {
             ("console_first_byte", self.console),
             ("monitor_first_reply", self.monitor),
             ("old_killed", self.old_killed),
+            ("old_reaped", self.old_reaped),
         ] {
             out.insert(format!("{name}_us"), json!(at.map(|t| t - origin)));
         }
