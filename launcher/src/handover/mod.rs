@@ -96,8 +96,10 @@ pub struct Handovers {
     pub(crate) requests: Vec<(Client, Option<PathBuf>)>,
     /// Clients of the handover that brought this image, waiting for its report.
     pub(crate) answer: Vec<Client>,
-    /// Every upgrade report of this VM, QEMU's and the supervisor's.
+    /// The latest upgrade reports of this VM, QEMU's and the supervisor's, oldest first.
     pub(crate) history: Vec<Value>,
+    /// Supervisor upgrades done over the VM's life.
+    pub(crate) done: u64,
     /// The executable the VM's first launcher started from, where a package puts the new
     /// build: a handover without a binary named goes to the file there now.
     pub(crate) exe: Option<PathBuf>,
@@ -113,16 +115,23 @@ impl Handovers {
     }
 
     /// For a launcher that took a VM over, with the history it brought.
-    pub(crate) fn resumed(history: Vec<Value>) -> Handovers {
+    pub(crate) fn resumed(history: Vec<Value>, done: u64) -> Handovers {
         Handovers {
             history,
+            done,
             ..Handovers::default()
         }
     }
 
-    /// A report to keep.
+    /// A report to keep; the oldest goes once [`HISTORY`] are kept, so that the state a
+    /// handover writes stays small however long the VM runs.
     pub(crate) fn record(&mut self, report: &Value) {
+        if report.at("/qemu-liveupgrade") == SUPERVISOR_REPORT && report.at("/result") == "ok" {
+            self.done += 1;
+        }
         self.history.push(report.clone());
+        let excess = self.history.len().saturating_sub(HISTORY);
+        self.history.drain(..excess);
     }
 
     /// The supervisor's part of `status`: which launcher runs the VM, how many times it was
@@ -133,17 +142,19 @@ impl Handovers {
             .iter()
             .filter(|r| r.at("/qemu-liveupgrade") == SUPERVISOR_REPORT)
             .collect();
-        let done = attempts.iter().filter(|r| r.at("/result") == "ok").count();
         let mut s = crate::identity::describe();
         s.put(
             "started_from",
             json!(self.exe.as_ref().map(|p| p.to_string_lossy())),
         );
-        s.put("upgrades", json!(done));
+        s.put("upgrades", json!(self.done));
         s.put("last_upgrade", json!(attempts.last()));
         s
     }
 }
+
+/// How many upgrade reports the history keeps.
+pub const HISTORY: usize = 32;
 
 /// The `qemu-liveupgrade` field of a supervisor upgrade's report.
 pub const SUPERVISOR_REPORT: &str = "supervisor-upgrade";
@@ -475,4 +486,35 @@ fn millis_f(d: Duration) -> f64 {
 pub(crate) fn since(ms: u64) -> Instant {
     let now = Instant::now();
     now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_history_keeps_the_latest_reports_and_counts_every_upgrade() {
+        let mut h = Handovers::default();
+        for i in 0..HISTORY + 8 {
+            let kind = if i % 2 == 0 {
+                SUPERVISOR_REPORT
+            } else {
+                "upgrade"
+            };
+            h.record(&json!({"qemu-liveupgrade": kind, "result": "ok", "n": i}));
+        }
+        h.record(&json!({"qemu-liveupgrade": SUPERVISOR_REPORT, "result": "failed"}));
+        assert_eq!(h.history.len(), HISTORY);
+        assert_eq!(
+            h.history.first().map(|r| r.at("/n").clone()),
+            Some(json!(9))
+        );
+        assert_eq!(
+            h.done, 20,
+            "every supervisor upgrade that went through, kept or not"
+        );
+        let status = h.status();
+        assert_eq!(status.at("/upgrades"), 20);
+        assert_eq!(status.at("/last_upgrade/result"), "failed");
+    }
 }

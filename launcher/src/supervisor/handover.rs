@@ -123,6 +123,7 @@ impl Supervisor {
             control: self.control.as_ref().map(Control::export),
             requests,
             history: self.handovers.history.clone(),
+            supervisor_upgrades: self.handovers.done,
         };
         state.fds = crate::handover::fds::named(&state);
         crate::handover::fds::check_listed(&state).map_err(|e| e.to_string())?;
@@ -223,7 +224,7 @@ impl Supervisor {
         for (c, to) in r.checks {
             check_requests.extend(client(c)?.map(|c| (c, to.map(|t| t.to_path()))));
         }
-        let mut handovers = Handovers::resumed(s.history);
+        let mut handovers = Handovers::resumed(s.history, s.supervisor_upgrades);
         handovers.exe = vm.exe.as_ref().map(Text::to_path);
         for (c, to) in r.handovers {
             handovers

@@ -102,8 +102,11 @@ pub struct State {
     pub control: Option<Control>,
     /// Requests taken and not yet answered.
     pub requests: Requests,
-    /// Reports of every upgrade of this VM, QEMU's and the supervisor's, oldest first.
+    /// The latest reports of upgrades of this VM, QEMU's and the supervisor's, oldest first.
     pub history: Vec<Value>,
+    /// Supervisor upgrades done over the VM's life (this one not yet counted).
+    #[serde(default)]
+    pub supervisor_upgrades: u64,
 }
 
 /// A launcher's identity.
