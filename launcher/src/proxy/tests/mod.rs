@@ -1,6 +1,7 @@
 //! The proxy driven by a real `mio::Poll`, with real sockets and fake QEMU monitors.
 
 mod fake;
+mod handover;
 mod journal;
 mod real;
 
