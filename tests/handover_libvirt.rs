@@ -74,9 +74,11 @@ fn polling_domstate<T>(name: &str, f: impl FnOnce() -> T) -> (T, Vec<String>) {
 /// The serial file's heartbeats go on: `n` more after now, counted without a gap.
 fn assert_beating(serial: &Path, n: u64, when: &str) {
     let from = SerialLog::read(serial).last_counter();
-    wait_until(Duration::from_secs(60), &format!("heartbeats {when}"), || {
-        SerialLog::last_beat(serial).is_some_and(|b| b.counter >= from + n)
-    });
+    wait_until(
+        Duration::from_secs(60),
+        &format!("heartbeats {when}"),
+        || SerialLog::last_beat(serial).is_some_and(|b| b.counter >= from + n),
+    );
     if let Some(problem) = SerialLog::read(serial).problems() {
         panic!("the guest {when}: {problem}");
     }
@@ -151,17 +153,22 @@ fn the_supervisor_hands_over_under_libvirt_and_libvirt_sees_nothing() {
     assert_beating(&serial, 200, "after the handovers");
     assert_eq!(dom.state_reason(), reason, "the domain's state reason");
     let status = cli_status(&name).expect("qemu-liveupgrade status as root");
-    assert_eq!(status["supervisor"]["upgrades"], ROUND_TRIPS * 2, "{status}");
+    assert_eq!(
+        status["supervisor"]["upgrades"],
+        ROUND_TRIPS * 2,
+        "{status}"
+    );
     let logged = dom
         .reports()
         .into_iter()
         .filter(|r| r["qemu-liveupgrade"] == "supervisor-upgrade")
         .count();
-    assert_eq!(logged, ROUND_TRIPS * 2, "supervisor reports in the domain log");
-    let errors = libvirtd_errors(
-        &libvirtd_log_between(log_from, libvirtd_log_mark()),
-        &name,
+    assert_eq!(
+        logged,
+        ROUND_TRIPS * 2,
+        "supervisor reports in the domain log"
     );
+    let errors = libvirtd_errors(&libvirtd_log_between(log_from, libvirtd_log_mark()), &name);
     assert!(
         errors.is_empty(),
         "libvirtd logged errors during the handovers:\n{}",
@@ -172,7 +179,10 @@ fn the_supervisor_hands_over_under_libvirt_and_libvirt_sees_nothing() {
     let up = upgrade_by_signal(&dom, &real, &qemu_build(NEW));
     up.assert_ok(OLD, NEW);
     assert_eq!(
-        version(&dom.qmp("query-version", Value::Null).expect("query-version")),
+        version(
+            &dom.qmp("query-version", Value::Null)
+                .expect("query-version")
+        ),
         NEW
     );
     assert_beating(&serial, 200, "after the QEMU upgrade");
