@@ -134,17 +134,21 @@ fn typed(relay: &mut PtyRelay, slave: &mut File, bytes: &[u8]) {
     relay.handle(0);
 }
 
-#[test]
-fn the_pty_follows_the_guest_from_one_generation_to_the_next() {
-    let poll = mio::Poll::new().unwrap();
-    let registry = poll.registry();
-    let spec = KeptPty {
+/// A `-chardev pty,id=c0`.
+fn chardev_c0() -> KeptPty {
+    KeptPty {
         item: 0,
         kind: Kind::Chardev,
         label: "c0".into(),
         link: None,
-    };
-    let pty = open(&spec).unwrap();
+    }
+}
+
+#[test]
+fn the_pty_follows_the_guest_from_one_generation_to_the_next() {
+    let poll = mio::Poll::new().unwrap();
+    let registry = poll.registry();
+    let pty = open(&chardev_c0()).unwrap();
     assert_eq!(
         pty.announcement(),
         format!(
@@ -209,13 +213,7 @@ fn the_pty_follows_the_guest_from_one_generation_to_the_next() {
 fn the_first_output_of_the_generation_committed_is_timed() {
     let poll = mio::Poll::new().unwrap();
     let registry = poll.registry();
-    let spec = KeptPty {
-        item: 0,
-        kind: Kind::Chardev,
-        label: "c0".into(),
-        link: None,
-    };
-    let pty = open(&spec).unwrap();
+    let pty = open(&chardev_c0()).unwrap();
     let _slave = open_slave(&pty.path);
     let mut relay = PtyRelay::new(registry, vec![pty], Token).unwrap();
     let _gen1 = relay.ends_for(registry, 1).unwrap().remove(0);
