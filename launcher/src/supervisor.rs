@@ -467,17 +467,17 @@ impl Supervisor {
     }
 
     /// Ends a generation whose guest runs elsewhere now, at once, by SIGKILL: anything it still
-    /// does can only take from the new one. Its exit runs in the idle scheduling class: taking
-    /// down the mappings of guest RAM costs a dying QEMU about 0.2 s of CPU per GiB (measured
-    /// here, 1 and 2 GiB of memfd RAM), which must not compete with the guest that has just
-    /// resumed next door, nor with any other. The loop reaps it.
+    /// does can only take from the new one. Its exit runs at the lowest priority: taking down
+    /// the mappings of guest RAM costs a dying QEMU about 0.2 s of CPU per GiB (measured here,
+    /// 1 and 2 GiB of memfd RAM, nested TCG), which should not compete with the guest that has
+    /// just resumed next door, nor with any other. The loop reaps it.
     pub(crate) fn retire(&mut self, old: Generation) {
         let _ = self
             .poll
             .registry()
             .deregister(&mut SourceFd(&old.qmp.raw_fd()));
         if old.exit.is_none() {
-            crate::threads::to_idle_class(old.pid);
+            crate::threads::to_lowest_priority(old.pid);
             let _ = nix::sys::signal::kill(old.pid, Signal::SIGKILL);
             self.ending.push(old);
         }
