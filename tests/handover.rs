@@ -394,34 +394,53 @@ fn the_supervisor_hands_over_ten_times_and_back_with_nothing_lost() {
         .count();
     assert_eq!(logged, ROUND_TRIPS * 2, "report lines in the VM's log");
 
-    // A QEMU upgrade after all that: the same launcher state drives it.
+    // A QEMU upgrade after all that: the same launcher state drives it. Then a handover of a
+    // later generation (its stderr through the launcher), and a QEMU upgrade back.
     half.shutdown(std::net::Shutdown::Both)
         .expect("close the second client");
     let mut qmp = vm.qmp();
-    fs::remove_file(vm.dir.join("qemu")).expect("rm qemu link");
-    std::os::unix::fs::symlink(qemu_build("10.0.2"), vm.dir.join("qemu")).expect("symlink");
-    let before = reports(&vm.vm).len();
-    vm.vm.signal(Signal::SIGUSR2);
-    wait_until(UPGRADE_TIMEOUT, "the QEMU upgrade's report", || {
-        reports(&vm.vm).len() > before
-    });
-    let report = reports(&vm.vm)[before].clone();
-    assert_eq!(
-        report["result"], "ok",
-        "QEMU upgrade after handovers: {report}"
-    );
-    assert_eq!(report["to"]["version"], "10.0.2", "{report}");
+    qemu_upgrade(&vm, "10.0.2");
     assert_eq!(version(&qmp.execute("query-version", json!({}))), "10.0.2");
-    let after = pty.last();
-    pty.wait_counter(after + 200, "the pty after the QEMU upgrade");
-    socket.wait_counter(after + 200, "the socket console after the QEMU upgrade");
-    assert_eq!(console_problems(&pty.all()), None, "the pty console");
-    assert_eq!(console_problems(&socket.all()), None, "the socket console");
+    install(&b.b, &vm.shim);
+    let (report, ok) = vm.hand_over();
+    assert!(ok, "handover of generation 2: {report}");
+    assert_eq!(report["generation"], 2, "{report}");
+    assert_eq!(version(&qmp.execute("query-version", json!({}))), "10.0.2");
+    qemu_upgrade(&vm, "7.2.22");
+    assert_eq!(version(&qmp.execute("query-version", json!({}))), "7.2.22");
     assert!(
         vm.vm.errors().is_clean(),
         "guest memory errors: {:?}",
         vm.vm.errors()
     );
+    for (console, what) in [(&pty, "the pty"), (&socket, "the socket")] {
+        console.wait_counter(console.last() + 200, what);
+        assert_eq!(console_problems(&console.all()), None, "{what} console");
+    }
+}
+
+/// Points the QEMU path at `to`, sends SIGUSR2 and checks the upgrade's report.
+fn qemu_upgrade(vm: &HandoverVm, to: &str) {
+    let link = vm.dir.join("qemu");
+    let tmp = vm.dir.join("qemu.new");
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(qemu_build(to), &tmp).expect("symlink");
+    fs::rename(&tmp, &link).expect("repoint the QEMU path");
+    let before = reports(&vm.vm).len();
+    vm.vm.signal(Signal::SIGUSR2);
+    wait_until(UPGRADE_TIMEOUT, "the QEMU upgrade's report", || {
+        reports(&vm.vm)
+            .iter()
+            .skip(before)
+            .any(|r| r["qemu-liveupgrade"] == "upgrade")
+    });
+    let report = reports(&vm.vm)
+        .into_iter()
+        .skip(before)
+        .find(|r| r["qemu-liveupgrade"] == "upgrade")
+        .unwrap_or_default();
+    assert_eq!(report["result"], "ok", "QEMU upgrade to {to}: {report}");
+    assert_eq!(report["to"]["version"], to, "{report}");
 }
 
 /// The build string this workspace's launcher reports.
@@ -478,6 +497,7 @@ fn a_build_that_cannot_read_the_state_leaves_the_vm_on_the_old_launcher() {
     let cases: [(&Path, &str); 3] = [
         (
             &b.old_schema,
+            // Whatever version this build writes, the old one reads none but 0.
             "is newer than this build reads (0 at most)",
         ),
         (Path::new("/bin/true"), "gave no answer to the state check"),
