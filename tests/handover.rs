@@ -406,7 +406,25 @@ fn the_supervisor_hands_over_ten_times_and_back_with_nothing_lost() {
     assert!(ok, "handover of generation 2: {report}");
     assert_eq!(report["generation"], 2, "{report}");
     assert_eq!(version(&qmp.execute("query-version", json!({}))), "10.0.2");
-    qemu_upgrade(&vm, "7.2.22");
+    // A handover asked for while a QEMU upgrade runs waits for it to end: never interleaved.
+    let before = reports(&vm.vm).len();
+    repoint(&vm, "7.2.22");
+    vm.vm.signal(Signal::SIGUSR2);
+    let (report, ok) = vm.hand_over();
+    assert!(ok, "handover asked during a QEMU upgrade: {report}");
+    let kinds: Vec<Value> = reports(&vm.vm)
+        .into_iter()
+        .skip(before)
+        .map(|r| json!([r["qemu-liveupgrade"], r["result"]]))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            json!(["upgrade", "ok"]),
+            json!(["supervisor-upgrade", "ok"])
+        ],
+        "the QEMU upgrade, then the handover"
+    );
     assert_eq!(version(&qmp.execute("query-version", json!({}))), "7.2.22");
     assert!(
         vm.vm.errors().is_clean(),
@@ -419,13 +437,17 @@ fn the_supervisor_hands_over_ten_times_and_back_with_nothing_lost() {
     }
 }
 
-/// Points the QEMU path at `to`, sends SIGUSR2 and checks the upgrade's report.
-fn qemu_upgrade(vm: &HandoverVm, to: &str) {
-    let link = vm.dir.join("qemu");
+/// Points the QEMU path at build `to`, as a package upgrade does.
+fn repoint(vm: &HandoverVm, to: &str) {
     let tmp = vm.dir.join("qemu.new");
     let _ = fs::remove_file(&tmp);
     std::os::unix::fs::symlink(qemu_build(to), &tmp).expect("symlink");
-    fs::rename(&tmp, &link).expect("repoint the QEMU path");
+    fs::rename(&tmp, vm.dir.join("qemu")).expect("repoint the QEMU path");
+}
+
+/// Points the QEMU path at `to`, sends SIGUSR2 and checks the upgrade's report.
+fn qemu_upgrade(vm: &HandoverVm, to: &str) {
+    repoint(vm, to);
     let before = reports(&vm.vm).len();
     vm.vm.signal(Signal::SIGUSR2);
     wait_until(UPGRADE_TIMEOUT, "the QEMU upgrade's report", || {
