@@ -16,18 +16,17 @@
 //! where several people share one.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use qemu_liveupgrade_tests::handover::{builds, install, supervisor_upgrade};
 use qemu_liveupgrade_tests::libvirt::{
     cli_status, domain_dir, ensure_libvirtd, install_emulator, libvirtd_errors,
-    libvirtd_log_between, libvirtd_log_mark, reachable_copy, try_virsh, unique_name, Domain,
-    HeartbeatDomain, SerialLog,
+    libvirtd_log_between, libvirtd_log_mark, reachable_copy, unique_name, Domain, HeartbeatDomain,
+    SerialLog,
 };
-use qemu_liveupgrade_tests::libvirt_upgrade::{assert_packaged_setup, upgrade_by_signal};
+use qemu_liveupgrade_tests::libvirt_upgrade::{
+    assert_packaged_setup, polling_domstate, upgrade_by_signal,
+};
 use qemu_liveupgrade_tests::liveupgrade::version;
 use qemu_liveupgrade_tests::shim::qemu_child;
 use qemu_liveupgrade_tests::{guest_elf, qemu_build, wait_until};
@@ -36,40 +35,6 @@ use serde_json::Value;
 const ROUND_TRIPS: usize = 10;
 const OLD: &str = "7.2.22";
 const NEW: &str = "10.0.2";
-
-/// `virsh domstate NAME` about every 20 ms while `f` runs; every answer.
-fn polling_domstate<T>(name: &str, f: impl FnOnce() -> T) -> (T, Vec<String>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let poller = {
-        let stop = Arc::clone(&stop);
-        let name = name.to_owned();
-        thread::spawn(move || {
-            let mut states = Vec::new();
-            loop {
-                let state = match try_virsh(&["domstate", &name]) {
-                    Ok(s) => s.trim().to_owned(),
-                    Err(e) => format!("virsh error: {e}"),
-                };
-                states.push(state);
-                if states.len() == 1 {
-                    let _ = tx.send(());
-                }
-                if stop.load(Ordering::Relaxed) {
-                    return states;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("first virsh domstate");
-    let out = f();
-    // One more poll after it ended.
-    thread::sleep(Duration::from_millis(40));
-    stop.store(true, Ordering::Relaxed);
-    (out, poller.join().expect("domstate poller"))
-}
 
 /// The serial file's heartbeats go on: `n` more after now, counted without a gap.
 fn assert_beating(serial: &Path, n: u64, when: &str) {

@@ -222,15 +222,7 @@ impl Control {
         };
         let socket = control.dir.reach(&control.name);
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
-        control.listener.set_nonblocking(true).map_err(fail)?;
-        let fd = control.listener.as_raw_fd();
-        registry
-            .register(
-                &mut SourceFd(&fd),
-                Token::Control.to_mio(),
-                Interest::READABLE,
-            )
-            .map_err(fail)?;
+        control.listen(registry).map_err(fail)?;
         control.sweep();
         Ok(control)
     }
@@ -289,16 +281,7 @@ impl Control {
             clients: Vec::new(),
         };
         control
-            .listener
-            .set_nonblocking(true)
-            .map_err(ImportError::io("the control socket"))?;
-        let fd = control.listener.as_raw_fd();
-        registry
-            .register(
-                &mut SourceFd(&fd),
-                Token::Control.to_mio(),
-                Interest::READABLE,
-            )
+            .listen(registry)
             .map_err(ImportError::io("the control socket"))?;
         for (slot, client) in s.clients.into_iter().enumerate() {
             let client = match client {
@@ -317,6 +300,17 @@ impl Control {
             control.clients.push(client);
         }
         Ok(control)
+    }
+
+    /// Makes the listener non-blocking and registers it under `Token::Control`.
+    fn listen(&self, registry: &Registry) -> io::Result<()> {
+        self.listener.set_nonblocking(true)?;
+        let fd = self.listener.as_raw_fd();
+        registry.register(
+            &mut SourceFd(&fd),
+            Token::Control.to_mio(),
+            Interest::READABLE,
+        )
     }
 
     /// The socket's path, for messages.

@@ -377,17 +377,8 @@ fn chatter(stream: UnixStream, stop: &AtomicBool, talk: &Mutex<Talk>) {
             let Some(msg) = read() else {
                 return note(format!("round {round}: connection ended or timed out"));
             };
-            if msg["event"] == "DEVICE_DELETED" {
-                let d = msg["data"]["device"].as_str().unwrap_or("?").to_owned();
-                *talk
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .deleted
-                    .entry(d)
-                    .or_default() += 1;
-                continue;
-            }
             if msg.get("event").is_some() {
+                count_deleted(talk, &msg);
                 continue;
             }
             let got = msg["id"].as_str().unwrap_or("?").to_owned();
@@ -412,16 +403,18 @@ fn chatter(stream: UnixStream, stop: &AtomicBool, talk: &Mutex<Talk>) {
     let missing = |t: &Talk| t.plugged.iter().any(|d| !t.deleted.contains_key(d));
     while Instant::now() < deadline && missing(&talk.lock().unwrap_or_else(|e| e.into_inner())) {
         let Some(msg) = read() else { break };
-        if msg["event"] == "DEVICE_DELETED" {
-            let d = msg["data"]["device"].as_str().unwrap_or("?").to_owned();
-            *talk
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .deleted
-                .entry(d)
-                .or_default() += 1;
-        }
+        count_deleted(talk, &msg);
     }
+}
+
+/// Counts a DEVICE_DELETED event for its device; other messages are not counted.
+fn count_deleted(talk: &Mutex<Talk>, msg: &Value) {
+    if msg["event"] != "DEVICE_DELETED" {
+        return;
+    }
+    let device = msg["data"]["device"].as_str().unwrap_or("?").to_owned();
+    let mut t = talk.lock().unwrap_or_else(|e| e.into_inner());
+    *t.deleted.entry(device).or_default() += 1;
 }
 
 impl Talk {

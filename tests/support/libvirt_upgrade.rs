@@ -60,37 +60,12 @@ pub fn upgrade_by_signal(dom: &Domain, real: &Path, binary: &Path) -> Upgrade {
     let from_mark = libvirtd_log_mark();
     let domain_log_mark = dom.log_mark();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let poller = {
-        let stop = Arc::clone(&stop);
-        let name = dom.name().to_owned();
-        thread::spawn(move || {
-            let mut states = Vec::new();
-            loop {
-                let state = match try_virsh(&["domstate", &name]) {
-                    Ok(s) => s.trim().to_owned(),
-                    Err(e) => format!("virsh error: {e}"),
-                };
-                states.push(state);
-                if states.len() == 1 {
-                    let _ = tx.send(());
-                }
-                if stop.load(Ordering::Relaxed) {
-                    return states;
-                }
-                thread::sleep(POLL);
-            }
-        })
-    };
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("first virsh domstate");
-    let started = Instant::now();
-    kill(pid, Signal::SIGUSR2).unwrap_or_else(|e| panic!("kill -USR2 {pid}: {e}"));
-    let report = dom.wait_report(before, UPGRADE_TIMEOUT);
-    let took = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let states = poller.join().expect("domstate poller");
+    let ((report, took), states) = polling_domstate(dom.name(), || {
+        let started = Instant::now();
+        kill(pid, Signal::SIGUSR2).unwrap_or_else(|e| panic!("kill -USR2 {pid}: {e}"));
+        let report = dom.wait_report(before, UPGRADE_TIMEOUT);
+        (report, started.elapsed())
+    });
     let version = dom
         .qmp("query-version", Value::Null)
         .map(|v| version(&v))
@@ -119,6 +94,39 @@ pub fn upgrade_by_signal(dom: &Domain, real: &Path, binary: &Path) -> Upgrade {
         vcpu0_placed,
         vcpu0_cgroups,
     }
+}
+
+/// Runs `f` while `virsh domstate NAME` is polled about every 20 ms (from just before `f`
+/// until it returned); returns what `f` did and every answer.
+pub fn polling_domstate<T>(name: &str, f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let poller = {
+        let stop = Arc::clone(&stop);
+        let name = name.to_owned();
+        thread::spawn(move || {
+            let mut states = Vec::new();
+            loop {
+                let state = match try_virsh(&["domstate", &name]) {
+                    Ok(s) => s.trim().to_owned(),
+                    Err(e) => format!("virsh error: {e}"),
+                };
+                states.push(state);
+                if states.len() == 1 {
+                    let _ = tx.send(());
+                }
+                if stop.load(Ordering::Relaxed) {
+                    return states;
+                }
+                thread::sleep(POLL);
+            }
+        })
+    };
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("first virsh domstate");
+    let out = f();
+    stop.store(true, Ordering::Relaxed);
+    (out, poller.join().expect("domstate poller"))
 }
 
 impl Upgrade {
