@@ -338,7 +338,10 @@ mod tests {
 
     #[test]
     fn a_process_given_the_lowest_priority_has_it() {
-        let mut child = std::process::Command::new("sleep").arg("10").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
         let pid = Pid::from_raw(child.id() as i32);
         // SAFETY: getpriority takes integers only and reads a thread's nice value.
         let nice = || unsafe { libc::getpriority(libc::PRIO_PROCESS, pid.as_raw() as libc::id_t) };
