@@ -417,3 +417,24 @@ fn a_clients_own_migration_stays_visible_after_upgrades() {
     qmp.execute("cont", json!({}));
     vm.assert_guest_healthy(200);
 }
+
+#[test]
+fn a_bad_timeout_is_one_line_and_status_1_not_a_panic_later() {
+    // It used to be read at the first upgrade: `inf` panicked there and took the VM along.
+    let dir = qemu_liveupgrade_tests::tempdir();
+    let qemu = qemu_liveupgrade_tests::qemu_build("7.2.22");
+    for (name, value) in [
+        ("QEMU_LIVEUPGRADE_START_TIMEOUT", "inf"),
+        ("QEMU_LIVEUPGRADE_MIGRATION_TIMEOUT", "1e300"),
+    ] {
+        let mut cmd = qemu_liveupgrade_tests::shim::shim_command(&qemu, &dir.join("run"));
+        cmd.args(guest_argv(32)).env(name, value);
+        let out = qemu_liveupgrade_tests::shim::output_within(cmd, Duration::from_secs(30));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(
+            err.trim_end(),
+            format!("qemu-system-x86_64: {name}={value}: expected seconds, more than 0 and at most 3600")
+        );
+    }
+}
