@@ -56,6 +56,11 @@ impl HandoverVm {
     /// COM3 (a unix socket the launcher serves), a USB controller for hot-plug, and a QMP
     /// socket.
     fn start(version: &str) -> HandoverVm {
+        Self::start_with(version, &[])
+    }
+
+    /// [`HandoverVm::start`] with more environment.
+    fn start_with(version: &str, env: &[(&str, &str)]) -> HandoverVm {
         let dir = tempdir();
         let bin = dir.join("bin");
         fs::create_dir_all(&bin).expect("mkdir bin");
@@ -68,6 +73,7 @@ impl HandoverVm {
             .env("QEMU_LIVEUPGRADE_BINARY", dir.join("qemu"))
             .env("QEMU_LIVEUPGRADE_CONFIG", "/nonexistent")
             .env("QEMU_LIVEUPGRADE_RUNDIR", dir.join("run"))
+            .envs(env.iter().copied())
             .args(["-name", "guest=handover,debug-threads=on"])
             .args([
                 "-accel",
@@ -563,6 +569,50 @@ fn a_build_that_cannot_read_the_state_leaves_the_vm_on_the_old_launcher() {
     wait_until(
         Duration::from_secs(30),
         "heartbeats after the refusals",
+        || {
+            vm.vm
+                .last_heartbeat()
+                .is_some_and(|h| h.counter > now + 100)
+        },
+    );
+}
+
+#[test]
+fn a_new_build_that_cannot_read_the_state_after_all_hands_the_vm_back() {
+    let _alone = one_at_a_time();
+    let b = builds();
+    // Every new image fails to read the state it is handed, after the check said it would:
+    // no real build does that, so a test hook makes it.
+    let vm = HandoverVm::start_with(
+        "7.2.22",
+        &[("QEMU_LIVEUPGRADE_TEST_HANDOVER", "unreadable")],
+    );
+    let pid = vm.pid();
+    let qemu = qemu_child(pid).expect("QEMU runs as the shim's child");
+    let mut qmp = vm.qmp();
+    let fds = fd_kinds(pid);
+    install(&b.b, &vm.shim);
+    let (report, ok) = vm.hand_over();
+    assert!(!ok, "the CLI says the handover failed: {report}");
+    assert_eq!(report["result"], "failed", "{report}");
+    let reason = report["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("the new supervisor could not read the state")
+            && reason.contains("QEMU_LIVEUPGRADE_TEST_HANDOVER"),
+        "{reason}"
+    );
+    // The old build runs the VM again, the same process, QEMU and fds.
+    assert_eq!(report["pid"], pid.as_raw(), "{report}");
+    assert_eq!(qemu_child(pid), Some(qemu));
+    let status = cli_status(&vm.rundir(), pid);
+    assert_eq!(status["supervisor"]["build"], launcher_build(), "{status}");
+    assert_eq!(status["supervisor"]["upgrades"], 0, "{status}");
+    assert_eq!(qmp.execute("query-status", json!({}))["status"], "running");
+    assert_eq!(fd_kinds(pid), fds, "the launcher's fds after going back");
+    let now = vm.vm.last_heartbeat().map_or(0, |h| h.counter);
+    wait_until(
+        Duration::from_secs(30),
+        "heartbeats after going back",
         || {
             vm.vm
                 .last_heartbeat()

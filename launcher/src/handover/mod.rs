@@ -61,6 +61,10 @@ pub const CHECK_ARG: &str = "-qemu-liveupgrade-handover-check";
 /// Set by a new image that could not read the state, when it goes back to the old binary:
 /// why, for the old image's report.
 pub const ENV_FALLBACK: &str = "QEMU_LIVEUPGRADE_HANDOVER_FALLBACK";
+/// For the tests only: `unreadable` makes every new image fail to read the state it was
+/// handed after the check said it would, which no real build does, so that the way back to
+/// the old binary can be seen to work. Nothing happens without it.
+pub const ENV_TEST: &str = "QEMU_LIVEUPGRADE_TEST_HANDOVER";
 
 /// Why a handed-over state could not be taken up.
 #[derive(Debug, thiserror::Error)]
@@ -209,10 +213,16 @@ pub fn resume(fd: RawFd) -> Result<Exit, String> {
     std::env::remove_var(ENV_STATE);
     std::env::remove_var(ENV_FALLBACK);
     let bytes = read_state(fd).map_err(|e| format!("cannot read the handed-over state: {e}"))?;
-    let (state, base) = match check::read(&bytes) {
+    let read = match std::env::var(ENV_TEST).ok().filter(|_| fallback.is_none()) {
+        Some(test) if test == "unreadable" => Err(format!("{ENV_TEST}={test}")),
+        _ => check::read(&bytes),
+    };
+    let (state, base) = match read {
         Ok(read) => read,
-        // The check said it would read this; if it cannot after all, the old binary can.
-        Err(why) => return Err(exec::go_back(&bytes, &why)),
+        // The check said it would read this; if it cannot after all, the old binary can (once:
+        // the old binary going back would only come here again).
+        Err(why) if fallback.is_none() => return Err(exec::go_back(&bytes, &why)),
+        Err(why) => return Err(format!("cannot read the state it wrote itself: {why}")),
     };
     let info = Arrival::of(&state, bytes.len());
     let mask = crate::child::set_of(&state.vm.supervisor_mask);
@@ -281,9 +291,15 @@ impl Arrival {
             r.put("coalesced_requests", json!(h.coalesced));
         }
         if let Some(why) = fallback {
+            // This is the old binary again, gone back to.
             r.put("result", "failed");
             let why = format!("the new supervisor could not read the state: {why}");
             r.put("reason", why);
+            let to = self.handover.as_ref().map(|h| h.to.to_path());
+            r.put(
+                "to",
+                json!({ "exe": to.map(|p| p.to_string_lossy().into_owned()) }),
+            );
         }
         r
     }
