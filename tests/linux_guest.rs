@@ -151,10 +151,12 @@ impl Consoles {
         for console in [&self.serial, &self.hvc] {
             console.wait_end(IO_TIMEOUT);
             let lines = console.lines();
-            summaries.push(
-                check_status_lines(&lines)
-                    .unwrap_or_else(|e| panic!("console line sequence broken: {e}")),
-            );
+            summaries.push(check_status_lines(&lines).unwrap_or_else(|e| {
+                panic!(
+                    "console line sequence broken: {e}; the first lines:\n{}",
+                    lines[..lines.len().min(20)].join("\n")
+                )
+            }));
         }
         let lines = self.serial.lines();
         assert!(

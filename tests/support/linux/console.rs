@@ -217,18 +217,19 @@ pub struct StatusLines {
     pub other: Vec<String>,
 }
 
-/// Checks the guest's line sequence on one console: a `READY` line first (of the guest's
-/// own lines; on the serial console it may follow the firmware's output on one line), then `STAT 0`, `STAT 1`, ... with none missing, repeated or out of order, each
-/// with the length it announces (`len=`); `DISK n` lines, if any, 0, 1, ... likewise. The
-/// error names the first break.
+/// Checks the guest's line sequence on one console: one `READY` line, then `STAT 0`,
+/// `STAT 1`, ... with none missing, repeated or out of order, each with the length it
+/// announces (`len=`); `DISK n` lines, if any, 0, 1, ... likewise, before or after READY
+/// (the disk writer starts first). Each of the guest's lines must start a line: its /init
+/// ends the firmware's unterminated last line before it prints anything, so a guest line
+/// glued to another one is a break too. The error names the first break.
 pub fn check_status_lines(lines: &[String]) -> Result<StatusLines, String> {
     let mut out = StatusLines::default();
     let mut ready = false;
     let mut disk: Option<u64> = None;
     for (i, line) in lines.iter().enumerate() {
         let at = |what: String| format!("line {i} {line:?}: {what}");
-        // The firmware's last words (SeaBIOS's `Booting from ROM..`) may lack a line end.
-        if line.contains("READY ") {
+        if line.starts_with("READY ") {
             if ready {
                 return Err(at("a second READY (the guest restarted?)".into()));
             }
@@ -302,6 +303,13 @@ mod tests {
         assert!(check_status_lines(&disk)
             .unwrap_err()
             .contains("DISK 1 was due"));
+        // A guest line after the firmware's unterminated one is lost to the check.
+        let glued = lines("Booting from ROM..DISK 0\nREADY x\nDISK 1");
+        assert!(check_status_lines(&glued)
+            .unwrap_err()
+            .contains("DISK 0 was due"));
+        let early = lines("Booting from ROM..\nDISK 0\nREADY x\nDISK 1\nSTAT 0 len=6");
+        assert_eq!(check_status_lines(&early).unwrap().stats, 1);
         assert!(check_status_lines(&lines("STAT 0 len=6")).is_err());
     }
 }
