@@ -88,6 +88,17 @@ impl TimedUpgrade {
         (from, self.reported)
     }
 
+    /// Unix time of a moment of the report's `pause` timeline (`old_stop`, `resume`,
+    /// `old_killed`, ...), which the launcher gives on CLOCK_MONOTONIC.
+    pub fn moment(&self, name: &str) -> Option<f64> {
+        let pause = &self.report["pause"];
+        let origin = pause["migrate_monotonic_us"].as_i64()?;
+        let at = pause[format!("{name}_us")].as_i64()?;
+        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+        let mono_now = mono.tv_sec() as f64 + mono.tv_nsec() as f64 / 1e9;
+        Some(unix_now() - mono_now + (origin + at) as f64 / 1e6)
+    }
+
     /// `7.2.22 -> 10.0.2`, from the report.
     pub fn label(&self) -> String {
         let v = |side: &str| {
@@ -200,16 +211,27 @@ pub fn allowance(u: &TimedUpgrade, w: &NetWindow) -> Result<Option<String>, Stri
 }
 
 /// When a ping sent at `sent` went out, relative to upgrade `u`'s request, swap window and
-/// report.
+/// report, and to the moments of the guest's pause: the old QEMU's STOP, the new one's
+/// RESUME, the old one's kill (from the report's timeline).
 pub fn describe(u: &TimedUpgrade, sent: f64) -> String {
     let (from, to) = u.swap_window();
-    format!(
+    let mut text = format!(
         "sent {:+.1} ms after the request, {:.1} ms before the report; swap window {:+.1}..{:+.1} ms",
         u.ms(sent),
         (u.reported - sent) * 1000.0,
         u.ms(from),
         u.ms(to)
-    )
+    );
+    for (name, what) in [
+        ("old_stop", "the old QEMU's STOP"),
+        ("resume", "the new QEMU's RESUME"),
+        ("old_killed", "the old QEMU's kill"),
+    ] {
+        if let Some(at) = u.moment(name) {
+            let _ = write!(text, "; {:+.1} ms from {what}", (sent - at) * 1000.0);
+        }
+    }
+    text
 }
 
 /// The per-upgrade table: the launcher's timings and what the network saw.
