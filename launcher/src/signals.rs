@@ -8,8 +8,11 @@
 //! running (it blocks or ignores them, or their default is to ignore), so the launcher
 //! ignores them too. Every other signal kills QEMU by its default action, and kills the
 //! launcher the same way, whose death takes QEMU with it (`PR_SET_PDEATHSIG`): the VM's pid
-//! ends by the same signal. SIGUSR2, which also kills a bare QEMU, is the launcher's upgrade
-//! request. The job-control stops (SIGTSTP, SIGTTIN, SIGTTOU) stop QEMU only when its
+//! ends by the same signal. Two exceptions: SIGUSR2, which also kills a bare QEMU, is the
+//! launcher's upgrade request; and SIGPROF, which kills a bare QEMU too, is ignored. A
+//! SIGPROF is a profiler's timer (setitimer(2) `ITIMER_PROF`) that went to the wrong process,
+//! never a request to end a VM, and no manager sends it to mean that: this is the one
+//! signal on which the VM deliberately outlives what bare QEMU would. The job-control stops (SIGTSTP, SIGTTIN, SIGTTOU) stop QEMU only when its
 //! process group is not orphaned; the launcher passes them on and stops itself exactly when
 //! QEMU did stop, so the kernel's rule decides for both, and SIGCONT continues both.
 
@@ -51,6 +54,9 @@ pub const IGNORED: [i32; 6] = [
     libc::SIGURG,
     libc::SIGWINCH,
 ];
+/// Signals that kill a bare QEMU by their default action, and that the launcher ignores all
+/// the same: a stray profiling timer must not end a VM.
+pub const SPARED: [i32; 1] = [libc::SIGPROF];
 /// Job-control stops.
 pub const JOB_STOPS: [i32; 3] = [SIGTSTP, SIGTTIN, SIGTTOU];
 
@@ -61,7 +67,7 @@ pub fn reaction(sig: i32) -> Reaction {
         SIGUSR2 => Reaction::Upgrade,
         SIGCONT => Reaction::Continue,
         s if FORWARDED.contains(&s) => Reaction::Forward,
-        s if IGNORED.contains(&s) => Reaction::Ignore,
+        s if IGNORED.contains(&s) || SPARED.contains(&s) => Reaction::Ignore,
         s if JOB_STOPS.contains(&s) => Reaction::JobStop,
         _ => Reaction::Default,
     }
@@ -74,7 +80,7 @@ pub fn watched() -> Vec<i32> {
         .collect()
 }
 
-/// Ignores the signals QEMU survives, and puts back the default action of SIGSEGV and SIGBUS,
+/// Ignores the signals QEMU survives and those it is spared, and puts back the default action of SIGSEGV and SIGBUS,
 /// whose handlers Rust's runtime installs to report stack overflows: such a handler returns
 /// from a SIGSEGV sent by kill(2), and the launcher would survive what kills QEMU. Call once
 /// the inherited signal state has been captured: QEMU gets the inherited dispositions back,
@@ -86,9 +92,9 @@ pub fn set_dispositions() -> std::io::Result<()> {
             return Err(std::io::Error::last_os_error());
         }
     }
-    for sig in IGNORED {
-        // SAFETY: SIG_IGN is a valid disposition for every signal in IGNORED, none of which
-        // is SIGKILL or SIGSTOP; no handler code runs.
+    for sig in IGNORED.into_iter().chain(SPARED) {
+        // SAFETY: SIG_IGN is a valid disposition for every signal in IGNORED and SPARED,
+        // none of which is SIGKILL or SIGSTOP; no handler code runs.
         let previous = unsafe { libc::signal(sig, libc::SIG_IGN) };
         if previous == libc::SIG_ERR {
             return Err(std::io::Error::last_os_error());
@@ -125,7 +131,9 @@ mod tests {
                 assert!(!survives.contains(&sig), "{sig}");
             }
         }
-        assert_eq!(reaction(libc::SIGPROF), Reaction::Default, "kills QEMU");
+        // Kills a bare QEMU, never the VM.
+        assert_eq!(reaction(libc::SIGPROF), Reaction::Ignore);
+        assert_eq!(reaction(libc::SIGVTALRM), Reaction::Default, "kills QEMU");
         assert_eq!(reaction(SIGTERM), Reaction::Forward);
         assert!(watched().contains(&SIGUSR2) && !watched().contains(&SIGUSR1));
     }
