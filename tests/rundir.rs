@@ -264,55 +264,74 @@ fn root_lists_shows_and_upgrades_a_vm_of_another_user() {
 }
 
 #[test]
-fn a_directory_someone_else_made_for_that_uid_is_refused() {
+fn a_directory_someone_else_made_for_that_uid_is_put_aside_by_the_placer() {
+    ensure_placer();
     let uid = test_uid(1);
     let intruder = test_uid(2);
     let uid_dir = UidDir::new(uid);
     // Root's base, as any root command leaves it; then the intruder's directory under the
-    // VM user's name.
+    // VM user's name, open to all, with something planted in it.
     assert!(cli(&["list"]).status.success());
     fs::create_dir(&uid_dir.0).unwrap();
-    chown(
-        &uid_dir.0,
-        Some(intruder),
-        Some(Gid::from_raw(intruder.as_raw())),
-    )
-    .unwrap();
-    // Open to all: were it taken, the VM's socket would sit where the intruder controls it.
+    fs::write(uid_dir.0.join("planted"), b"x").unwrap();
+    for entry in [uid_dir.0.join("planted"), uid_dir.0.clone()] {
+        chown(
+            &entry,
+            Some(intruder),
+            Some(Gid::from_raw(intruder.as_raw())),
+        )
+        .unwrap();
+    }
     fs::set_permissions(&uid_dir.0, fs::Permissions::from_mode(0o777)).unwrap();
 
     let (_dir, vm) = start_as(uid);
     let pid = vm.pid();
-    vm.wait_stderr_contains(
-        "qemu-liveupgrade: no control socket",
-        Duration::from_secs(10),
-    );
+    vm.wait_stderr_contains("was not this uid's to use", Duration::from_secs(10));
     let line = vm
         .stderr_text()
         .lines()
-        .find(|l| l.contains("no control socket"))
+        .find(|l| l.contains("was not this uid's to use"))
         .unwrap_or_default()
         .to_owned();
+    let aside = line
+        .rsplit_once("it is now ")
+        .map(|(_, p)| PathBuf::from(p))
+        .unwrap_or_default();
+    // Whatever the assertions below say, the intruder's directory goes with the test.
+    struct Aside(PathBuf);
+    impl Drop for Aside {
+        fn drop(&mut self) {
+            if self.0.starts_with(BASE) && self.0 != Path::new(BASE) {
+                let _ = fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+    let aside = Aside(aside);
     assert!(
-        line.starts_with("qemu-system-x86_64: qemu-liveupgrade: no control socket: ")
-            && line.contains(&format!("is owned by uid {intruder}, not uid {uid}")),
+        line.starts_with(&format!(
+            "qemu-system-x86_64: qemu-liveupgrade: {} was not this uid's to use; it is now {BASE}/.taken-{uid}-",
+            uid_dir.0.display()
+        )),
         "the diagnostic: {line}"
     );
+    // Kept as the intruder left it, where nothing reads it; the VM's own directory is new.
+    let meta = fs::symlink_metadata(&aside.0).unwrap();
     assert_eq!(
-        fs::read_dir(&uid_dir.0).unwrap().count(),
-        0,
-        "nothing bound in it"
+        nix::unistd::Uid::from_raw(std::os::unix::fs::MetadataExt::uid(&meta)),
+        intruder
     );
-    // The VM runs regardless.
-    vm.wait_heartbeats_after(std::time::Instant::now(), 200, Duration::from_secs(30));
+    assert!(aside.0.join("planted").exists());
+    assert_eq!(mode(&uid_dir.0), 0o700);
+    let owner = std::os::unix::fs::MetadataExt::uid(&fs::metadata(&uid_dir.0).unwrap());
+    assert_eq!(owner, uid.as_raw(), "the VM user's own directory");
+    assert!(!uid_dir.0.join("planted").exists());
 
+    // Root's CLI reaches the VM there, and nothing is skipped.
+    let status = cli_ok(&["status", "--json", &pid.to_string()]);
+    assert_eq!(status["pid"], pid.as_raw(), "{status}");
     let listed = cli(&["list", "--json"]);
     assert!(listed.status.success(), "{listed:?}");
     let err = String::from_utf8_lossy(&listed.stderr);
-    assert!(
-        err.contains(&format!("skipped {}", uid_dir.0.display())) && err.contains("is owned by"),
-        "list says nothing of the refused directory: {err}"
-    );
-    let out = cli(&["status", &pid.to_string()]);
-    assert!(!out.status.success());
+    assert!(!err.contains("skipped"), "list skipped something: {err}");
+    vm.wait_heartbeats_after(std::time::Instant::now(), 200, Duration::from_secs(30));
 }

@@ -52,6 +52,15 @@ pub enum ControlError {
     /// No directory it may trust.
     #[error("no directory for it")]
     Dir(#[source] RunDirError),
+    /// Its directory was taken by someone else, and root's repair failed.
+    #[error("no directory for it, and it could not be reclaimed ({why})")]
+    Unreclaimed {
+        /// Why the repair failed.
+        why: String,
+        /// What was wrong with the directory.
+        #[source]
+        source: RunDirError,
+    },
     /// bind(2), chmod(2) or the registration failed.
     #[error("cannot listen on {}", path.display())]
     Bind {
@@ -195,9 +204,37 @@ pub struct Control {
 impl Control {
     /// Binds this process's socket in the directory [`rundir::for_launcher`] gives (checked,
     /// made if missing) and registers it under `Token::Control`.
-    pub fn open(registry: &Registry) -> Result<Control, ControlError> {
-        let dir = rundir::for_launcher().map_err(ControlError::Dir)?;
-        Control::bind(dir, std::process::id(), registry)
+    ///
+    /// A directory another uid made under this uid's name first (or a symlink in its place)
+    /// is put aside by a step with root's rights: this process itself when it is root, the
+    /// placer service otherwise. Returns, besides the socket, a line saying what was put
+    /// aside, if anything was.
+    pub fn open(registry: &Registry) -> Result<(Control, Option<String>), ControlError> {
+        let (dir, note) = match rundir::for_launcher() {
+            Err(taken) if rundir::is_taken(&taken) => {
+                let me = nix::unistd::geteuid();
+                let reclaimed = if me.is_root() {
+                    rundir::base(true)
+                        .and_then(|base| rundir::reclaim(&base, me))
+                        .map_err(|e| crate::error_chain(&e))
+                } else {
+                    crate::placer::claim_rundir()
+                };
+                let moved =
+                    reclaimed.map_err(|why| ControlError::Unreclaimed { why, source: taken })?;
+                let dir = rundir::for_launcher().map_err(ControlError::Dir)?;
+                let note = moved.map(|aside| {
+                    format!(
+                        "{} was not this uid's to use; it is now {}",
+                        dir.path().display(),
+                        dir.path().with_file_name(aside).display()
+                    )
+                });
+                (dir, note)
+            }
+            other => (other.map_err(ControlError::Dir)?, None),
+        };
+        Ok((Control::bind(dir, std::process::id(), registry)?, note))
     }
 
     /// Binds `<dir>/<pid>.sock`, mode 0600, replacing a stale socket of a dead launcher that

@@ -15,6 +15,10 @@
 //!    the placer moves each new thread into the cgroups it recorded for the old thread of
 //!    that name, then sets its affinity, and answers what it could not do.
 //!
+//! A launcher that finds its uid's run directory taken by someone else (see [`crate::rundir`])
+//! asks `{"execute":"rundir"}`: the placer, as root, puts the impostor aside and makes the
+//! directory for the caller's uid (`SO_PEERCRED`), and answers `{"moved": NAME|null}`.
+//!
 //! Every thread id must belong to a child process of the caller (`/proc/TID/status` `Tgid`,
 //! then that process's parent in `/proc/PID/stat`): a launcher's children are its QEMUs, so a
 //! caller can only move its own VM's threads, and only into cgroups its own VM's threads were
@@ -88,6 +92,13 @@ pub fn apply(threads: &[(String, i32)]) -> Result<Vec<String>, String> {
         .flatten()
         .filter_map(|p| p.as_str().map(str::to_owned))
         .collect())
+}
+
+/// Has the placer make this process's uid's run directory, putting aside whatever took its
+/// name; returns the name that was put aside, if anything was.
+pub fn claim_rundir() -> Result<Option<String>, String> {
+    let reply = ask(&json!({"execute": "rundir"}))?;
+    Ok(reply.at("/moved").as_str().map(str::to_owned))
 }
 
 /// One request to the placer, answered within [`TIMEOUT`] by a process that runs as root.
@@ -249,10 +260,17 @@ pub fn serve(listener: UnixListener, placer: Arc<Placer>) -> io::Error {
 fn serve_one(stream: &UnixStream, placer: &Placer) -> io::Result<()> {
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
-    let (_, peer) = rundir::peer(stream)?;
+    let (uid, peer) = rundir::peer(stream)?;
     let mut line = String::new();
     BufReader::new(stream.take(MAX_LINE)).read_line(&mut line)?;
     let reply = match serde_json::from_str::<Value>(&line) {
+        Ok(req) if req.at("/execute").as_str() == Some("rundir") => {
+            let reply = claim_for(uid);
+            if reply.at("/moved").is_string() || reply.get("error").is_some() {
+                eprintln!("qemu-liveupgrade placer: pid {peer} (uid {uid}) rundir: {reply}");
+            }
+            reply
+        }
         Ok(req) => {
             let reply = placer.handle(peer, &req);
             if reply
@@ -274,6 +292,14 @@ fn serve_one(stream: &UnixStream, placer: &Placer) -> io::Result<()> {
     out.push(b'\n');
     let mut w = stream;
     w.write_all(&out)
+}
+
+/// The `rundir` request of a process running as `uid`.
+fn claim_for(uid: nix::unistd::Uid) -> Value {
+    match rundir::base(true).and_then(|base| rundir::reclaim(&base, uid)) {
+        Ok(moved) => json!({ "moved": moved }),
+        Err(e) => json!({ "error": crate::error_chain(&e) }),
+    }
 }
 
 fn parse_threads(req: &Value) -> Result<Vec<(String, Pid)>, String> {

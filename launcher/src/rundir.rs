@@ -5,6 +5,7 @@
 //!                                                          placer service, a root launcher
 //!                                                          or a root `qemu-liveupgrade`
 //! /run/qemu-liveupgrade/<uid>/            <uid>     0700   made by that uid's first launcher
+//!                                                          (or by root, see [`reclaim`])
 //! /run/qemu-liveupgrade/<uid>/<pid>.sock  <uid>     0600   one VM's control socket
 //! /run/qemu-liveupgrade/placer.sock       root      0666   the placer service (`placer`)
 //! ```
@@ -18,8 +19,10 @@
 //! its own directory there, mode 0700: only that uid and root reach its sockets.
 //!
 //! A name in a world-writable directory can be taken first. A directory named for a uid but
-//! owned by someone else, a symlink, or one writable by others is refused: that uid's launcher
-//! runs its VM without a control socket and says so in one line, and the root CLI skips it.
+//! owned by someone else, a symlink, or one writable by others is never used: root puts it
+//! aside and makes the right one ([`reclaim`], done by the placer service for launchers that
+//! are not root); where no root step can, that uid's launcher runs its VM without a control
+//! socket and says so in one line, and the root CLI skips the directory.
 //! Every check is made with `fstat` on the directory opened `O_DIRECTORY | O_NOFOLLOW`, and
 //! the socket is then reached through that open directory (`/proc/self/fd/N/NAME`), so a
 //! rename after the check cannot redirect it. The CLI also checks who answers
@@ -207,6 +210,82 @@ pub fn for_launcher() -> Result<RunDir, RunDirError> {
         }
     }
     base.child(&name, me)
+}
+
+/// Whether `e` says a uid's directory is there but is not that uid's to use (another
+/// owner, a symlink or a file, open to others), as opposed to missing or unreachable.
+pub fn is_taken(e: &RunDirError) -> bool {
+    match e {
+        RunDirError::Owner { .. } | RunDirError::Mode { .. } => true,
+        RunDirError::Open { source, .. } => {
+            matches!(source.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR))
+        }
+        RunDirError::Create { .. } | RunDirError::Missing { .. } => false,
+    }
+}
+
+/// Root's repair of `uid`'s directory in `base` ([`BASE`]): made (0700, owned by `uid`) if
+/// missing; if another uid took the name first, or left a symlink or a file there, that entry
+/// is renamed aside (`.taken-<uid>-<seconds>`, kept as evidence, never followed) and the
+/// directory made. Returns the name it was moved to, if it was.
+///
+/// Safe against a racing user: an entry root makes in a sticky directory can be renamed or
+/// removed by nobody else (`S_ISVTX`, inode(7)), and it is chowned only once made.
+pub fn reclaim(base: &RunDir, uid: Uid) -> Result<Option<String>, RunDirError> {
+    let name = uid.to_string();
+    let gid = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.gid);
+    let mut moved = None;
+    for attempt in 0..3 {
+        match base.child(&name, uid) {
+            Ok(_) => return Ok(moved),
+            Err(RunDirError::Open { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                let created = mkdirat(Some(base.fd.as_raw_fd()), name.as_str(), Mode::S_IRWXU);
+                match created {
+                    Ok(()) => nix::unistd::fchownat(
+                        Some(base.fd.as_raw_fd()),
+                        name.as_str(),
+                        Some(uid),
+                        gid,
+                        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(|e| RunDirError::Create {
+                        path: base.shown(&name),
+                        source: e.into(),
+                    })?,
+                    // Made meanwhile by someone: looked at again.
+                    Err(Errno::EEXIST) => {}
+                    Err(e) => {
+                        return Err(RunDirError::Create {
+                            path: base.shown(&name),
+                            source: e.into(),
+                        })
+                    }
+                }
+            }
+            Err(e) if is_taken(&e) => {
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let aside = format!(".taken-{uid}-{secs}-{attempt}");
+                nix::fcntl::renameat(
+                    Some(base.fd.as_raw_fd()),
+                    name.as_str(),
+                    Some(base.fd.as_raw_fd()),
+                    aside.as_str(),
+                )
+                .map_err(|err| RunDirError::Create {
+                    path: base.shown(&aside),
+                    source: err.into(),
+                })?;
+                moved = Some(aside);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    base.child(&name, uid).map(|_| moved)
 }
 
 /// The directories `qemu-liveupgrade` looks for VMs in, and what it refused on the way.
@@ -450,6 +529,40 @@ mod tests {
         let err = parent.child("real", other).unwrap_err();
         assert!(matches!(err, RunDirError::Owner { .. }), "{err}");
         parent.child("real", me).unwrap();
+        std::fs::remove_dir_all(&path).unwrap();
+    }
+
+    #[test]
+    fn reclaim_makes_a_missing_directory_and_puts_a_taken_one_aside() {
+        let path = tmp("reclaim");
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o1733)).unwrap();
+        let base = private(&path, nix::unistd::geteuid(), false).unwrap();
+        let me = nix::unistd::geteuid();
+        assert_eq!(reclaim(&base, me).unwrap(), None, "made when missing");
+        assert_eq!(
+            mode_of(&base.child(&me.to_string(), me).unwrap()).unwrap(),
+            0o700
+        );
+        assert_eq!(reclaim(&base, me).unwrap(), None, "left alone when right");
+
+        // Another uid's name taken by this one (a stand-in for an intruder), and a symlink.
+        let other = Uid::from_raw(me.as_raw() + 1);
+        std::fs::create_dir(path.join(other.to_string())).unwrap();
+        std::fs::write(path.join(other.to_string()).join("planted"), b"x").unwrap();
+        let aside = reclaim(&base, other).unwrap().expect("moved aside");
+        assert!(aside.starts_with(&format!(".taken-{other}-")), "{aside}");
+        assert!(path.join(&aside).join("planted").exists(), "kept as it was");
+        let fresh = base.child(&other.to_string(), other).unwrap();
+        assert_eq!(fresh.names().unwrap(), Vec::<String>::new());
+
+        let third = Uid::from_raw(me.as_raw() + 2);
+        std::os::unix::fs::symlink("/", path.join(third.to_string())).unwrap();
+        assert!(
+            reclaim(&base, third).unwrap().is_some(),
+            "a symlink goes aside"
+        );
+        base.child(&third.to_string(), third).unwrap();
         std::fs::remove_dir_all(&path).unwrap();
     }
 

@@ -248,7 +248,15 @@ impl Supervisor {
             Err(Awaited::Call(_)) => {}
         }
         match Control::open(sup.poll.registry()) {
-            Ok(c) => sup.control = Some(c),
+            Ok((c, note)) => {
+                if let Some(note) = note {
+                    crate::stderr_line(&format!(
+                        "{}: qemu-liveupgrade: {note}",
+                        crate::resolve::invoked_name(&sup.config.argv0).to_string_lossy(),
+                    ));
+                }
+                sup.control = Some(c);
+            }
             // The VM runs regardless; SIGUSR2 still upgrades it.
             Err(e) => {
                 crate::stderr_line(&format!(
