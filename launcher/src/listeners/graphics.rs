@@ -355,9 +355,13 @@ pub fn publish(p: Published) {
     let _ = PUBLISHED.set(p);
 }
 
-/// Whether [`info_reply`] can change anything: the launcher holds display ports.
-pub fn rewrites_replies() -> bool {
-    PUBLISHED.get().is_some()
+/// Whether [`info_reply`] may change `raw`, a reply's `return` as QEMU wrote it: the launcher
+/// holds display ports, and the return names the private directory QEMU's displays listen in.
+pub fn may_rewrite(raw: &[u8]) -> bool {
+    PUBLISHED.get().is_some_and(|p| {
+        let dir = std::os::unix::ffi::OsStrExt::as_bytes(p.dir.as_os_str());
+        !dir.is_empty() && raw.windows(dir.len()).any(|w| w == dir)
+    })
 }
 
 /// What [`publish`] was given, as a supervisor handover writes it ([`crate::handover`]).

@@ -480,7 +480,7 @@ impl Outbound {
                 return Verdict::Drop;
             }
             let verdict = match ret {
-                Some(ret) if rewrites_replies() => rewrite_reply(bytes, ret),
+                Some(ret) if may_rewrite(ret) => rewrite_reply(bytes, ret),
                 _ => Verdict::Pass,
             };
             let reply = match ret {
@@ -608,12 +608,18 @@ pub fn check_split_invariance(mode: Mode, data: &[u8], split: usize) {
     );
 }
 
-/// Whether any reply may need rewriting: the launcher holds ptys or display ports.
-fn rewrites_replies() -> bool {
-    crate::ptys::rewrites_replies()
-        || crate::listeners::graphics::rewrites_replies()
-        || crate::blockstats::rewrites_replies()
-        || HIDE_MIGRATION.load(Ordering::Relaxed)
+/// Whether a reply's `return`, as QEMU wrote it, may be one the launcher rewrites: each
+/// rewrite needs a member these bytes would show (or, for the displays, the launcher's own
+/// socket directory), so the rest, `query-status` and the like, are passed on unparsed.
+fn may_rewrite(ret: &[u8]) -> bool {
+    (crate::ptys::rewrites_replies() && contains(ret, b"\"frontend-open\""))
+        || crate::listeners::graphics::may_rewrite(ret)
+        || (crate::blockstats::rewrites_replies() && contains(ret, b"\"stats\""))
+        || (HIDE_MIGRATION.load(Ordering::Relaxed) && contains(ret, b"\"status\""))
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Set once an upgrade has migrated the guest: from then on `query-migrate` would report the
@@ -941,6 +947,24 @@ mod tests {
         );
         // Another shape is another command's reply: untouched, byte for byte.
         assert_eq!(lines.next(), Some(r#"{"return": [{"label": "serial0"}]}"#));
+    }
+
+    #[test]
+    fn replies_that_may_be_rewritten_are_told_apart_unparsed() {
+        hide_migration_state(true);
+        let mut o = Outbound::new(Mode::Qmp, Greeting::Done, Filter::Live);
+        let status =
+            r#"{"return": {"status": "running", "singlestep": false, "running": true}, "id": 1}"#;
+        let migrate = r#"{"return": {"status": "completed", "downtime": 3}, "id": 2}"#;
+        let mut rx = format!("{status}\r\n{migrate}\r\n").into_bytes();
+        let mut out = Vec::new();
+        assert_eq!(o.process(&mut rx, &mut out).len(), 2);
+        hide_migration_state(false);
+        let text = String::from_utf8(out).unwrap();
+        let mut lines = text.split("\r\n");
+        assert_eq!(lines.next(), Some(status), "passed on byte for byte");
+        let second: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        assert_eq!(second, serde_json::json!({"return": {}, "id": 2}));
     }
 
     #[test]
