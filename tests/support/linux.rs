@@ -180,6 +180,18 @@ pub fn last_stat(lines: &[String]) -> Option<u64> {
         .find_map(|l| l.strip_prefix("STAT ")?.split(' ').next()?.parse().ok())
 }
 
+/// `icmp_in` of the latest `STAT` line: the ICMP echo requests the guest's kernel received
+/// so far (`InEchos` of /proc/net/snmp).
+pub fn last_icmp_in(lines: &[String]) -> Option<u64> {
+    lines.iter().rev().find_map(|l| {
+        l.strip_prefix("STAT ")?
+            .split(' ')
+            .find_map(|w| w.strip_prefix("icmp_in="))?
+            .parse()
+            .ok()
+    })
+}
+
 /// Unix time now, as `ping -D` stamps its lines.
 pub fn unix_now() -> f64 {
     SystemTime::now()

@@ -184,30 +184,50 @@ pub fn net_windows(
 /// milliseconds from 100 ms up.
 const ESTIMATE_SLACK: f64 = 0.002;
 
-/// Whether upgrade `u` lost pings beyond the allowance: at most one, and only one sent within
-/// its swap window (give or take [`ESTIMATE_SLACK`]). `Ok(Some(..))` describes the allowance
-/// used.
+/// Most pings one upgrade may lose: requests the old QEMU reads from the tap as it stops the
+/// guest, which never reach the guest. Seen with strace on the old QEMU, the guest's own count
+/// of echo requests agreeing: every lost request was among the last one or two the old QEMU
+/// read. QEMU's stop (`do_vm_stop`) leaves the running state first and then waits, with the
+/// big lock released, for the vCPUs to pause; a packet the main loop reads from the tap
+/// meanwhile cannot be delivered and is queued, and tap polling stops. The state-change
+/// notifier that follows purges that queue, and the purge's completion callback turns tap
+/// polling on again (`tap_send_completed`), so one more packet can be read and queued, to be
+/// lost with the old QEMU. Two were lost in 4 of about 84 upgrades from 7.2.22 at a load
+/// average of 3-7 (the vCPU thread slow to pause), never in about 42 from 10.0.2; one is
+/// the usual case.
+pub const ALLOWED_LOSS: usize = 2;
+
+/// Whether upgrade `u` lost pings beyond the allowance: at most [`ALLOWED_LOSS`], each sent
+/// within its swap window (give or take [`ESTIMATE_SLACK`]). `Ok(Some(..))` describes the
+/// allowance used.
 pub fn allowance(u: &TimedUpgrade, w: &NetWindow) -> Result<Option<String>, String> {
     let (from, to) = u.swap_window();
     let window = from - ESTIMATE_SLACK..=to + ESTIMATE_SLACK;
-    match w.lost[..] {
-        [] => Ok(None),
-        [(seq, sent)] if window.contains(&sent) => Ok(Some(format!(
-            "upgrade {}: 1 ping lost, #{seq}, sent within the swap window ({}), allowed",
-            u.label(),
-            describe(u, sent)
-        ))),
-        _ => Err(format!(
-            "upgrade {}: {} ping(s) lost where at most 1, sent within the swap window, is allowed: {}",
+    let list = || {
+        w.lost
+            .iter()
+            .map(|&(seq, sent)| format!("#{seq} ({})", describe(u, sent)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if w.lost.is_empty() {
+        return Ok(None);
+    }
+    if w.lost.len() <= ALLOWED_LOSS && w.lost.iter().all(|(_, sent)| window.contains(sent)) {
+        return Ok(Some(format!(
+            "upgrade {}: {} ping(s) lost, sent within the swap window, allowed: {}",
             u.label(),
             w.lost.len(),
-            w.lost
-                .iter()
-                .map(|&(seq, sent)| format!("#{seq} ({})", describe(u, sent)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )),
+            list()
+        )));
     }
+    Err(format!(
+        "upgrade {}: {} ping(s) lost where at most {ALLOWED_LOSS}, sent within the swap window, \
+         are allowed: {}",
+        u.label(),
+        w.lost.len(),
+        list()
+    ))
 }
 
 /// When a ping sent at `sent` went out, relative to upgrade `u`'s request, swap window and
@@ -286,4 +306,41 @@ pub fn net_table(upgrades: &[TimedUpgrade], during: &[NetWindow], outside: &NetW
          from its request to its report)\n",
     );
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upgrade() -> TimedUpgrade {
+        TimedUpgrade {
+            requested: 100.0,
+            steps: vec![(STEP_MIGRATING.to_owned(), 100.2)],
+            report: json!({"from": {"version": "7.2.22"}, "to": {"version": "10.0.2"}}),
+            reported: 100.3,
+        }
+    }
+
+    fn lost(sent: &[f64]) -> NetWindow {
+        NetWindow {
+            lost: sent
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| (i as u64, t))
+                .collect(),
+            ..NetWindow::default()
+        }
+    }
+
+    #[test]
+    fn up_to_two_losses_in_the_swap_window_and_none_elsewhere() {
+        let u = upgrade();
+        assert_eq!(allowance(&u, &lost(&[])), Ok(None));
+        assert!(allowance(&u, &lost(&[100.25])).unwrap().is_some());
+        assert!(allowance(&u, &lost(&[100.25, 100.26])).unwrap().is_some());
+        assert!(allowance(&u, &lost(&[100.25, 100.26, 100.27])).is_err());
+        // Before the `migrating` step: the old QEMU still ran the guest then.
+        assert!(allowance(&u, &lost(&[100.1])).is_err());
+        assert!(allowance(&u, &lost(&[100.1, 100.25])).is_err());
+    }
 }
