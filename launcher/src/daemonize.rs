@@ -100,6 +100,9 @@ impl Daemon {
     pub fn report(&mut self, result: StartResult) {
         let Some(fd) = self.notify.take() else { return };
         if result == StartResult::Ready {
+            // QEMU's start-up messages, relayed, reach the caller before its pipes are let go,
+            // unless it does not read them within a second.
+            crate::stdio::drain(std::time::Instant::now() + std::time::Duration::from_secs(1));
             redirect_stdio_to_null();
         }
         let msg = match result {
@@ -125,6 +128,8 @@ fn redirect_stdio_to_null() {
     if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
         for target in 0..3 {
             let _ = nix::unistd::dup2(null.as_raw_fd(), target);
+            // What waited for the caller's pipe will never reach it now.
+            crate::stdio::reopened(target);
         }
     }
 }

@@ -11,7 +11,8 @@
 //!   installed now.
 //! - [`child`]: fork/exec of one QEMU generation with an explicit fd layout.
 //! - [`qmp`]: QMP framing over the launcher's private monitor.
-//! - [`relay`]: QEMU output copied through the launcher.
+//! - [`relay`]: QEMU output copied through the launcher; [`stdio`]: the launcher's own
+//!   stdout and stderr, written without waiting.
 //! - [`tapguard`]: a starting QEMU kept from resetting the VM's taps; [`taps`]: taps opened
 //!   by name once, for every generation.
 //! - [`generation`]: the argv and fds one QEMU generation gets.
@@ -72,6 +73,7 @@ pub mod resources;
 pub mod rundir;
 pub mod signals;
 pub mod spawn;
+pub mod stdio;
 pub mod supervisor;
 pub mod tapguard;
 pub mod taps;
@@ -94,33 +96,10 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Writes `line` and a line end to stderr if that can be done now. Unlike `eprintln!`, it
-/// never panics (stderr closed, full disk, a reader gone) and never blocks the caller (a
-/// stderr pipe nobody drains stalls the write, not the supervisor's loop): the line is lost
-/// instead. Returns whether all of it was written.
+/// Writes `line` and a line end to stderr. Unlike `eprintln!`, it never panics (stderr
+/// closed, full disk, a reader gone) and never blocks the caller: a stderr nobody drains
+/// keeps the line in a bounded queue, or drops it, counted ([`stdio`]). Returns whether the
+/// line went out or waits to.
 pub fn stderr_line(line: &str) -> bool {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use std::os::fd::AsFd;
-    let stderr = std::io::stderr();
-    let fd = stderr.as_fd();
-    let mut ready = [PollFd::new(fd, PollFlags::POLLOUT)];
-    let writable = matches!(poll(&mut ready, PollTimeout::ZERO), Ok(1))
-        && ready[0].revents().is_some_and(|r| {
-            r.contains(PollFlags::POLLOUT)
-                && !r.intersects(PollFlags::POLLERR | PollFlags::POLLNVAL)
-        });
-    if !writable {
-        return false;
-    }
-    let mut text = Vec::with_capacity(line.len() + 1);
-    text.extend_from_slice(line.as_bytes());
-    text.push(b'\n');
-    let mut rest = text.as_slice();
-    while !rest.is_empty() {
-        match fdio::retry(|| nix::unistd::write(fd, rest)) {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => rest = rest.get(n..).unwrap_or_default(),
-        }
-    }
-    true
+    stdio::line(line)
 }

@@ -7,7 +7,7 @@
 //! fails to start, the upgrade report can say why in QEMU's own words, while the message still
 //! reaches the log the VM's stderr goes to.
 
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 
@@ -106,19 +106,11 @@ impl Relay {
         match nix::unistd::read(self.from.as_raw_fd(), &mut buf) {
             Ok(0) => Copied::Eof,
             Ok(n) => {
-                self.keep_tail(buf.get(..n).unwrap_or_default());
-                let mut out = buf.get(..n).unwrap_or_default();
-                // SAFETY: `to` is 1 or 2, open for the launcher's whole life.
-                let target = unsafe { BorrowedFd::borrow_raw(self.to) };
-                while !out.is_empty() {
-                    match nix::unistd::write(target, out) {
-                        Ok(w) => out = out.get(w..).unwrap_or_default(),
-                        Err(Errno::EINTR) => {}
-                        // Whoever read our output went away; QEMU's output has nowhere to go,
-                        // as it would not had QEMU written it directly.
-                        Err(_) => break,
-                    }
-                }
+                let bytes = buf.get(..n).unwrap_or_default();
+                self.keep_tail(bytes);
+                // Never waits: a reader of the launcher's output that stalls must not stall
+                // the loop; what does not fit is dropped and counted (crate::stdio).
+                crate::stdio::write(self.to, bytes);
                 Copied::More
             }
             Err(Errno::EAGAIN) | Err(Errno::EINTR) => Copied::Empty,

@@ -153,6 +153,7 @@ impl Supervisor {
     /// Starts the first generation and the loop around it. Returns once it executed QEMU.
     pub fn start(mut config: Config) -> Result<Supervisor, SupervisorError> {
         let poll = Poll::new().map_err(SupervisorError::Poll)?;
+        crate::stdio::set_prefix(&crate::resolve::invoked_name(&config.argv0).to_string_lossy());
         // QEMU got the inherited signal state already (main captured it first); from here on
         // the launcher survives what QEMU survives.
         signals::set_dispositions().map_err(SupervisorError::Poll)?;
@@ -304,6 +305,7 @@ impl Supervisor {
                 // EOF: libvirt treats EOF without SHUTDOWN as a crash.
                 self.proxy.flush(Instant::now() + Duration::from_secs(1));
                 self.ptys.flush(Instant::now() + Duration::from_secs(1));
+                crate::stdio::drain(Instant::now() + Duration::from_secs(1));
                 // The taps opened by name go now, with their down scripts, as QEMU's would.
                 self.config
                     .taps
@@ -522,6 +524,9 @@ impl Supervisor {
         mut beside: Option<&mut Generation>,
         timeout: Option<Duration>,
     ) -> io::Result<()> {
+        // Output that waits for a stalled reader of the launcher's stdio is written when the
+        // reader reads again: watched before the loop sleeps.
+        crate::stdio::watch(self.poll.registry());
         match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
@@ -553,6 +558,7 @@ impl Supervisor {
                 }
                 Token::ControlClient(i) => self.on_control_client(i),
                 Token::Probe => self.on_probe(),
+                Token::Stdio(fd) => crate::stdio::on_writable(fd as i32),
                 // Exec status is read by whoever waits for it; the event only wakes it.
                 Token::Exec(_) | Token::Handover | Token::Proxy | Token::Unknown(_) => {}
             }
@@ -779,6 +785,7 @@ impl Supervisor {
             "generation_uptime_s": self.current.started.elapsed().as_secs(),
             "last_upgrade": self.last_upgrade,
             "heap_in_use": crate::heap::in_use(),
+            "output_dropped_bytes": crate::stdio::dropped(),
             "supervisor": self.handovers.status(),
         });
         if let (Value::Object(status), Value::Object(installed)) = (

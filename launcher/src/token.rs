@@ -30,6 +30,9 @@ pub enum Token {
     Probe,
     /// The answer of a new launcher binary run in its handover check mode.
     Handover,
+    /// The launcher's own stdout or stderr, by fd, watched for writability while output
+    /// waits for it ([`crate::stdio`]).
+    Stdio(usize),
     /// One of the proxy's sockets; the proxy routes it itself.
     Proxy,
     /// A value nothing here hands out; its events are dropped.
@@ -51,6 +54,7 @@ const TAP_GUARD: usize = 7;
 const PTY: usize = 8;
 const PROBE: usize = 9;
 const HANDOVER: usize = 10;
+const STDIO: usize = 11;
 
 impl Token {
     /// Tokens from here up belong to the proxy, which counts up from it.
@@ -71,6 +75,7 @@ impl Token {
             Token::Pty(i) => tagged(PTY, i),
             Token::Probe => PROBE,
             Token::Handover => HANDOVER,
+            Token::Stdio(fd) => tagged(STDIO, fd),
             Token::Proxy => Self::PROXY_BASE,
             Token::Unknown(v) => v,
         })
@@ -96,6 +101,7 @@ impl Token {
             PTY => Some(Token::Pty(index)),
             PROBE if index == 0 => Some(Token::Probe),
             HANDOVER if index == 0 => Some(Token::Handover),
+            STDIO => Some(Token::Stdio(index)),
             _ => None,
         };
         decoded.unwrap_or(Token::Unknown(value))
@@ -123,6 +129,7 @@ mod tests {
             Token::Pty(3),
             Token::Probe,
             Token::Handover,
+            Token::Stdio(2),
         ] {
             assert_eq!(Token::from_mio(t.to_mio()), t, "{t:?}");
         }
@@ -141,6 +148,7 @@ mod tests {
                 Token::Monitor(n),
                 Token::TapGuard(n),
                 Token::Pty(i),
+                Token::Stdio(i),
             ] {
                 if let Some(other) = seen.insert(t.to_mio(), t) {
                     panic!("{t:?} and {other:?} share {:?}", t.to_mio());

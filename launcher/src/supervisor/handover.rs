@@ -90,6 +90,7 @@ impl Supervisor {
             exe: self.handovers.exe.as_deref().map(Text::path),
             job_stop: self.job_stop,
             fault_armed: self.fault.is_some(),
+            stdio: crate::stdio::export(),
         };
         let requests = state::Requests {
             upgrades: self.upgrade_requests,
@@ -193,6 +194,8 @@ impl Supervisor {
             .map(|fd| take.owned(*fd))
             .collect::<Result<Vec<_>, _>>()?;
         let null = std::fs::File::open("/dev/null").map_err(ImportError::io("/dev/null"))?;
+        crate::stdio::set_prefix(&crate::resolve::invoked_name(&config.argv0).to_string_lossy());
+        crate::stdio::import(vm.stdio);
         let proxy = Proxy::import(s.proxy, &mut take, registry, Token::PROXY_BASE)?;
         let ptys = PtyRelay::import(s.ptys, &mut take, registry, |i| Token::Pty(i).to_mio())?;
         let current = Generation::import(s.current, &mut take)?;

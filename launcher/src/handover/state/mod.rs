@@ -272,6 +272,24 @@ pub struct Vm {
     /// The test fault hook ([`crate::fault`]) has not struck yet.
     #[serde(default)]
     pub fault_armed: bool,
+    /// Output for the launcher's stdout and stderr that their readers had not taken yet
+    /// ([`crate::stdio`]). A reader that predates it loses these bytes, as the overflow
+    /// policy for diagnostics would: no version bump.
+    #[serde(default)]
+    pub stdio: Vec<StdioQueue>,
+}
+
+/// Output waiting for the launcher's stdout (1) or stderr (2).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StdioQueue {
+    /// 1 or 2: the launcher's own, open across the exec and named nowhere else.
+    pub fd: i32,
+    /// The bytes, oldest first.
+    pub queued: Bytes,
+    /// Bytes dropped over the VM's life.
+    pub dropped: u64,
+    /// Bytes dropped that no line has reported yet.
+    pub unreported: u64,
 }
 
 /// The parts of [`crate::generation::Base`] that hold resources, by identity.
