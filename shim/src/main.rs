@@ -42,7 +42,7 @@ fn main() -> ExitCode {
                 Err(message) => {
                     let argv0 = std::env::args_os().next().unwrap_or_default();
                     let prog = resolve::invoked_name(&argv0).to_string_lossy().into_owned();
-                    eprintln!("{prog}: qemu-liveupgrade: {message}");
+                    last_words(&format!("{prog}: qemu-liveupgrade: {message}"));
                     ExitCode::from(1)
                 }
             }
@@ -63,12 +63,19 @@ fn main() -> ExitCode {
     match launch(&argv0, rest, signals, &mut foreground) {
         Ok(exit) => end_like(exit),
         Err(message) => {
-            // A stderr that is gone is no reason to panic on the way out.
-            let _ = writeln!(std::io::stderr(), "{prog}: {message}");
+            last_words(&format!("{prog}: {message}"));
             drop(foreground);
             ExitCode::from(1)
         }
     }
+}
+
+/// Prints the error the launcher ends with, after what still waits for its stderr, as QEMU
+/// prints its own on the way out. A stderr that is gone is no reason to panic, and one nobody
+/// reads keeps the launcher (and a QEMU that dies with it) for a second at most.
+fn last_words(line: &str) {
+    launcher::stderr_line(line);
+    launcher::stdio::drain(std::time::Instant::now() + std::time::Duration::from_secs(1));
 }
 
 /// Runs the VM described by `args`, or hands a query to QEMU. Errors are one line of text.
