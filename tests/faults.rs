@@ -390,6 +390,199 @@ fn upgrade_reports_to_a_stderr_nobody_reads() {
     assert_eq!(shim.0.wait().unwrap().code(), Some(0));
 }
 
+/// What a stalled reader of the VM's stderr (virtlogd stuck, a script that stopped reading)
+/// must not stall: the launcher's loop. The shim's stderr is a pipe filled to the brim whose
+/// reader never reads. After one upgrade, the QEMU running the guest writes its stderr through
+/// the launcher; a QMP client then turns on a trace event for every monitor command, so every
+/// command makes QEMU write a line there, far more than the launcher keeps for a stalled
+/// stream. Throughout: the guest's console (a socket the launcher serves) keeps flowing, the
+/// QMP client is answered, a further upgrade completes, `status` counts the dropped output;
+/// once the reader reads again, the launcher says what it dropped.
+#[test]
+fn a_stalled_stderr_reader_stalls_nothing() {
+    use qemu_liveupgrade_tests::linux::Console;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let dir = qemu_liveupgrade_tests::tempdir();
+    let qemu = dir.join("qemu");
+    std::os::unix::fs::symlink(qemu_liveupgrade_tests::qemu_build("7.2.22"), &qemu).unwrap();
+    let rundir = dir.join("run");
+    std::fs::create_dir_all(&rundir).unwrap();
+    let (stderr_r, stderr_w) = nix::unistd::pipe().unwrap();
+    fill(&stderr_w);
+    let (qmp_path, console_path) = (dir.join("qmp.sock"), dir.join("console.sock"));
+    let mut argv = guest_argv(64);
+    let serial = argv
+        .iter()
+        .position(|a| a == "stdio")
+        .expect("-serial stdio");
+    argv[serial] = "chardev:con0".into();
+    argv.extend([
+        "-chardev".into(),
+        format!(
+            "socket,id=con0,path={},server=on,wait=off",
+            console_path.display()
+        ),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp_path.display()),
+    ]);
+    let mut cmd = qemu_liveupgrade_tests::shim::shim_command(&qemu, &rundir);
+    cmd.args(&argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(stderr_w));
+    let shim = Group(cmd.process_group(0).spawn().expect("shim"));
+    let pid = Pid::from_raw(shim.0.id() as i32);
+    let console = Console::connect("console", &console_path, Duration::from_secs(30));
+    let mut qmp = Qmp::connect_unix(&qmp_path, Duration::from_secs(30));
+    let heartbeats = |c: &Console| c.lines().iter().filter(|l| l.starts_with("HB ")).count();
+    let flowing = |what: &str| {
+        let before = heartbeats(&console);
+        console.wait_for(what, Duration::from_secs(30), |lines| {
+            lines.iter().filter(|l| l.starts_with("HB ")).count() >= before + 50
+        });
+    };
+    flowing("heartbeats at start");
+
+    let upgrade = |to: &str| {
+        let tmp = dir.join("qemu.new");
+        std::os::unix::fs::symlink(qemu_liveupgrade_tests::qemu_build(to), &tmp).unwrap();
+        std::fs::rename(&tmp, &qemu).unwrap();
+        let mut cli = Command::new(qemu_liveupgrade_tests::cli_bin());
+        cli.args(["upgrade", "--json", &pid.to_string()])
+            .env("QEMU_LIVEUPGRADE_RUNDIR", &rundir);
+        qemu_liveupgrade_tests::shim::cli_json(cli, "upgrade")
+    };
+    // Its stderr now goes through the launcher.
+    let report = upgrade("10.0.2");
+    assert_eq!(report["result"], "ok", "{report}");
+    let traced = json!({"name": "monitor_qmp_cmd_in_band", "enable": true});
+    qmp.execute("trace-event-set-state", traced);
+    // Each command a trace line of some 30 bytes on QEMU's stderr: 150 KiB in all, more than
+    // twice what the launcher keeps for a stalled stream.
+    for _ in 0..5000 {
+        assert_eq!(qmp.execute("query-status", json!({}))["status"], "running");
+    }
+    flowing("heartbeats with the stderr stalled");
+    let status = cli_status(&rundir, pid);
+    let dropped = status["output_dropped_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        dropped > 64 * 1024,
+        "dropped only {dropped} bytes: {status}"
+    );
+
+    // A supervisor handover takes what waits, and the count, to the next launcher.
+    let (report, ok) =
+        qemu_liveupgrade_tests::handover::supervisor_upgrade(Some(&rundir), &pid.to_string(), None);
+    assert!(ok, "{report}");
+    let status = cli_status(&rundir, pid);
+    assert_eq!(status["supervisor"]["upgrades"], 1, "{status}");
+    let carried = status["output_dropped_bytes"].as_u64().unwrap_or(0);
+    assert!(carried >= dropped, "{carried} < {dropped}: {status}");
+    flowing("heartbeats after the handover");
+
+    // Another upgrade, its report among what waits for the stalled stderr.
+    let report = upgrade("7.2.22");
+    assert_eq!(report["result"], "ok", "{report}");
+    assert_eq!(version(&qmp.execute("query-version", json!({}))), "7.2.22");
+    flowing("heartbeats after the second upgrade");
+
+    // The reader reads again: what waited comes out, then one line on what was dropped.
+    let mut text = Vec::new();
+    let noticed = |t: &[u8]| String::from_utf8_lossy(t).contains("bytes of output dropped");
+    read_until(&stderr_r, &mut text, Duration::from_secs(30), noticed);
+    assert!(
+        noticed(&text),
+        "no notice of dropped output; the stream's end: {}",
+        String::from_utf8_lossy(&text[text.len().saturating_sub(400)..])
+    );
+    // The notice is the stream's last line, so nothing more comes: whatever else arrives
+    // before `quit` would be a second notice.
+    read_until(&stderr_r, &mut text, Duration::from_millis(500), |_| false);
+    let text = String::from_utf8_lossy(&text);
+    let text = text.trim_start_matches('.');
+    assert_eq!(
+        text.matches("bytes of output dropped").count(),
+        1,
+        "said once: {}",
+        &text[text.len().saturating_sub(400)..]
+    );
+    // What waited comes out in the order it was written: the first upgrade's report (written
+    // to the full pipe before any of QEMU's trace lines), then QEMU's own lines.
+    let report_at = text.find("\"result\"").expect("the first upgrade's report");
+    let trace_at = text
+        .find("monitor_qmp_cmd_in_band")
+        .expect("QEMU's own lines came through");
+    assert!(report_at < trace_at, "{}", &text[..text.len().min(600)]);
+    // The notice counts what status counts: every byte dropped, before and after the handover.
+    let notice = text
+        .lines()
+        .find(|l| l.contains("bytes of output dropped"))
+        .unwrap_or_default();
+    assert!(
+        notice.starts_with("qemu-system-x86_64: qemu-liveupgrade: "),
+        "{notice}"
+    );
+    let said: u64 = notice
+        .split(" bytes of output dropped")
+        .next()
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {notice:?}"));
+    let status = cli_status(&rundir, pid);
+    assert_eq!(
+        Some(said),
+        status["output_dropped_bytes"].as_u64(),
+        "{status}"
+    );
+    assert!(said >= carried, "{said} < {carried}");
+    eprintln!(
+        "dropped {dropped} bytes before the handover, {carried} after it, {said} in all; \
+         {} bytes came out once the reader read",
+        text.len()
+    );
+    let _ = qmp.try_execute("quit", json!({}));
+    let mut shim = shim;
+    wait_until(Duration::from_secs(10), "the shim to end", || {
+        shim.0.try_wait().unwrap().is_some()
+    });
+    assert_eq!(shim.0.wait().unwrap().code(), Some(0));
+}
+
+/// Reads `r` into `text` until `done` says so or `within` has passed.
+fn read_until(
+    r: &std::os::fd::OwnedFd,
+    text: &mut Vec<u8>,
+    within: Duration,
+    done: impl Fn(&[u8]) -> bool,
+) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    use std::os::fd::{AsFd, AsRawFd};
+    let deadline = Instant::now() + within;
+    while !done(text) && Instant::now() < deadline {
+        let mut fds = [PollFd::new(r.as_fd(), PollFlags::POLLIN)];
+        if nix::poll::poll(&mut fds, PollTimeout::from(100u16)).unwrap() > 0 {
+            let mut buf = [0u8; 65536];
+            let n = nix::unistd::read(r.as_raw_fd(), &mut buf).unwrap();
+            text.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+/// Fills a pipe through a non-blocking twin of its write end, leaving the end itself
+/// blocking, as an inherited stderr is.
+fn fill(w: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    let twin = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/self/fd/{}", w.as_raw_fd()))
+        .expect("reopen the pipe");
+    let flags = nix::fcntl::fcntl(twin.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(twin.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags)).unwrap();
+    while nix::unistd::write(&twin, &[b'.'; 4096]).is_ok() {}
+}
+
 /// A child in its own process group, killed with it when dropped.
 struct Group(std::process::Child);
 
