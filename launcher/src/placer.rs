@@ -41,13 +41,17 @@ use crate::json::JsonExt;
 use crate::rundir::{self, RunDirError};
 use crate::threads::Placement;
 
+mod ask;
+pub use ask::Asking;
+
 /// The placer's socket, in [`rundir::BASE`].
 pub const SOCKET: &str = "placer.sock";
-/// How long either side waits for the other's line.
-const TIMEOUT: Duration = Duration::from_secs(2);
+/// How long either side waits for the other's line; a launcher's request takes this long at
+/// most in all.
+pub const TIMEOUT: Duration = Duration::from_secs(2);
 /// Most threads one request may name; more than any VM has.
 const MAX_THREADS: usize = 4096;
-/// Longest request line.
+/// Longest request or answer line.
 const MAX_LINE: u64 = 1 << 20;
 /// Connections served at once; each takes at most [`TIMEOUT`] per line.
 const MAX_CLIENTS: usize = 64;
@@ -72,8 +76,12 @@ pub enum PlacerError {
     },
 }
 
+/// How one request to the placer is made: by the supervisor's loop while it serves the VM
+/// ([`crate::supervisor::Supervisor::ask_placer`]), or by [`ask`].
+pub type Ask<'a> = dyn FnMut(&Value) -> Result<Value, String> + 'a;
+
 /// Has the placer record the placement of `threads` (the old generation's) for this process.
-pub fn snapshot(threads: &[(String, i32)]) -> Result<(), String> {
+pub fn snapshot(threads: &[(String, i32)], ask: &mut Ask<'_>) -> Result<(), String> {
     let reply = ask(&json!({"execute": "snapshot", "threads": threads}))?;
     match reply.at("/problems").as_array() {
         Some(p) if !p.is_empty() => Err(format!("the placer refused: {}", Value::from(p.clone()))),
@@ -83,7 +91,7 @@ pub fn snapshot(threads: &[(String, i32)]) -> Result<(), String> {
 
 /// Has the placer give `threads` (the new generation's) the placement it recorded; returns
 /// what it could not do, one line each.
-pub fn apply(threads: &[(String, i32)]) -> Result<Vec<String>, String> {
+pub fn apply(threads: &[(String, i32)], ask: &mut Ask<'_>) -> Result<Vec<String>, String> {
     let reply = ask(&json!({"execute": "apply", "threads": threads}))?;
     Ok(reply
         .at("/problems")
@@ -95,45 +103,18 @@ pub fn apply(threads: &[(String, i32)]) -> Result<Vec<String>, String> {
 }
 
 /// Has the placer make this process's uid's run directory, putting aside whatever took its
-/// name; returns the name that was put aside, if anything was.
+/// name; returns the name that was put aside, if anything was. Asked while the launcher
+/// starts, before its loop serves anything.
 pub fn claim_rundir() -> Result<Option<String>, String> {
     let reply = ask(&json!({"execute": "rundir"}))?;
     Ok(reply.at("/moved").as_str().map(str::to_owned))
 }
 
-/// One request to the placer, answered within [`TIMEOUT`] by a process that runs as root.
-fn ask(req: &Value) -> Result<Value, String> {
-    let base = rundir::base(false).map_err(|e| crate::error_chain(&e))?;
-    let path = base.shown(SOCKET);
-    let fail = |e: io::Error| format!("placer {}: {e}", path.display());
-    let stream = UnixStream::connect(base.reach(SOCKET)).map_err(|e| {
-        format!(
-            "no placer service (qemu-liveupgrade placer) at {}: {e}",
-            path.display()
-        )
-    })?;
-    let (uid, pid) = rundir::peer(&stream).map_err(fail)?;
-    if !uid.is_root() {
-        return Err(format!(
-            "{} is served by pid {pid} as uid {uid}, not by root",
-            path.display()
-        ));
-    }
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(fail)?;
-    stream.set_write_timeout(Some(TIMEOUT)).map_err(fail)?;
-    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    line.push(b'\n');
-    (&stream).write_all(&line).map_err(fail)?;
-    let mut answer = String::new();
-    BufReader::new((&stream).take(MAX_LINE))
-        .read_line(&mut answer)
-        .map_err(fail)?;
-    let reply: Value = serde_json::from_str(&answer)
-        .map_err(|e| format!("placer {}: not JSON ({e})", path.display()))?;
-    match reply.get("error").and_then(Value::as_str) {
-        Some(e) => Err(format!("the placer says: {e}")),
-        None => Ok(reply),
-    }
+/// One request to the placer, answered within [`TIMEOUT`] in all by a process that runs as
+/// root; the caller waits for it.
+pub fn ask(req: &Value) -> Result<Value, String> {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    Asking::start(req)?.wait(deadline)
 }
 
 /// A caller: its pid and that process's start time (clock ticks since boot, `/proc/PID/stat`

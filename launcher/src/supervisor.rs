@@ -560,7 +560,11 @@ impl Supervisor {
                 Token::Probe => self.on_probe(),
                 Token::Stdio(fd) => crate::stdio::on_writable(fd as i32),
                 // Exec status is read by whoever waits for it; the event only wakes it.
-                Token::Exec(_) | Token::Handover | Token::Proxy | Token::Unknown(_) => {}
+                Token::Exec(_)
+                | Token::Handover
+                | Token::Placer
+                | Token::Proxy
+                | Token::Unknown(_) => {}
             }
         }
         Ok(())

@@ -140,20 +140,20 @@ pub struct Snapshot {
 }
 
 /// Reads the placement of the old generation's threads (`old`, from [`threads`]); a launcher
-/// that is not root also has the placer read it.
-pub fn snapshot(old: &[(String, i32)]) -> Snapshot {
+/// that is not root also has the placer read it, asking it by `ask`.
+pub fn snapshot(old: &[(String, i32)], ask: &mut placer::Ask<'_>) -> Snapshot {
     let threads = old
         .iter()
         .map(|(name, tid)| Placement::read(name, Pid::from_raw(*tid)))
         .collect();
-    let placer = (!nix::unistd::geteuid().is_root()).then(|| placer::snapshot(old));
+    let placer = (!nix::unistd::geteuid().is_root()).then(|| placer::snapshot(old, ask));
     Snapshot { threads, placer }
 }
 
 /// Gives each new thread the placement of the old thread of the same name. Returns the
 /// report: how many threads were placed with nothing amiss, what could not be copied, and who
-/// moved them between cgroups (`launcher` or `placer`).
-pub fn apply(old: &Snapshot, new: &[(String, i32)]) -> Value {
+/// moved them between cgroups (`launcher` or `placer`, asked by `ask`).
+pub fn apply(old: &Snapshot, new: &[(String, i32)], ask: &mut placer::Ask<'_>) -> Value {
     let mut problems = Vec::new();
     let mut amiss = std::collections::BTreeSet::new();
     for (name, tid) in new {
@@ -193,7 +193,7 @@ pub fn apply(old: &Snapshot, new: &[(String, i32)]) -> Value {
                         .iter()
                         .map(|(name, _)| format!("{name}: cgroup: not moved: {why}")),
                 ),
-                Ok(()) => match placer::apply(&moving) {
+                Ok(()) => match placer::apply(&moving, ask) {
                     Ok(theirs) => problems.extend(theirs),
                     Err(why) => problems.extend(
                         moving
@@ -423,10 +423,11 @@ mod tests {
             threads: vec![Placement::read("vcpu0", old_tid)],
             placer: None,
         };
-        let report = apply(&snap, &[("vcpu0".into(), me.as_raw())]);
+        let mut no_placer = |_: &Value| -> Result<Value, String> { panic!("root asks no placer") };
+        let report = apply(&snap, &[("vcpu0".into(), me.as_raw())], &mut no_placer);
         assert_eq!(report["placed"], 1, "{report}");
         assert_eq!(sched_getaffinity(me).unwrap(), one);
-        let missing = apply(&snap, &[("vcpu1".into(), me.as_raw())]);
+        let missing = apply(&snap, &[("vcpu1".into(), me.as_raw())], &mut no_placer);
         assert_eq!(missing["placed"], 0, "{missing}");
         assert_eq!(
             missing["problems"][0],

@@ -33,6 +33,8 @@ pub enum Token {
     /// The launcher's own stdout or stderr, by fd, watched for writability while output
     /// waits for it ([`crate::stdio`]).
     Stdio(usize),
+    /// A request to the placer service under way ([`crate::placer::Asking`]).
+    Placer,
     /// One of the proxy's sockets; the proxy routes it itself.
     Proxy,
     /// A value nothing here hands out; its events are dropped.
@@ -55,6 +57,7 @@ const PTY: usize = 8;
 const PROBE: usize = 9;
 const HANDOVER: usize = 10;
 const STDIO: usize = 11;
+const PLACER: usize = 12;
 
 impl Token {
     /// Tokens from here up belong to the proxy, which counts up from it.
@@ -76,6 +79,7 @@ impl Token {
             Token::Probe => PROBE,
             Token::Handover => HANDOVER,
             Token::Stdio(fd) => tagged(STDIO, fd),
+            Token::Placer => PLACER,
             Token::Proxy => Self::PROXY_BASE,
             Token::Unknown(v) => v,
         })
@@ -102,6 +106,7 @@ impl Token {
             PROBE if index == 0 => Some(Token::Probe),
             HANDOVER if index == 0 => Some(Token::Handover),
             STDIO => Some(Token::Stdio(index)),
+            PLACER if index == 0 => Some(Token::Placer),
             _ => None,
         };
         decoded.unwrap_or(Token::Unknown(value))
@@ -130,6 +135,7 @@ mod tests {
             Token::Probe,
             Token::Handover,
             Token::Stdio(2),
+            Token::Placer,
         ] {
             assert_eq!(Token::from_mio(t.to_mio()), t, "{t:?}");
         }

@@ -327,7 +327,11 @@ impl Upgrade<'_> {
         let old_threads = To::Current {
             beside: Some(&mut self.new),
         };
-        let placement = threads::snapshot(&thread_list(self.sup, old_threads));
+        let old_threads = thread_list(self.sup, old_threads);
+        let (sup, new) = (&mut *self.sup, &mut self.new);
+        let placement = threads::snapshot(&old_threads, &mut |req| {
+            sup.ask_placer(Some(&mut *new), req)
+        });
 
         self.sup.progress("migrating");
         // 8. The stream: one pipe, its read end in the new QEMU, its write end in the old.
@@ -621,7 +625,9 @@ impl Upgrade<'_> {
         );
         stats.tap_ioctls_held = sup.current.tap_guard.as_ref().map(|g| g.suppressed);
         let new_threads = thread_list(sup, To::CURRENT);
-        stats.threads = threads::apply(&moved.placement, &new_threads);
+        stats.threads = threads::apply(&moved.placement, &new_threads, &mut |req| {
+            sup.ask_placer(None, req)
+        });
         let step = sup.config.settings.timeouts.step;
         sup.reap_ended(Instant::now() + step);
         if sup.ending_is_empty() {

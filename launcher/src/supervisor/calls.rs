@@ -159,6 +159,39 @@ impl Supervisor {
         Ok(())
     }
 
+    /// One request to the placer service ([`crate::placer`]), answered within
+    /// [`crate::placer::TIMEOUT`] in all while the loop serves the VM (`beside` too): its
+    /// consoles, monitors and signals never wait for a placer that is slow, stopped or stuck.
+    pub(crate) fn ask_placer(
+        &mut self,
+        beside: Option<&mut Generation>,
+        req: &Value,
+    ) -> Result<Value, String> {
+        use mio::{unix::SourceFd, Interest};
+        let mut asking = crate::placer::Asking::start(req)?;
+        let fd = asking.raw_fd();
+        self.poll
+            .registry()
+            .register(
+                &mut SourceFd(&fd),
+                crate::token::Token::Placer.to_mio(),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .map_err(|e| format!("cannot wait for the placer: {e}"))?;
+        let mut answer = None;
+        let deadline = Instant::now() + crate::placer::TIMEOUT;
+        let waited = self.wait_until(beside, "the placer's answer", deadline, |_, _| {
+            answer = asking.step();
+            answer.is_some()
+        });
+        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        match (answer, waited) {
+            (Some(answer), _) => answer,
+            (None, Err(CallError::Timeout(_))) | (None, Ok(())) => Err(asking.timed_out()),
+            (None, Err(e)) => Err(format!("the placer's answer: {e}")),
+        }
+    }
+
     /// One turn of a wait for `what`: the loop served once, `beside` too, until `deadline`
     /// at most. A wait the upgrade made interruptible ends as soon as a signal to end the VM
     /// is held back.
