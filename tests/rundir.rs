@@ -9,6 +9,9 @@
 //! old thread into a cgroup of its own (as libvirt does with `.../vcpu0`), the launcher may
 //! not write that cgroup's files, and the placer service moves the new thread there.
 //!
+//! A placer slow to answer costs the upgrade its deadline, never the VM's console: the launcher
+//! waits for each answer in its loop.
+//!
 //! Each test runs its VM as a uid of its own that no account has (the kernel needs none), so
 //! tests running at once, and the real `libvirt-qemu` directory, are never touched.
 
@@ -23,7 +26,7 @@ use nix::unistd::{chown, Gid, Pid, Uid};
 use qemu_liveupgrade_tests::libvirt::{
     domain_dir, ensure_placer, install_emulator, reachable_copy,
 };
-use qemu_liveupgrade_tests::shim::{cli_json, output_within, wait_qemu_child};
+use qemu_liveupgrade_tests::shim::{cli_json, output_within, reports, wait_qemu_child};
 use qemu_liveupgrade_tests::{cli_bin, guest_argv, guest_elf, qemu_build, wait_until, TempDir, Vm};
 use serde_json::Value;
 
@@ -100,9 +103,10 @@ fn cli_ok(args: &[&str]) -> Value {
 struct Cgroup(PathBuf);
 
 impl Cgroup {
-    fn new() -> Cgroup {
+    /// `test` names it apart from the cgroups of the other tests running at once.
+    fn new(test: &str) -> Cgroup {
         let path = PathBuf::from(format!(
-            "/sys/fs/cgroup/cpu/qlu-rundir-{}",
+            "/sys/fs/cgroup/cpu/qlu-rundir-{}-{test}",
             std::process::id()
         ));
         fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
@@ -180,7 +184,7 @@ fn root_lists_shows_and_upgrades_a_vm_of_another_user() {
     ensure_placer();
     let uid = test_uid(0);
     let uid_dir = UidDir::new(uid);
-    let cgroup = Cgroup::new();
+    let cgroup = Cgroup::new("root-lists");
     let (_dir, vm) = start_as(uid);
     let pid = vm.pid().as_raw() as u32;
     let socket = uid_dir.0.join(format!("{pid}.sock"));
@@ -334,4 +338,139 @@ fn a_directory_someone_else_made_for_that_uid_is_put_aside_by_the_placer() {
     let err = String::from_utf8_lossy(&listed.stderr);
     assert!(!err.contains("skipped"), "list skipped something: {err}");
     vm.wait_heartbeats_after(std::time::Instant::now(), 200, Duration::from_secs(30));
+}
+
+/// A placer that is slow to answer (stopped, stuck in the kernel, busy) must cost the upgrade
+/// at most its deadline, never the VM: the launcher waits for each answer while its loop relays
+/// the guest's console. The launcher runs as a uid of its own in a mount namespace where
+/// `/run/qemu-liveupgrade` is a directory of the test's, so that the placer it asks is the
+/// test's own (the machine's real one, shared with other test runs, is not touched). That
+/// placer answers each request only once the test has seen the guest's console go on while the
+/// request waits: a launcher whose loop waited for the placer would relay nothing meanwhile,
+/// give up after 2 s, and report the vCPU thread not moved.
+#[test]
+fn a_slow_placer_stalls_nothing() {
+    use qemu_liveupgrade_tests::linux::Console;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs its VM as another user in a mount namespace: run it as root"
+    );
+    let uid = test_uid(3);
+    let cgroup = Cgroup::new("slow-placer");
+    // The test's own /run/qemu-liveupgrade, root's and sticky as the real one, with a placer.
+    let base = qemu_liveupgrade_tests::tempdir();
+    fs::set_permissions(base.path(), fs::Permissions::from_mode(0o1733)).unwrap();
+    let listener = UnixListener::bind(base.path().join("placer.sock")).unwrap();
+    fs::set_permissions(
+        base.path().join("placer.sock"),
+        fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    // The real one is the mount point only; it is made as any root command makes it.
+    if !Path::new(BASE).exists() {
+        assert!(cli(&["list"]).status.success());
+    }
+    let (requests, asked) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().map_while(Result::ok) {
+            let mut line = String::new();
+            let _ = BufReader::new(&conn).read_line(&mut line);
+            if requests.send((line, conn)).is_err() {
+                return;
+            }
+        }
+    });
+
+    let dir = domain_dir();
+    let shim = install_emulator(dir.path(), None);
+    let kernel = reachable_copy(dir.path(), &guest_elf());
+    let qemu = dir.path().join("qemu");
+    std::os::unix::fs::symlink(qemu_build(OLD), &qemu).unwrap();
+    // The console, a socket the launcher serves, in a directory the VM's user may write.
+    let socks = dir.path().join("socks");
+    fs::create_dir(&socks).unwrap();
+    chown(&socks, Some(uid), Some(Gid::from_raw(uid.as_raw()))).unwrap();
+    let console_path = socks.join("console.sock");
+    let mut argv = guest_argv(64);
+    let at = argv.iter().position(|a| a == "-kernel").expect("-kernel") + 1;
+    argv[at] = kernel.display().to_string();
+    let serial = argv
+        .iter()
+        .position(|a| a == "stdio")
+        .expect("-serial stdio");
+    argv[serial] = "chardev:con0".into();
+    argv.extend([
+        "-chardev".into(),
+        format!(
+            "socket,id=con0,path={},server=on,wait=off",
+            console_path.display()
+        ),
+        "-name".into(),
+        "guest=qlu-placer,debug-threads=on".into(),
+    ]);
+    let mut cmd = Command::new("unshare");
+    cmd.env_clear()
+        .env("LC_ALL", "C")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", dir.path())
+        .env("QEMU_LIVEUPGRADE_BINARY", &qemu)
+        .env("QEMU_LIVEUPGRADE_CONFIG", "/nonexistent")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(format!(
+            "mount --bind \"$0\" {BASE} && exec setpriv --reuid={uid} --regid={uid} --clear-groups -- \"$@\""
+        ))
+        .arg(base.path())
+        .arg(&shim)
+        .args(&argv);
+    let vm = Vm::spawn(cmd);
+    let console = Console::connect("console", &console_path, Duration::from_secs(60));
+    let heartbeats = |c: &Console| c.lines().iter().filter(|l| l.starts_with("HB ")).count();
+    let beating = |what: &str, more: usize| {
+        let before = heartbeats(&console);
+        console.wait_for(what, Duration::from_secs(30), |lines| {
+            lines.iter().filter(|l| l.starts_with("HB ")).count() >= before + more
+        });
+    };
+    beating("heartbeats at start", 50);
+    // Placed by root, as libvirt places vCPU threads: the new one must follow, by the placer.
+    let old_vcpu = vcpu0(vm.pid());
+    cgroup.add(old_vcpu);
+
+    let tmp = dir.path().join("qemu.new");
+    std::os::unix::fs::symlink(qemu_build(NEW), &tmp).unwrap();
+    fs::rename(&tmp, &qemu).unwrap();
+    vm.signal(nix::sys::signal::Signal::SIGUSR2);
+    for (execute, answer) in [
+        ("snapshot", "{\"recorded\":1,\"problems\":[]}\n"),
+        ("apply", "{\"placed\":1,\"problems\":[]}\n"),
+    ] {
+        let (line, conn) = asked
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no {execute} request; stderr: {}", vm.stderr_text()));
+        let req: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(req["execute"], execute, "{req}");
+        // The launcher's loop goes on while it waits for the answer.
+        beating(&format!("heartbeats while the {execute} request waits"), 3);
+        conn.set_nonblocking(true).unwrap();
+        let mut rest = [0u8; 16];
+        match std::io::Read::read(&mut &conn, &mut rest) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("the launcher gave up on its {execute} request: {other:?}"),
+        }
+        let _ = (&conn).write_all(answer.as_bytes());
+    }
+    wait_until(Duration::from_secs(60), "the upgrade's report", || {
+        !reports(&vm).is_empty()
+    });
+    let report = reports(&vm).remove(0);
+    assert_eq!(report["result"], "ok", "{report}");
+    assert_eq!(report["threads"]["by"], "placer", "{report}");
+    assert_eq!(
+        report["threads"]["problems"],
+        serde_json::json!([]),
+        "both answers were taken: {report}"
+    );
+    beating("heartbeats after the upgrade", 50);
 }
