@@ -475,6 +475,7 @@ fn a_stalled_stderr_reader_stalls_nothing() {
     let (report, ok) =
         qemu_liveupgrade_tests::handover::supervisor_upgrade(Some(&rundir), &pid.to_string(), None);
     assert!(ok, "{report}");
+    let handover = report.clone();
     let status = cli_status(&rundir, pid);
     assert_eq!(status["supervisor"]["upgrades"], 1, "{status}");
     let carried = status["output_dropped_bytes"].as_u64().unwrap_or(0);
@@ -538,8 +539,14 @@ fn a_stalled_stderr_reader_stalls_nothing() {
     assert!(said >= carried, "{said} < {carried}");
     eprintln!(
         "dropped {dropped} bytes before the handover, {carried} after it, {said} in all; \
-         {} bytes came out once the reader read",
-        text.len()
+         {} bytes came out once the reader read; the handover's state: {} bytes, {} ms",
+        text.len(),
+        handover
+            .pointer("/reports/0/state_bytes")
+            .unwrap_or(&handover["state_bytes"]),
+        handover
+            .pointer("/reports/0/handover_ms")
+            .unwrap_or(&handover["handover_ms"]),
     );
     let _ = qmp.try_execute("quit", json!({}));
     let mut shim = shim;
