@@ -396,9 +396,26 @@ def run_migration(ctx, mib, mode):
     return run
 
 
+def listening(path):
+    """Whether a unix socket is bound at `path` and listening: the file appears at bind(2),
+    before listen(2), and a connect in between is refused. /proc/net/unix shows
+    __SO_ACCEPTCON (0x10000) in the flags of a listening socket."""
+    try:
+        with open("/proc/net/unix") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
 def wait_path(path, timeout, guest):
+    """Waits until QEMU listens on the unix socket `path`."""
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
+    while not listening(path):
         if not guest.alive():
             raise BenchError(f"{guest.name} exited before {path} appeared: {guest.stderr_tail()}")
         if time.monotonic() > deadline:
