@@ -40,7 +40,7 @@ pub mod state;
 use std::ffi::OsString;
 use std::io::{self, Read, Seek};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
@@ -48,6 +48,7 @@ use serde_json::{json, Value};
 use crate::child::Exit;
 use crate::control::Client;
 use crate::generation::Base;
+use crate::installed::FileId;
 use crate::json::JsonExt;
 use crate::supervisor::Supervisor;
 
@@ -127,6 +128,16 @@ impl Handovers {
         }
     }
 
+    /// Whether this process runs the very file now at the path the VM's first launcher
+    /// started from, told by identity as for QEMU ([`crate::installed`]): a package upgrade
+    /// renames its new build over that path, and the running image is then another inode
+    /// (`/proc/self/exe` still reaches it, as `PATH (deleted)`). False when nothing is there
+    /// any more; `None` when either side cannot be looked at.
+    pub fn runs_installed(&self) -> Option<bool> {
+        let running = FileId::of(Path::new("/proc/self/exe"))?;
+        Some(FileId::of(self.exe.as_deref()?) == Some(running))
+    }
+
     /// A report to keep; the oldest goes once [`HISTORY`] are kept, so that the state a
     /// handover writes stays small however long the VM runs.
     pub(crate) fn record(&mut self, report: &Value) {
@@ -138,8 +149,9 @@ impl Handovers {
         self.history.drain(..excess);
     }
 
-    /// The supervisor's part of `status`: which launcher runs the VM, how many times it was
-    /// upgraded, and the last attempt, failed or not.
+    /// The supervisor's part of `status`: which launcher runs the VM, whether that is the
+    /// file now installed where it started from, how many times it was upgraded, and the last
+    /// attempt, failed or not.
     pub fn status(&self) -> Value {
         let attempts: Vec<&Value> = self
             .history
@@ -151,6 +163,7 @@ impl Handovers {
             "started_from",
             json!(self.exe.as_ref().map(|p| p.to_string_lossy())),
         );
+        s.put("runs_installed", json!(self.runs_installed()));
         s.put("upgrades", json!(self.done));
         s.put("last_upgrade", json!(attempts.last()));
         s
@@ -532,5 +545,27 @@ mod tests {
         let status = h.status();
         assert_eq!(status.at("/upgrades"), 20);
         assert_eq!(status.at("/last_upgrade/result"), "failed");
+    }
+
+    #[test]
+    fn runs_installed_tells_the_running_file_from_one_put_at_its_path_since() {
+        let with = |exe: Option<PathBuf>| Handovers {
+            exe,
+            ..Handovers::default()
+        };
+        let me = running_exe().unwrap();
+        assert_eq!(with(Some(me.clone())).runs_installed(), Some(true));
+        assert_eq!(with(None).runs_installed(), None);
+        let dir = std::env::temp_dir().join(format!("qlu-handover-exe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // The same bytes in another file, as a package reinstalling the same build leaves.
+        let copy = dir.join("qemu-liveupgrade-shim");
+        std::fs::copy(&me, &copy).unwrap();
+        assert_eq!(with(Some(copy.clone())).runs_installed(), Some(false));
+        std::fs::remove_file(&copy).unwrap();
+        assert_eq!(with(Some(copy)).runs_installed(), Some(false), "removed");
+        let status = with(Some(me)).status();
+        assert_eq!(status.at("/runs_installed"), true);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
