@@ -57,10 +57,12 @@ enum Command {
         /// the launcher hands itself over in place to the binary now at the path it started
         /// from (or --to PATH); pid, QEMU and every connection stay. The new binary first
         /// checks it can take the VM; if not, the VM stays on its launcher, which says why.
-        #[arg(long, conflicts_with_all = ["outdated", "max_parallel", "no_wait"])]
+        /// With --all, one VM at a time.
+        #[arg(long, conflicts_with_all = ["max_parallel", "no_wait"])]
         supervisor: bool,
         /// With --all: only the VMs whose QEMU is not the installed binary (replaced or removed
-        /// since they started, or another one).
+        /// since they started, or another one); with --supervisor --all, only those whose
+        /// launcher is not the installed qemu-liveupgrade-shim.
         #[arg(long, requires = "all")]
         outdated: bool,
         /// With --all: upgrades running at once [default: the config's rollout.max_parallel,
@@ -117,12 +119,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// What the package's dpkg trigger runs after a QEMU package changed: apply the config's
-    /// rollout policy (log the outdated VMs, or upgrade them all) and log what happened.
+    /// What the package's dpkg trigger runs after a QEMU package changed, and its postinst
+    /// after the package itself was installed or upgraded: apply the config's rollout policy
+    /// (log the outdated VMs, or upgrade them all) and log what happened.
     ApplyPolicy {
         /// Wait until dpkg and apt are done first (they hold their locks until then).
         #[arg(long)]
         wait_for_dpkg: bool,
+        /// This package was upgraded from VERSION: apply the policy's after_self_upgrade
+        /// (hand the VMs' launchers over to the installed shim) before the QEMU rollout.
+        #[arg(long, value_name = "VERSION")]
+        upgraded_from: Option<String>,
         /// The log file.
         #[arg(long, default_value = cli::log::DEFAULT_LOG)]
         log: PathBuf,
@@ -163,10 +170,11 @@ fn run(command: Command) -> Result<ExitCode, String> {
             supervisor: true,
             vm,
             all,
+            outdated,
             to,
             json,
             ..
-        } => upgrade_supervisors(vm, all, to, json),
+        } => upgrade_supervisors(vm, all, outdated, to, json),
         Command::Upgrade {
             all: true,
             to: Some(_),
@@ -296,10 +304,15 @@ fn run(command: Command) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::ApplyPolicy { wait_for_dpkg, log } => {
+        Command::ApplyPolicy {
+            wait_for_dpkg,
+            upgraded_from,
+            log,
+        } => {
             let opts = cli::apply_policy::Options {
                 wait_for_dpkg,
                 log: &log,
+                upgraded_from: upgraded_from.as_deref(),
             };
             let ok = cli::apply_policy::run(&opts, rollout_vms)?;
             Ok(if ok {
@@ -337,31 +350,43 @@ fn upgrade_all(outdated: bool, max_parallel: Option<u32>, json: bool) -> Result<
     })
 }
 
-/// `upgrade --supervisor`: one line per VM (progress on stderr), or JSON.
+/// `upgrade --supervisor`: one line per VM (progress on stderr) and, with --all, a closing
+/// line; or JSON.
 fn upgrade_supervisors(
     vm: Option<String>,
     all: bool,
+    outdated: bool,
     to: Option<PathBuf>,
     json: bool,
 ) -> Result<ExitCode, String> {
-    let scan = discover::scan();
-    let vms = match vm {
-        Some(vm) if !all => vec![(scan.find(&vm)?, vm)],
-        _ => live(&scan)
-            .into_iter()
-            .map(|(v, s)| (v, rollout::label(&s)))
-            .collect(),
-    };
-    let reports = cli::supervisor::run(vms, to, |label, step| {
+    let progress = |label: &str, step: &str| {
         if !json {
             eprintln!("{label}: {step}");
         }
-    });
+    };
+    let (reports, left) = match vm {
+        Some(vm) if !all => {
+            let target = discover::scan().find(&vm)?;
+            let asked = [(&target as &dyn rollout::Reach, vm)];
+            (
+                cli::supervisor::run(asked, to, progress, |_, _| {}),
+                Vec::new(),
+            )
+        }
+        _ => {
+            let (vms, left) = cli::supervisor::select(rollout_vms(), outdated);
+            let asked = vms.iter().map(|v| (&*v.reach, v.label()));
+            (cli::supervisor::run(asked, to, progress, |_, _| {}), left)
+        }
+    };
     if json {
-        println!("{}", cli::supervisor::to_json(&reports, !all));
+        println!("{}", cli::supervisor::to_json(&reports, &left, !all));
     } else {
         for (label, r) in &reports {
             println!("{}", cli::supervisor::describe(label, r));
+        }
+        if all {
+            println!("{}", cli::supervisor::summary(&reports, &left));
         }
     }
     Ok(if cli::supervisor::succeeded(&reports) {
@@ -413,6 +438,16 @@ fn list_text(vms: &[(discover::Vm, Value)]) -> String {
             } else {
                 ""
             };
+            let supervisor = format!(
+                "{} {}{}",
+                cell(s.at("/supervisor/version")),
+                cell(s.at("/supervisor/build")),
+                match cli::supervisor::runs_installed(s) {
+                    Some(true) => "",
+                    Some(false) => ", outdated",
+                    None => ", unknown",
+                }
+            );
             vec![
                 cell(s.at("/pid")),
                 cell(s.at("/name")),
@@ -420,6 +455,7 @@ fn list_text(vms: &[(discover::Vm, Value)]) -> String {
                 cell(s.at("/generation")),
                 format!("{}s", cell(s.at("/uptime_s"))),
                 installed,
+                supervisor,
                 format!("{}{deleted}", cell(s.at("/binary"))),
             ]
         })
@@ -432,6 +468,7 @@ fn list_text(vms: &[(discover::Vm, Value)]) -> String {
             "GEN",
             "UPTIME",
             "INSTALLED",
+            "SUPERVISOR",
             "BINARY",
         ],
         &rows,
@@ -448,6 +485,16 @@ fn list_text(vms: &[(discover::Vm, Value)]) -> String {
     if outdated > 0 {
         text.push_str(&format!(
             "{outdated} of {} VMs run an outdated QEMU ({deleted} a binary no longer on disk): qemu-liveupgrade upgrade --all --outdated\n",
+            vms.len()
+        ));
+    }
+    let old_supervisors = vms
+        .iter()
+        .filter(|(_, s)| cli::supervisor::runs_installed(s) == Some(false))
+        .count();
+    if old_supervisors > 0 {
+        text.push_str(&format!(
+            "{old_supervisors} of {} VMs run an outdated supervisor (not the installed qemu-liveupgrade-shim): qemu-liveupgrade upgrade --supervisor --all --outdated\n",
             vms.len()
         ));
     }
@@ -485,10 +532,20 @@ fn print_status(s: &Value) {
     );
     println!("binary:     {}", s.at("/binary").as_str().unwrap_or("?"));
     println!(
-        "supervisor: qemu-liveupgrade {} (build {}) at {}; {} supervisor upgrade(s)",
+        "supervisor: qemu-liveupgrade {} (build {}) at {}, {}; {} supervisor upgrade(s)",
         s.at("/supervisor/version").as_str().unwrap_or("?"),
         s.at("/supervisor/build").as_str().unwrap_or("?"),
         s.at("/supervisor/exe").as_str().unwrap_or("?"),
+        match cli::supervisor::runs_installed(s) {
+            Some(true) => "the installed one".to_owned(),
+            Some(false) => format!(
+                "outdated (not the installed shim): qemu-liveupgrade upgrade --supervisor {}",
+                s.at("/name")
+                    .as_str()
+                    .map_or_else(|| s.at("/pid").to_string(), str::to_owned)
+            ),
+            None => "whether it is the installed one is unknown".to_owned(),
+        },
         s.at("/supervisor/upgrades"),
     );
     println!("machine:    {}", s.at("/machine").as_str().unwrap_or("-"));
