@@ -363,6 +363,21 @@ pub fn succeeded(outcomes: &[Outcome]) -> bool {
     outcomes.iter().all(|o| o.result != Verdict::Failed)
 }
 
+/// A socket path, reached without the scan's checks: the tests' launchers.
+#[cfg(test)]
+pub(crate) struct Socket(pub(crate) PathBuf);
+
+#[cfg(test)]
+impl Reach for Socket {
+    fn connect(&self) -> io::Result<UnixStream> {
+        UnixStream::connect(&self.0)
+    }
+
+    fn shown(&self) -> PathBuf {
+        self.0.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,22 +385,9 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    /// A socket path, reached without the scan's checks.
-    struct Path(PathBuf);
-
-    impl Reach for Path {
-        fn connect(&self) -> io::Result<UnixStream> {
-            UnixStream::connect(&self.0)
-        }
-
-        fn shown(&self) -> PathBuf {
-            self.0.clone()
-        }
-    }
-
     fn vm(socket: PathBuf, status: Value) -> Vm {
         Vm {
-            reach: Box::new(Path(socket)),
+            reach: Box::new(Socket(socket)),
             status,
         }
     }

@@ -168,21 +168,9 @@ pub fn summary(reports: &[(String, Value)], left: &[(Vm, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rollout::Socket;
     use std::io;
-    use std::os::unix::net::{UnixListener, UnixStream};
-
-    /// A socket path, reached without the scan's checks.
-    struct Socket(PathBuf);
-
-    impl Reach for Socket {
-        fn connect(&self) -> io::Result<UnixStream> {
-            UnixStream::connect(&self.0)
-        }
-
-        fn shown(&self) -> PathBuf {
-            self.0.clone()
-        }
-    }
+    use std::os::unix::net::UnixListener;
 
     fn vm(name: &str, supervisor: Value) -> Vm {
         Vm {
