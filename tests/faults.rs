@@ -412,17 +412,8 @@ fn a_stalled_stderr_reader_stalls_nothing() {
     fill(&stderr_w);
     let (qmp_path, console_path) = (dir.join("qmp.sock"), dir.join("console.sock"));
     let mut argv = guest_argv(64);
-    let serial = argv
-        .iter()
-        .position(|a| a == "stdio")
-        .expect("-serial stdio");
-    argv[serial] = "chardev:con0".into();
+    qemu_liveupgrade_tests::serial_on_socket(&mut argv, &console_path);
     argv.extend([
-        "-chardev".into(),
-        format!(
-            "socket,id=con0,path={},server=on,wait=off",
-            console_path.display()
-        ),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", qmp_path.display()),
     ]);

@@ -396,20 +396,8 @@ fn a_slow_placer_stalls_nothing() {
     let mut argv = guest_argv(64);
     let at = argv.iter().position(|a| a == "-kernel").expect("-kernel") + 1;
     argv[at] = kernel.display().to_string();
-    let serial = argv
-        .iter()
-        .position(|a| a == "stdio")
-        .expect("-serial stdio");
-    argv[serial] = "chardev:con0".into();
-    argv.extend([
-        "-chardev".into(),
-        format!(
-            "socket,id=con0,path={},server=on,wait=off",
-            console_path.display()
-        ),
-        "-name".into(),
-        "guest=qlu-placer,debug-threads=on".into(),
-    ]);
+    qemu_liveupgrade_tests::serial_on_socket(&mut argv, &console_path);
+    argv.extend(["-name".into(), "guest=qlu-placer,debug-threads=on".into()]);
     let mut cmd = Command::new("unshare");
     cmd.env_clear()
         .env("LC_ALL", "C")

@@ -64,6 +64,20 @@ pub fn guest_argv(mem_mib: u64) -> Vec<String> {
     guest_argv_append(mem_mib, "")
 }
 
+/// Moves the guest's serial console from stdout to a unix socket server at `path` (chardev
+/// `con0`, not waiting for a client), for tests whose VM's stdout is not the console.
+pub fn serial_on_socket(argv: &mut Vec<String>, path: &std::path::Path) {
+    let serial = argv
+        .iter()
+        .position(|a| a == "stdio")
+        .expect("-serial stdio");
+    argv[serial] = "chardev:con0".into();
+    argv.extend([
+        "-chardev".into(),
+        format!("socket,id=con0,path={},server=on,wait=off", path.display()),
+    ]);
+}
+
 /// [`guest_argv`] with more words for the guest's command line: `stride=<bytes>`
 /// (distance between checked words, default 64), `hb_us=<micros>` (heartbeat
 /// period, default 1000), `selftest-corrupt` (damage one word after READY).
