@@ -19,7 +19,7 @@
 //! the new one runs. The report's `pause` ([`timeline`]) says when each part of the guest's
 //! pause happened.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ use crate::supervisor::{CallError, Supervisor, To};
 use crate::threads;
 
 mod migration;
+mod replay;
 mod report;
 mod timeline;
 mod undo;
@@ -749,63 +750,6 @@ impl Upgrade<'_> {
             );
             self.sup.progress(&line);
         }
-    }
-}
-
-impl Supervisor {
-    /// Replays the hot-plug journal into `new` through its private monitor. QEMU keeps
-    /// `getfd` names per monitor, so fds and the commands that use them both go through this
-    /// one monitor.
-    pub(crate) fn replay_hotplug(
-        &mut self,
-        new: &mut Generation,
-        until: Option<Instant>,
-    ) -> Result<(), UpgradeError> {
-        // What the new generation's command line does not already carry, by index.
-        let journal = self.proxy.journal();
-        let entries: Vec<(usize, String, Value, Option<OwnedFd>)> = journal
-            .entries()
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| journal.replays(e))
-            .map(|(i, e)| {
-                let fd = e.fds.first().and_then(|fd| fd.try_clone().ok());
-                (i, e.command.clone(), e.arguments.clone(), fd)
-            })
-            .collect();
-        if entries.is_empty() {
-            return Ok(());
-        }
-        self.progress("replaying hot-plugged devices");
-        for (i, command, arguments, fd) in entries.iter() {
-            let fd = fd.as_ref().map(|f| f.as_fd());
-            let ret = self
-                .call_with_fd(
-                    To::Beside(new),
-                    command,
-                    Some(arguments.clone()),
-                    fd,
-                    self.step_deadline().map(|d| until.map_or(d, |u| u.min(d))),
-                )
-                .map_err(|e| {
-                    UpgradeError::Replay(format!(
-                        "{command} {arguments}: {}",
-                        crate::error_chain(&e)
-                    ))
-                })?;
-            let ok = self
-                .proxy
-                .journal()
-                .entries()
-                .get(*i)
-                .is_none_or(|e| e.succeeded(&ret));
-            if !ok {
-                return Err(UpgradeError::Replay(format!(
-                    "{command} {arguments}: {ret}"
-                )));
-            }
-        }
-        Ok(())
     }
 }
 
